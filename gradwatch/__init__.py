@@ -1,0 +1,10 @@
+"""gradwatch: watch PyTorch training and say, with evidence, where gradients go wrong."""
+
+from ._version import __version__
+from .findings import KINDS, Cause, Finding, Remedy
+from .report import Report
+from .thresholds import Thresholds
+from .watch import Watch, watch
+
+__all__ = ["__version__", "watch", "Watch", "Report", "Finding", "Cause", "Remedy",
+           "Thresholds", "KINDS"]

@@ -1,0 +1,158 @@
+"""The ``gradwatch`` command: one function per subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from ._version import __version__
+
+__all__ = ["main"]
+
+# Options of `gradwatch run` that may also follow the script path (before any `--`).
+_RUN_FLAGS = {"--json": 1, "--html": 1, "--text": 1, "--quiet": 0, "--strict": 0,
+              "--sync-every": 1, "--detail-every": 1, "--threshold": 1}
+
+
+def _split_run_args(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
+    """gradwatch's own options, the script, and the script's arguments.
+
+    Options before the script are gradwatch's. After it, the options in ``_RUN_FLAGS`` are
+    still gradwatch's (``gradwatch run train.py --epochs 3 --json r.json``) unless they
+    come after a ``--``, which passes everything behind it to the script untouched.
+    """
+    ours: list[str] = []
+    script: str | None = None
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        name = a.split("=", 1)[0]
+        if a == "--":
+            if script is None and i + 1 < len(argv):
+                script = argv[i + 1]
+                i += 1
+            rest.extend(argv[i + 1:])
+            break
+        if name in _RUN_FLAGS or (script is None and a.startswith("-")):
+            n = 0 if "=" in a else _RUN_FLAGS.get(name, 0)
+            ours.extend(argv[i: i + 1 + n])
+            i += 1 + n
+            continue
+        if script is None:
+            script = a
+        else:
+            rest.append(a)
+        i += 1
+    return ours, script, rest
+
+
+def _parse_thresholds(items: list[str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"gradwatch: --threshold takes NAME=VALUE, got {item!r}")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise SystemExit(f"gradwatch: --threshold {name}: {value!r} is not a number") \
+                from None
+    return out
+
+
+def cmd_run(argv: list[str]) -> int:
+    """Run a training script unmodified and report what its gradients did."""
+    from .monitor import Options
+    from .runner import run_script
+    from .thresholds import resolve_thresholds
+
+    ours, script, rest = _split_run_args(argv)
+    parser = argparse.ArgumentParser(
+        prog="gradwatch run", description="Run a training script unmodified under gradwatch. "
+        "Usage: gradwatch run [OPTIONS] SCRIPT [SCRIPT ARGS] [OPTIONS] [-- ARGS FOR SCRIPT]")
+    parser.add_argument("--json", metavar="PATH", help="write the JSON report here")
+    parser.add_argument("--html", metavar="PATH", help="write the HTML report here")
+    parser.add_argument("--text", metavar="PATH", help="write the text summary here")
+    parser.add_argument("--quiet", action="store_true", help="no summary on stderr")
+    parser.add_argument("--strict", action="store_true",
+                        help="raise gradwatch's own errors instead of reporting them")
+    parser.add_argument("--sync-every", type=int, default=None, metavar="N")
+    parser.add_argument("--detail-every", type=int, default=None, metavar="N")
+    parser.add_argument("--threshold", action="append", default=[], metavar="NAME=VALUE",
+                        help="override a threshold (see docs/thresholds.md); repeatable")
+    ns = parser.parse_args(ours)
+    if script is None:
+        parser.error("no training script given")
+    kwargs = {k: v for k, v in (("sync_every", ns.sync_every),
+                                ("detail_every", ns.detail_every)) if v is not None}
+    try:
+        options = Options(strict=ns.strict, **kwargs)
+        thresholds = resolve_thresholds(None, _parse_thresholds(ns.threshold))
+    except (TypeError, ValueError) as exc:
+        parser.error(str(exc))
+    for out in (ns.json, ns.html, ns.text):
+        if out:
+            _check_writable(parser, out)
+    try:
+        result = run_script(script, rest, options, thresholds)
+    except FileNotFoundError as exc:
+        print(f"gradwatch: {exc}", file=sys.stderr)
+        return 2
+    for out in (ns.json, ns.html, ns.text):
+        if out:
+            try:
+                result.report.save(out)
+            except (OSError, ValueError) as exc:
+                print(f"gradwatch: could not write {out}: {exc}", file=sys.stderr)
+    if not ns.quiet:
+        sys.stderr.write("\n" + result.report.summary())
+        written = [p for p in (ns.json, ns.html, ns.text) if p]
+        if written:
+            sys.stderr.write(f"report written to {', '.join(written)}\n")
+    return result.exit_code
+
+
+def _check_writable(parser: argparse.ArgumentParser, path: str) -> None:
+    from pathlib import Path
+
+    p = Path(path)
+    if p.suffix.lower() not in (".json", ".html", ".htm", ".txt", ".md", ".log"):
+        parser.error(f"cannot tell the report format from {path!r}: use .json, .html or .txt")
+    if not (p.parent if str(p.parent) else Path(".")).is_dir():
+        parser.error(f"cannot write {path}: folder {p.parent} does not exist")
+
+
+def cmd_demo(argv: list[str]) -> int:
+    """Run the seed experiments under gradwatch and write their reports."""
+    from .lab.demo import main as demo_main
+
+    return demo_main(argv)
+
+
+COMMANDS = {"run": cmd_run, "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    usage = ("usage: gradwatch {run,demo} ...\n\n"
+             "  run   SCRIPT [ARGS]  run a training script unmodified and report on it\n"
+             "  demo                 the seed experiments of vanishing/exploding gradients\n\n"
+             "gradwatch COMMAND --help for a command's options; gradwatch --version")
+    if not args or args[0] in ("-h", "--help"):
+        print(usage)
+        return 0 if args else 2
+    if args[0] == "--version":
+        print(f"gradwatch {__version__}")
+        return 0
+    command = COMMANDS.get(args[0])
+    if command is None:
+        print(f"gradwatch: unknown command {args[0]!r}; commands: {', '.join(COMMANDS)}",
+              file=sys.stderr)
+        return 2
+    return command(args[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

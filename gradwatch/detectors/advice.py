@@ -1,0 +1,79 @@
+"""Remedies that fit the causes found, with parameters measured on this run."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..findings import Cause, Remedy
+from ..remedies import remedy
+from .context import Context, Group, fmt
+
+__all__ = ["depth_remedies", "clip_threshold", "lower_lr", "round_sig"]
+
+
+def round_sig(x: float, digits: int = 1) -> float:
+    if x <= 0 or not math.isfinite(x):
+        return x
+    return float(f"{x:.{digits}g}")
+
+
+def _ratio(causes: list[Cause], cause_id: str) -> bool:
+    return any(c.id == cause_id for c in causes)
+
+
+def depth_remedies(ctx: Context, group: Group | None, causes: list[Cause]) -> list[Remedy]:
+    """Init, activation, normalisation and skip remedies for depth-related problems."""
+    out: list[Remedy] = []
+    acts = [ctx.act_after(i) for i in group.layers] if group else []
+    saturating = _ratio(causes, "sigmoid_in_deep_stack") or _ratio(causes, "tanh_in_deep_stack")
+    relu_like = sum(a in ("relu", "leaky_relu", "elu", "gelu", "silu") for a in acts) >= \
+        max(1, len(acts) // 2)
+    init_bad = _ratio(causes, "init_too_small") or _ratio(causes, "init_too_large") or \
+        _ratio(causes, "signal_shrinks_forward") or _ratio(causes, "forward_overflow")
+    if relu_like and init_bad:
+        out.append(remedy("kaiming_init", nonlinearity="relu"))
+    if saturating:
+        out.append(remedy("leaky_relu", old="(nn.Sigmoid, nn.Tanh)"))
+        out.append(remedy("kaiming_init", nonlinearity="leaky_relu"))
+    elif init_bad and not relu_like:
+        act = next((a for a in acts if a in ("tanh", "sigmoid")), "linear")
+        out.append(remedy("xavier_init", nonlinearity=act))
+    if _ratio(causes, "deep_plain_stack"):
+        out.append(remedy("batch_norm"))
+        width = ctx.layer(group.layers[len(group.layers) // 2]).fan_in if group else None
+        out.append(remedy("residual_connections", width=width or "width",
+                          depth=max(1, len(group.layers) - 2) if group else 8))
+    # de-duplicate by id, keep order
+    seen: set[str] = set()
+    return [r for r in out if not (r.id in seen or seen.add(r.id))]  # type: ignore[func-returns-value]
+
+
+def clip_threshold(ctx: Context) -> float | None:
+    """Median total gradient norm over the early healthy steps (a clipping threshold)."""
+    total = ctx.total_grad
+    finite = total[np.isfinite(total) & (total > 0)]
+    if not finite.size:
+        return None
+    early = finite[: max(ctx.t.baseline_steps, len(finite) // 10)]
+    return round_sig(float(np.median(early)), 2)
+
+
+def lower_lr(ctx: Context) -> Remedy | None:
+    """A learning rate scaled so that the measured update ratio meets the target."""
+    r = ctx.update_ratio
+    if not ctx.learning_rates or not np.isfinite(r).any():
+        return None
+    per_step = np.nanmax(np.where(np.isfinite(r), r, np.nan), axis=1)
+    per_step = per_step[np.isfinite(per_step) & (per_step > 0)]
+    if not per_step.size:
+        return None
+    measured = float(np.median(per_step))
+    old = max(ctx.learning_rates)
+    target = ctx.t.target_update_ratio
+    if measured <= target:
+        return None
+    new = round_sig(old * max(target / measured, 1e-4))
+    return remedy("lower_learning_rate", old_lr=fmt(old), lr=new, measured=fmt(measured),
+                  target=fmt(target))

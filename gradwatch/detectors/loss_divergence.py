@@ -1,0 +1,58 @@
+"""loss_divergence: the loss grows an order of magnitude above its best and stays there."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import causes as C
+from ..findings import Finding
+from .advice import clip_threshold, lower_lr
+from ..remedies import remedy
+from .context import Context, fmt
+
+KIND = "loss_divergence"
+
+
+def detect(ctx: Context) -> list[Finding]:
+    t = ctx.t
+    steps, loss = ctx.finite_loss()
+    if loss.size < max(3, t.divergence_persistence):
+        return []
+    best = np.minimum.accumulate(loss)
+    diverged = (loss >= t.divergence_factor * np.maximum(best, 1e-30)) & (loss >= loss[0])
+    run, start = 0, None
+    for k, d in enumerate(diverged):
+        run = run + 1 if d else 0
+        if run >= t.divergence_persistence:
+            start = k - run + 1
+            break
+    bad = ctx.first_nonfinite_loss
+    ends_nonfinite = bad is not None and bad > int(steps[0])
+    if start is None:
+        # Too few finite steps to persist, but the loss ran off to inf/NaN after growing.
+        if not (ends_nonfinite and diverged[-1]):
+            return []
+        start = int(np.argmax(diverged))
+    peak = int(start + np.argmax(loss[start:]))
+    factor = float(loss[peak] / max(best[start], 1e-30))
+    evidence = {"loss_best": float(best[start]),
+                "loss_best_step": int(steps[int(np.argmin(loss[: start + 1]))]),
+                "loss_peak": float(loss[peak]), "loss_peak_step": int(steps[peak]),
+                "factor": factor, "loss_last": float(loss[-1]),
+                "ends_nonfinite": bool(ends_nonfinite)}
+    if ctx.learning_rates:
+        evidence["learning_rates"] = sorted(set(ctx.learning_rates))
+    causes = [c for c in (C.learning_rate_too_high(ctx), C.unscaled_inputs(ctx)) if c]
+    remedies = []
+    lr = lower_lr(ctx)
+    if lr:
+        remedies.append(lr)
+    if (threshold := clip_threshold(ctx)):
+        remedies.append(remedy("clip_grad_norm", max_norm=threshold))
+    severity = "error" if ends_nonfinite or factor >= 1e3 else "warning"
+    summary = (f"{ctx.subject}The loss diverges: from its best {fmt(float(best[start]))} (step "
+               f"{evidence['loss_best_step']}) it grew {fmt(factor)}x to {fmt(float(loss[peak]))} "
+               f"(step {int(steps[peak])})" + (" and then became non-finite." if ends_nonfinite
+                                               else "."))
+    return [Finding(KIND, severity, int(steps[start]), int(steps[-1]), [], summary, evidence,
+                    causes, remedies)]

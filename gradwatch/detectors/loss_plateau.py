@@ -1,0 +1,96 @@
+"""loss_plateau: the loss stops improving while the model shows it is stuck, not converged.
+
+A flat loss alone is what a converged run looks like too; it becomes a warning only with a
+measured sign of a stuck model: an output that is the same for every input, weights that do
+not move, or gradients that do not reach the input side. Flat without such a sign is info.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import causes as C
+from ..findings import Cause, Finding
+from ..remedies import remedy
+from . import vanishing
+from .advice import depth_remedies
+from .context import Context, fmt
+
+KIND = "loss_plateau"
+
+
+def detect(ctx: Context) -> list[Finding]:
+    t = ctx.t
+    steps, loss = ctx.finite_loss()
+    if loss.size < t.min_steps:
+        return []
+    start = int(len(loss) * (1 - t.plateau_window))
+    window = loss[start:]
+    q = max(1, len(window) // 4)
+    head, tail = float(np.median(window[:q])), float(np.median(window[-q:]))
+    change = (head - tail) / max(abs(head), 1e-12)
+    if abs(change) >= t.plateau_rel_change:
+        return []
+    final = float(np.median(loss[-q:]))
+    since = len(loss) - 1
+    tol = max(abs(final) * t.plateau_rel_change, 1e-12)
+    while since > 0 and abs(loss[since - 1] - final) <= tol:
+        since -= 1
+    first_step = int(steps[since])
+
+    signs: list[Cause] = []
+    evidence: dict = {"loss_first": float(loss[0]), "loss_best": ctx.best_loss,
+                      "loss_last": float(loss[-1]), "relative_change": change,
+                      "window_steps": [int(steps[start]), int(steps[-1])],
+                      "flat_since_step": first_step}
+    in_window = ctx.detail_steps >= steps[start]
+    spread = ctx.io("output_spread")[in_window]
+    spread = spread[np.isfinite(spread)]
+    if spread.size:
+        evidence["output_spread"] = float(np.median(spread))
+        if np.median(spread) < t.collapsed_output_spread:
+            signs.append(Cause("constant_output",
+                               f"the model gives the same output for every input (between-"
+                               f"sample spread {fmt(float(np.median(spread)))} of its scale): "
+                               f"{fmt(final)} is the loss of a constant prediction"))
+    ratio = ctx.update_ratio[in_window]
+    frozen = False
+    if ratio.size and np.isfinite(ratio).any():
+        peak = float(np.nanmax(ratio))
+        evidence["update_ratio_max"] = peak
+        if peak < t.frozen_update_ratio:
+            frozen = True
+            signs.append(Cause("weights_frozen",
+                               f"no layer's weights move: the largest update is "
+                               f"{fmt(peak)} of the weight norm"))
+    starved_layers: list[str] = []
+    group = max(ctx.groups, key=lambda g: len(g.layers)) if ctx.groups else None
+    for g in ctx.groups:
+        hit = vanishing.starved(ctx, g)
+        if hit is not None:
+            starved_layers.append(ctx.name(g.layers[0]))
+            evidence["grad_norm_ratio_first_to_last"] = float(np.median(hit[1]))
+            signs.append(Cause("gradient_vanishes",
+                               f"{ctx.label(g.layers[0])} gets {fmt(float(np.median(hit[1])))} "
+                               f"of the output layer's gradient (see vanishing_gradient)"))
+    if not signs:
+        return [Finding(KIND, "info", first_step, int(steps[-1]), [],
+                        f"{ctx.subject}The loss has been flat at about {fmt(final)} since step {first_step} "
+                        f"(changed {fmt(100 * change)}% over the last "
+                        f"{int(100 * t.plateau_window)}% of the run); no sign of a stuck "
+                        f"model, so it has likely converged.", evidence)]
+    causes = signs + [c for c in (C.clipping_to_zero(ctx), C.forward_overflow(ctx),
+                                  C.init_scale(ctx, group) if group else None,
+                                  C.saturating_activation(ctx, group) if group else None,
+                                  C.deep_plain_stack(ctx, group) if group else None) if c]
+    remedies = depth_remedies(ctx, group, causes) if group else []
+    sgd = any(o["type"] == "SGD" for o in ctx.facts.get("optimizers", []))
+    if sgd and not frozen:
+        remedies.append(remedy("adaptive_optimizer"))
+    severity = "error" if frozen else "warning"
+    summary = (f"{ctx.subject}The loss is stuck at {fmt(final)} from step {first_step} on (best "
+               f"{fmt(ctx.best_loss)}, first {fmt(float(loss[0]))}; changed "
+               f"{fmt(100 * abs(change))}% over the last {len(window)} steps) and the model "
+               f"is not converged: {signs[0].text}.")
+    return [Finding(KIND, severity, first_step, int(steps[-1]), starved_layers, summary,
+                    evidence, causes, remedies)]

@@ -1,0 +1,85 @@
+"""vanishing_gradient: input-side layers persistently get a tiny fraction of the gradient."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import causes as C
+from ..findings import Finding
+from .advice import depth_remedies
+from .context import Context, Group, fmt
+
+KIND = "vanishing_gradient"
+
+
+def starved(ctx: Context, group: Group) -> tuple[np.ndarray, np.ndarray] | None:
+    """Steps and depth ratios if the group's first layer is persistently starved.
+
+    Persistent means: below the limit on most steps while the output side still gets a
+    gradient, or on an unbroken stretch of at least ``min_steps`` sampled steps from the
+    start. The second catches nets that starve at initialisation and then settle on a
+    constant output, after which every layer's gradient is tiny and ratios mean nothing.
+    """
+    if len(group.layers) < ctx.t.min_layers:
+        return None
+    steps, ratio = ctx.depth_ratio(group)
+    if steps.size < 2:
+        return None
+    below = ratio < ctx.t.vanishing_ratio
+    from_start = int(np.argmin(below)) if not below.all() else below.size
+    if below.mean() >= ctx.t.persistence:
+        return steps[below], ratio
+    if from_start >= min(ctx.t.min_steps, below.size):
+        return steps[:from_start], ratio[:from_start]
+    return None
+
+
+def detect(ctx: Context) -> list[Finding]:
+    findings = []
+    for group in ctx.groups:
+        hit = starved(ctx, group)
+        if hit is None:
+            continue
+        steps, ratio = hit
+        median = float(np.median(ratio[: max(1, len(steps))]))
+        profile = ctx.log_profile(group, steps)
+        last = profile[-1]
+        limit = np.log10(ctx.t.vanishing_ratio)
+        starved_layers = [ctx.name(i) for i, p in zip(group.layers, profile, strict=True)
+                          if np.isfinite(p) and p - last < limit]
+        drops = profile[1:] - profile[:-1]  # log10 gain from layer k to k+1 (output side)
+        finite = np.isfinite(drops)
+        evidence = {
+            "grad_norm_ratio_first_to_last": median,
+            "persistent_fraction": float((ratio < ctx.t.vanishing_ratio).mean()),
+            "steps_checked": int(ratio.size),
+            "per_layer_grad_norm": {ctx.name(i): float(10 ** p) if np.isfinite(p) else None
+                                    for i, p in zip(group.layers, profile, strict=True)},
+            "threshold": ctx.t.vanishing_ratio,
+        }
+        where = ""
+        if finite.any():
+            k = int(np.nanargmax(np.where(finite, drops, -np.inf)))
+            mean_drop = float(np.nanmean(drops))
+            evidence["largest_drop"] = {"from": ctx.name(group.layers[k + 1]),
+                                        "to": ctx.name(group.layers[k]),
+                                        "factor": float(10 ** drops[k])}
+            evidence["mean_factor_per_layer"] = float(10 ** mean_drop)
+            if drops[k] > 2 * mean_drop and drops[k] > 1:
+                where = (f"; most of it is lost between {ctx.label(group.layers[k + 1])} and "
+                         f"{ctx.label(group.layers[k])} ({fmt(10 ** drops[k])}x)")
+            else:
+                where = (f"; it is lost gradually, about {fmt(10 ** mean_drop)}x per layer "
+                         f"over {len(group.layers)} layers")
+        severity = "error" if median < ctx.t.vanishing_ratio_error else "warning"
+        causes = [c for c in (C.saturating_activation(ctx, group), C.init_scale(ctx, group),
+                              C.signal_shrinks_forward(ctx, group),
+                              C.deep_plain_stack(ctx, group)) if c]
+        summary = (f"{ctx.subject}Gradients vanish towards the input: {ctx.label(group.layers[0])} gets "
+                   f"{fmt(median)} of the gradient norm of {ctx.label(group.layers[-1])}"
+                   f"{where}, so the input-side layers barely learn.")
+        findings.append(Finding(
+            KIND, severity, int(steps[0]), int(steps[-1]), starved_layers or
+            [ctx.name(group.layers[0])], summary, evidence, causes,
+            depth_remedies(ctx, group, causes)))
+    return findings

@@ -1,0 +1,220 @@
+"""The one mutable store of measurements: bounded, downsampled series plus exact events.
+
+Memory stays bounded whatever the run's length: each :class:`Series` holds at most
+``capacity`` rows; when it is full, every other row is dropped and only every
+``stride``-th new row is kept, so the kept rows always span the whole run at an even
+spacing. Things that must be exact (the first non-finite value, the best loss) are kept
+as events, outside the series, before any row is dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Series", "History", "LayerInfo", "Events"]
+
+DEFAULT_CAPACITY = 2048
+
+
+class Series:
+    """Rows of named column blocks on one step axis, downsampled to a fixed capacity."""
+
+    def __init__(self, widths: dict[str, int], capacity: int = DEFAULT_CAPACITY) -> None:
+        if capacity < 4 or capacity % 2:
+            raise ValueError(f"capacity must be an even number >= 4, got {capacity}")
+        self.capacity = capacity
+        self.stride = 1
+        self._arrivals = 0  # rows offered since the last decimation
+        self._n = 0
+        self._steps = np.zeros(capacity, dtype=np.int64)
+        self._blocks = {k: np.full((capacity, w), np.nan) for k, w in widths.items()}
+        self._last: tuple[int, dict[str, np.ndarray]] | None = None
+
+    def widen(self, name: str, width: int) -> None:
+        """Grow a block to ``width`` columns (new layers discovered mid-run), padding NaN."""
+        old = self._blocks[name]
+        if width > old.shape[1]:
+            pad = np.full((self.capacity, width - old.shape[1]), np.nan)
+            self._blocks[name] = np.concatenate([old, pad], axis=1)
+
+    def append(self, steps: np.ndarray, blocks: dict[str, np.ndarray]) -> None:
+        """Offer rows (one per step, in step order); keep those the current stride allows."""
+        for i, step in enumerate(steps):
+            row = {k: v[i] for k, v in blocks.items()}
+            self._last = (int(step), row)
+            keep = self._arrivals % self.stride == 0
+            self._arrivals += 1
+            if not keep:
+                continue
+            if self._n == self.capacity:
+                self._decimate()
+                if (self._arrivals - 1) % self.stride:
+                    continue
+            self._steps[self._n] = step
+            for k, v in row.items():
+                block = self._blocks[k]
+                block[self._n, : v.shape[0]] = v
+            self._n += 1
+
+    def _decimate(self) -> None:
+        half = self.capacity // 2
+        self._steps[:half] = self._steps[: self.capacity : 2]
+        for block in self._blocks.values():
+            block[:half] = block[: self.capacity : 2]
+            block[half:] = np.nan
+        self._n = half
+        self.stride *= 2
+        # Re-phase arrivals so that kept rows stay evenly spaced after the stride doubles.
+        self._arrivals = 0
+
+    @property
+    def steps(self) -> np.ndarray:
+        """Steps of the kept rows, plus the run's latest row so the series reaches the end."""
+        steps = self._steps[: self._n]
+        if self._last is not None and (self._n == 0 or steps[-1] != self._last[0]):
+            return np.append(steps, self._last[0])
+        return steps.copy()
+
+    def block(self, name: str) -> np.ndarray:
+        """Values of one block, rows aligned with :attr:`steps`."""
+        values = self._blocks[name][: self._n]
+        if self._last is not None and (self._n == 0 or self._steps[self._n - 1] != self._last[0]):
+            last = np.full((1, values.shape[1]), np.nan)
+            v = self._last[1][name]
+            last[0, : v.shape[0]] = v
+            return np.concatenate([values, last], axis=0)
+        return values.copy()
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def nbytes(self) -> int:
+        """Memory held by the series (constant after construction, save for widening)."""
+        return self._steps.nbytes + sum(b.nbytes for b in self._blocks.values())
+
+
+@dataclasses.dataclass
+class LayerInfo:
+    """A module that owns parameters, as seen by the monitor."""
+
+    name: str
+    type: str
+    params: int
+    root: int
+    order: int | None = None  # position in forward execution order, input side first
+    param_names: list[str] = dataclasses.field(default_factory=list)
+    fan_in: int | None = None
+    fan_out: int | None = None
+    init_weight_std: float | None = None
+    activation: str | None = None  # what the autograd graph applies to this layer's output
+    init_scale: dict[str, Any] | None = None  # init std against Kaiming/Xavier
+
+
+@dataclasses.dataclass
+class Events:
+    """Exact facts kept outside the downsampled series."""
+
+    first_nonfinite_loss: int | None = None
+    first_nonfinite_grad: int | None = None
+    nonfinite_grad_params: list[str] = dataclasses.field(default_factory=list)
+    nonfinite_grad_kind: str | None = None  # "nan" | "inf"
+    first_nonfinite_weight: int | None = None
+    nonfinite_weight_params: list[str] = dataclasses.field(default_factory=list)
+    first_nonfinite_act: int | None = None
+    nonfinite_act_layers: list[str] = dataclasses.field(default_factory=list)
+    nonfinite_loss_steps: int = 0
+    best_loss: float = math.inf
+    best_loss_step: int | None = None
+    first_loss: float | None = None
+    first_loss_step: int | None = None
+    last_loss: float | None = None
+    last_loss_step: int | None = None
+    finite_loss_steps: int = 0
+
+
+class History:
+    """Per-step and per-sampled-step series for every layer, and the run's exact events."""
+
+    STEP_BLOCKS = ("loss", "grad_norm", "nonfinite", "optimizer")
+    DETAIL_BLOCKS = ("weight_norm", "update_norm", "grad_norm_applied", "act_rms",
+                     "model_io")
+    MODEL_IO = ("output_spread", "input_rms", "input_mean", "input_std", "output_rms")
+
+    def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
+        self.layers: list[LayerInfo] = []
+        self.roots: list[str] = []
+        self.steps = Series({"loss": 1, "grad_norm": 0, "nonfinite": 0, "optimizer": 1},
+                            capacity)
+        self.detail = Series({"weight_norm": 0, "update_norm": 0, "grad_norm_applied": 0,
+                              "act_rms": 0, "model_io": len(self.MODEL_IO)}, capacity)
+        self.events = Events()
+        self.initial: dict[str, np.ndarray] = {}  # first sampled weight/act row, kept exactly
+        self.facts: dict[str, Any] = {}  # structural facts (activations, norms, skips, lr)
+        self.total_steps = 0
+
+    def add_layer(self, layer: LayerInfo) -> int:
+        self.layers.append(layer)
+        width = len(self.layers)
+        for name in ("grad_norm", "nonfinite"):
+            self.steps.widen(name, width)
+        for name in ("weight_norm", "update_norm", "grad_norm_applied", "act_rms"):
+            self.detail.widen(name, width)
+        return width - 1
+
+    def record_steps(self, steps: np.ndarray, loss: np.ndarray, loss_seen: np.ndarray,
+                     grad_norm: np.ndarray, nonfinite: np.ndarray,
+                     optimizer: np.ndarray | None = None) -> None:
+        """Append per-step rows (loss and per-layer gradient norms) and update events.
+
+        ``loss_seen`` tells a step without a recorded loss (NaN in ``loss``) from a step
+        whose loss really was NaN.
+        """
+        if len(steps) == 0:
+            return
+        ev = self.events
+        for step, value, seen in zip(steps.tolist(), loss.tolist(), loss_seen.tolist(),
+                                     strict=True):
+            if not seen:
+                continue
+            if not math.isfinite(value):
+                ev.nonfinite_loss_steps += 1
+                if ev.first_nonfinite_loss is None:
+                    ev.first_nonfinite_loss = step
+            else:
+                if ev.first_loss is None:
+                    ev.first_loss, ev.first_loss_step = value, step
+                if value < ev.best_loss:
+                    ev.best_loss, ev.best_loss_step = value, step
+                ev.last_loss, ev.last_loss_step = value, step
+                ev.finite_loss_steps += 1
+        self.total_steps = max(self.total_steps, int(steps[-1]) + 1)
+        if optimizer is None:
+            optimizer = np.full(len(steps), -1.0)
+        # Host encoding, as for norms: NaN = no loss recorded, +inf = the loss was NaN/Inf.
+        seen = loss_seen > 0
+        loss = np.where(seen & ~np.isfinite(loss), np.inf, np.where(seen, loss, np.nan))
+        self.steps.append(steps, {"loss": loss.reshape(-1, 1), "grad_norm": grad_norm,
+                                  "nonfinite": nonfinite, "optimizer": optimizer.reshape(-1, 1)})
+
+    def record_detail(self, steps: np.ndarray, blocks: dict[str, np.ndarray]) -> None:
+        """Append rows measured on sampled steps (weights, updates, activations, model I/O)."""
+        if len(steps) == 0:
+            return
+        if not self.initial:
+            self.initial = {k: v[0].copy() for k, v in blocks.items()}
+            self.initial["step"] = np.array([steps[0]])
+        self.detail.append(steps, blocks)
+
+    def layer_order(self) -> list[int]:
+        """Layer indices in forward order (input side first); unseen layers last."""
+        return sorted(range(len(self.layers)),
+                      key=lambda i: (self.layers[i].order is None,
+                                     self.layers[i].order or 0, i))
+
+    def nbytes(self) -> int:
+        return self.steps.nbytes() + self.detail.nbytes()
+

@@ -1,0 +1,217 @@
+"""Hook attachment only: every registration returns a handle kept in a :class:`Handles`.
+
+Three kinds of probe feed a :class:`~gradwatch.monitor.Monitor`:
+
+* module forward hooks (per model for ``watch``, process-global for ``gradwatch run``):
+  forward order, activation scale, model input/output;
+* optimizer step pre/post hooks (per optimizer, or global): the step clock;
+* the backward interceptor: the loss and raw gradients. PyTorch has no hook that sees
+  the tensor ``backward()`` is called on, so while at least one monitor is active,
+  ``torch.autograd.backward`` (which ``Tensor.backward`` calls) is wrapped; the original is
+  restored when the last monitor closes, also on exceptions.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules import module as module_hooks
+from torch.optim import optimizer as optimizer_hooks
+
+from .monitor import Monitor
+
+__all__ = ["Handles", "attach_model", "attach_optimizer", "GlobalProbes", "INTERCEPTOR"]
+
+
+class Handles:
+    """Removable handles of one monitor; removal is idempotent and never raises."""
+
+    def __init__(self) -> None:
+        self._handles: list[Any] = []
+
+    def add(self, handle: Any) -> None:
+        self._handles.append(handle)
+
+    def remove(self) -> None:
+        while self._handles:
+            handle = self._handles.pop()
+            try:
+                handle.remove()
+            except Exception:  # noqa: BLE001 - a dead handle must not block the others
+                pass
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+
+class _BackwardInterceptor:
+    """Wraps ``torch.autograd.backward`` while monitors are active; dispatches to them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._monitors: list[Monitor] = []
+        self._original: Callable[..., Any] | None = None
+        self.flags: dict[int, bool] = {}
+
+    @property
+    def active(self) -> int:
+        return len(self._monitors)
+
+    def register(self, monitor: Monitor) -> _InterceptorHandle:
+        with self._lock:
+            if not self._monitors:
+                self._original = torch.autograd.backward
+                torch.autograd.backward = self._backward  # type: ignore[assignment]
+            self._monitors.append(monitor)
+        return _InterceptorHandle(self, monitor)
+
+    def unregister(self, monitor: Monitor) -> None:
+        with self._lock:
+            self._monitors = [m for m in self._monitors if m is not monitor]
+            self.flags.pop(id(monitor), None)
+            if not self._monitors and self._original is not None:
+                torch.autograd.backward = self._original  # type: ignore[assignment]
+                self._original = None
+
+    def _backward(self, tensors: Any, *args: Any, **kwargs: Any) -> Any:
+        original = self._original or _ORIGINAL_BACKWARD
+        loss = tensors if isinstance(tensors, torch.Tensor) else None
+        if loss is None and isinstance(tensors, (tuple, list)) and len(tensors) == 1 \
+                and isinstance(tensors[0], torch.Tensor):
+            loss = tensors[0]
+        monitors = list(self._monitors)
+        if loss is None or kwargs.get("create_graph") or (args and len(args) > 2 and args[2]):
+            # Higher-order gradients (gradient penalties, meta-learning) are not a
+            # training step's loss: let them through untouched.
+            return original(tensors, *args, **kwargs)
+        several = len(monitors) > 1
+        for m in monitors:
+            self.flags[id(m)] = False
+            m.on_backward_begin(loss)
+        result = original(tensors, *args, **kwargs)
+        for m in monitors:
+            # With several monitors, a monitor takes the loss only if the gradient went
+            # through its model's output (flag set by a grad_fn pre-hook in forward).
+            if not several or self.flags.get(id(m)):
+                m.on_backward_end(loss)
+        return result
+
+
+_ORIGINAL_BACKWARD = torch.autograd.backward
+
+
+class _InterceptorHandle:
+    def __init__(self, interceptor: _BackwardInterceptor, monitor: Monitor) -> None:
+        self._interceptor, self._monitor = interceptor, monitor
+
+    def remove(self) -> None:
+        self._interceptor.unregister(self._monitor)
+
+
+INTERCEPTOR = _BackwardInterceptor()
+
+
+def _flag_output(monitor: Monitor, output: Any) -> None:
+    """Mark ``monitor`` when the gradient of a backward passes through this output."""
+    if INTERCEPTOR.active < 2:
+        return
+    key = id(monitor)
+
+    def mark(*_: Any) -> None:
+        INTERCEPTOR.flags[key] = True
+
+    stack = [output]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, torch.Tensor):
+            if o.grad_fn is not None:
+                o.grad_fn.register_prehook(mark)
+        elif isinstance(o, (tuple, list)):
+            stack.extend(o)
+        elif isinstance(o, dict):
+            stack.extend(o.values())
+
+
+def attach_model(monitor: Monitor, model: nn.Module, handles: Handles) -> None:
+    """Forward hooks on the model and on each of its parameter-owning modules."""
+
+    def root_pre(module: nn.Module, args: tuple[Any, ...]) -> None:
+        monitor.on_root_forward_pre(module, args)
+
+    def root_post(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        monitor.on_root_forward(module, output)
+        _flag_output(monitor, output)
+
+    def layer_post(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        monitor.on_layer_forward(module, output)
+
+    handles.add(model.register_forward_pre_hook(root_pre))
+    for module in model.modules():
+        if monitor.layer_of_module(module) is not None:
+            handles.add(module.register_forward_hook(layer_post))
+    handles.add(model.register_forward_hook(root_post))
+
+
+def attach_optimizer(monitor: Monitor, optimizer: torch.optim.Optimizer,
+                     handles: Handles) -> None:
+    """Step pre/post hooks: the step clock and the weight update."""
+    monitor.add_optimizer(optimizer)
+    handles.add(optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: monitor.on_step_begin(opt)))
+    handles.add(optimizer.register_step_post_hook(
+        lambda opt, args, kwargs: monitor.on_step_end(opt)))
+
+
+class GlobalProbes:
+    """Process-wide hooks for ``gradwatch run``: discover models and optimizers as they run.
+
+    A *root* is a module with parameters called while no other module is running; its
+    parameter-owning submodules become layers. ``name_of`` names roots and bare tensors
+    after the script's own variables where it can.
+    """
+
+    def __init__(self, monitor: Monitor, handles: Handles,
+                 name_of: Callable[[Any], str | None]) -> None:
+        self.monitor, self.name_of = monitor, name_of
+        self._depth = 0
+        self._own_params: dict[int, bool] = {}
+        handles.add(module_hooks.register_module_forward_pre_hook(self._pre))
+        # always_call: the depth count must unwind even when a forward raises.
+        handles.add(module_hooks.register_module_forward_hook(self._post, always_call=True))
+        handles.add(optimizer_hooks.register_optimizer_step_pre_hook(self._step_pre))
+        handles.add(optimizer_hooks.register_optimizer_step_post_hook(self._step_post))
+
+    def _pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if self._depth == 0 and self.monitor.enabled:
+            if not self.monitor.is_root(module) and any(
+                    p.requires_grad for p in module.parameters()):
+                name = self.name_of(module) or type(module).__name__.lower()
+                self.monitor.add_root(module, name)
+            if self.monitor.is_root(module):
+                self.monitor.on_root_forward_pre(module, args)
+        self._depth += 1
+
+    def _post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        self._depth = max(0, self._depth - 1)
+        if not self.monitor.enabled:
+            return
+        if self.monitor.layer_of_module(module) is not None:
+            self.monitor.on_layer_forward(module, output)
+        if self._depth == 0 and self.monitor.is_root(module):
+            self.monitor.on_root_forward(module, output)
+
+    def _step_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if not self.monitor.enabled:
+            return
+        if self.monitor.add_optimizer(optimizer):
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            self.monitor.add_tensors(params)
+        self.monitor.on_step_begin(optimizer)
+
+    def _step_post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.monitor.on_step_end(optimizer)
+

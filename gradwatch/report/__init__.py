@@ -1,0 +1,145 @@
+"""The report: findings plus the run's layers and series, as JSON, text or HTML."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._version import __version__
+from ..detectors import run_detectors
+from ..detectors.context import Context
+from ..findings import Finding, jsonable
+from .atomic import write_text_atomic
+
+__all__ = ["Report", "build_report", "SCHEMA"]
+
+SCHEMA = "gradwatch.report/v1"
+
+
+class Report:
+    """A finished diagnosis in the contract's shape (``schema`` gradwatch.report/v1)."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self._data = data
+        self.findings: list[Finding] = [Finding.from_dict(f) for f in data["findings"]]
+
+    @property
+    def run(self) -> dict[str, Any]:
+        return self._data["run"]
+
+    @property
+    def layers(self) -> list[dict[str, Any]]:
+        return self._data["layers"]
+
+    @property
+    def series(self) -> dict[str, Any]:
+        return self._data["series"]
+
+    @property
+    def problems(self) -> list[Finding]:
+        """Findings of severity warning or error (a healthy run has none)."""
+        return [f for f in self.findings if f.severity in ("warning", "error")]
+
+    def kinds(self) -> set[str]:
+        return {f.kind for f in self.findings}
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dict(self._data)
+        data["findings"] = [f.to_dict() for f in self.findings]
+        return data
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """The report as strict JSON (non-finite numbers are written as null)."""
+        return json.dumps(jsonable(self.to_dict()), indent=indent, allow_nan=False)
+
+    def summary(self, width: int = 100) -> str:
+        """A one-page plain-text summary for a terminal."""
+        from .text import render_text
+
+        return render_text(self.to_dict(), width)
+
+    def to_html(self) -> str:
+        from .html import render_html
+
+        return render_html(self.to_dict())
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write atomically; the format follows the suffix: .json, .html/.htm, .txt/.md."""
+        suffix = Path(path).suffix.lower()
+        if suffix == ".json":
+            text = self.to_json()
+        elif suffix in (".html", ".htm"):
+            text = self.to_html()
+        elif suffix in (".txt", ".md", ".log"):
+            text = self.summary()
+        else:
+            raise ValueError(f"cannot tell the report format from {str(path)!r}: use a "
+                             f".json, .html or .txt file name")
+        return write_text_atomic(path, text)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Report:
+        """Read a report saved as JSON."""
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if data.get("schema") != SCHEMA:
+            raise ValueError(f"{path} is not a gradwatch report (schema "
+                             f"{data.get('schema')!r}, expected {SCHEMA!r})")
+        return cls(data)
+
+    def __repr__(self) -> str:
+        return (f"Report(steps={self.run['steps']}, status={self.run['status']!r}, "
+                f"findings={[f.kind for f in self.findings]})")
+
+
+def _column(values: np.ndarray) -> list[float | None]:
+    return [None if not np.isfinite(v) else float(v) for v in values]
+
+
+def build_report(monitor: Any) -> Report:
+    """Run the detectors over a monitor's history and assemble the contract's JSON."""
+    history = monitor.history
+    findings, detector_errors = run_detectors(history, monitor.thresholds)
+    ctx = Context(history, monitor.thresholds)
+    order = history.layer_order()
+    layers = [{"name": ctx.name(i), "type": history.layers[i].type, "depth": depth,
+               "params": history.layers[i].params} for depth, i in enumerate(order)]
+    layer_facts = {ctx.name(i): {"activation": history.layers[i].activation,
+                                 "init_scale": history.layers[i].init_scale,
+                                 "fan_in": history.layers[i].fan_in}
+                   for i in order}
+    grad = history.steps.block("grad_norm")
+    detail = history.detail
+    with np.errstate(divide="ignore", invalid="ignore"):
+        update_ratio = detail.block("update_norm") / detail.block("weight_norm")
+    series: dict[str, Any] = {
+        "step": history.steps.steps.tolist(),
+        "loss": _column(history.steps.block("loss")[:, 0]),
+        "grad_norm": {ctx.name(i): _column(grad[:, i]) for i in order},
+        "detail_step": detail.steps.tolist(),
+        "weight_norm": {ctx.name(i): _column(detail.block("weight_norm")[:, i]) for i in order},
+        "update_ratio": {ctx.name(i): _column(update_ratio[:, i]) for i in order},
+        "activation_rms": {ctx.name(i): _column(detail.block("act_rms")[:, i]) for i in order},
+        "dead_fraction": {},
+        "stride": history.steps.stride,
+    }
+    data = {
+        "schema": SCHEMA,
+        "tool": {"name": "gradwatch", "version": __version__},
+        # A report taken inside the with-block is a snapshot of a run that has not ended:
+        # the contract knows no "running", so it says "interrupted" and in_progress true.
+        "run": {"steps": int(monitor.step),
+                "status": "interrupted" if monitor.status == "running" else monitor.status,
+                "in_progress": monitor.status == "running", "error": monitor.error, "duration_s": round(monitor.duration, 3),
+                "mode": monitor.mode,
+                "internal_errors": list(monitor.errors) + detector_errors},
+        "layers": layers,
+        "findings": [f.to_dict() for f in findings],
+        "series": series,
+        "facts": jsonable({**history.facts, "layers": layer_facts}),
+    }
+    return Report(jsonable(data))

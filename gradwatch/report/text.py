@@ -1,0 +1,68 @@
+"""The one-page text summary (stderr of ``gradwatch run``, ``Report.summary()``)."""
+
+from __future__ import annotations
+
+import textwrap
+from collections import Counter
+from typing import Any
+
+__all__ = ["render_text"]
+
+_MARK = {"error": "ERROR", "warning": "WARN ", "info": "info "}
+
+
+def _wrap(text: str, width: int, indent: str, hang: str | None = None) -> list[str]:
+    return textwrap.wrap(text, width=width, initial_indent=indent,
+                         subsequent_indent=hang if hang is not None else indent) or [indent]
+
+
+def _layers(names: list[str]) -> str:
+    if not names:
+        return "whole model"
+    if len(names) <= 4:
+        return ", ".join(names)
+    return f"{names[0]} .. {names[-1]} ({len(names)} layers)"
+
+
+def render_text(data: dict[str, Any], width: int = 100) -> str:
+    run, findings, layers = data["run"], data["findings"], data["layers"]
+    counts = Counter(f["severity"] for f in findings)
+    problems = counts["error"] + counts["warning"]
+    head = (f"gradwatch {data['tool']['version']}: {run['steps']} steps, run {run['status']} "
+            f"in {run['duration_s']:.1f} s")
+    lines = [head]
+    types = Counter(layer["type"] for layer in layers)
+    opt = data.get("facts", {}).get("optimizers", [])
+    model = ", ".join(f"{t} x{n}" if n > 1 else t for t, n in types.most_common())
+    opts = ", ".join(f"{o['type']} (lr {', '.join(str(g['lr']) for g in o['groups'])})"
+                     for o in opt) or "none seen"
+    lines.append(f"model: {len(layers)} layers with parameters ({model}); optimizer: {opts}")
+    if run.get("error"):
+        lines += _wrap(f"the run ended with {run['error']}", width, "")
+    if not problems:
+        lines.append("no problems found" + (f" ({counts['info']} note"
+                                             f"{'s' if counts['info'] != 1 else ''})"
+                                             if counts["info"] else "") + ".")
+    else:
+        lines.append(f"{problems} problem{'s' if problems != 1 else ''} found: "
+                     f"{counts['error']} error, {counts['warning']} warning.")
+    for f in findings:
+        lines.append("")
+        lines.append(f"{_MARK[f['severity']]} {f['kind']}  steps {f['first_step']}-"
+                     f"{f['last_step']}  {_layers(f['layers'])}")
+        lines += _wrap(f["summary"], width, "  ")
+        for c in f["causes"][:4]:
+            lines += _wrap(f"cause: {c['text']}", width, "  - ", "    ")
+        if f["remedies"]:
+            best = f["remedies"][0]
+            lines += _wrap(f"try first ({best['id']}): {best['text']}", width, "  > ", "    ")
+            lines += ["      " + code_line for code_line in best["code"].splitlines()]
+            others = [r["id"] for r in f["remedies"][1:]]
+            if others:
+                lines.append(f"  also: {', '.join(others)}")
+    internal = run.get("internal_errors") or []
+    if internal:
+        lines.append("")
+        lines.append(f"gradwatch hit {len(internal)} internal error(s) and stopped measuring "
+                     f"(your run was not affected): {internal[0]}")
+    return "\n".join(lines) + "\n"

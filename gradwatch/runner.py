@@ -1,0 +1,86 @@
+"""``gradwatch run``: an unmodified script as ``__main__`` under process-wide hooks."""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .monitor import Monitor, Options
+from .probes import INTERCEPTOR, GlobalProbes, Handles
+from .report import Report, build_report
+from .thresholds import Thresholds
+
+__all__ = ["run_script", "RunResult"]
+
+
+class RunResult:
+    """The script's exit status and gradwatch's report of its run."""
+
+    def __init__(self, exit_code: int, report: Report) -> None:
+        self.exit_code, self.report = exit_code, report
+
+
+def _main_namer() -> Any:
+    """Name objects after the running script's own global variables (``model_relu``)."""
+
+    def name_of(obj: Any) -> str | None:
+        main = sys.modules.get("__main__")
+        namespace = getattr(main, "__dict__", {})
+        for key, value in list(namespace.items()):
+            if value is obj and not key.startswith("_"):
+                return key
+        return None
+
+    return name_of
+
+
+def run_script(script: str | os.PathLike[str], args: Sequence[str] = (),
+               options: Options | None = None,
+               thresholds: Thresholds | None = None) -> RunResult:
+    """Run ``script`` with ``args`` as ``__main__``, watching every model and optimizer.
+
+    Returns the script's own exit status (0, its ``sys.exit`` code, 1 when it raised,
+    130 on KeyboardInterrupt) and the report, which exists in every case.
+    """
+    path = Path(script)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such training script: {path}")
+    monitor = Monitor(options, thresholds, discover=True)
+    monitor.namer = _main_namer()
+    handles = Handles()
+    saved_argv, saved_path = sys.argv[:], sys.path[:]
+    status, error, code = "completed", None, 0
+    try:
+        GlobalProbes(monitor, handles, monitor.namer)
+        handles.add(INTERCEPTOR.register(monitor))
+        sys.argv = [str(path), *args]
+        sys.path.insert(0, str(path.resolve().parent))
+        runpy.run_path(str(path), run_name="__main__")
+    except SystemExit as exc:
+        code = _exit_code(exc.code)
+        if code:
+            status, error = "failed", f"SystemExit: {exc.code}"
+    except KeyboardInterrupt:
+        status, error, code = "interrupted", "KeyboardInterrupt", 130
+    except BaseException as exc:  # noqa: BLE001 - the script's error, reported like Python
+        traceback.print_exc()
+        status, error, code = "failed", f"{type(exc).__name__}: {exc}", 1
+    finally:
+        sys.argv[:], sys.path[:] = saved_argv, saved_path
+        handles.remove()
+        monitor.close(status, error)
+    return RunResult(code, build_report(monitor))
+
+
+def _exit_code(code: Any) -> int:
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1

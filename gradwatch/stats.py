@@ -1,0 +1,72 @@
+"""Sync-free tensor reductions for the hot path: the one place that touches ``torch._foreach_*``.
+
+Every function returns tensors on the device of its inputs and never calls ``.item()``:
+the caller decides when to copy to the host (once every ``sync_every`` steps).
+
+Norms are accumulated in float64. A float32 L2 norm overflows to ``inf`` as soon as the
+sum of squares passes 3.4e38 (elements around 1e19 suffice), which would make finite
+gradients look non-finite; in float64 a norm is non-finite only if an element is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["norms", "rms", "output_spread"]
+
+_NORM_DTYPE = torch.float64
+
+
+def _foreach_norm(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """L2 norm of each tensor (same device), fused when the backend supports it."""
+    try:
+        return list(torch._foreach_norm(tensors, 2, dtype=_NORM_DTYPE))
+    except (RuntimeError, TypeError, NotImplementedError):
+        # Fallback for backends without fused kernels or float64 (e.g. MPS): one
+        # kernel per tensor, still on device and still without a host sync.
+        dtype = _NORM_DTYPE if tensors[0].device.type != "mps" else torch.float32
+        return [torch.linalg.vector_norm(t, dtype=dtype) for t in tensors]
+
+
+def norms(tensors: Sequence[torch.Tensor], out_device: torch.device) -> torch.Tensor:
+    """Return a 1-D float64 tensor on ``out_device`` holding the L2 norm of each tensor.
+
+    Dense tensors are grouped by device and reduced with one fused kernel per group;
+    sparse tensors (``nn.Embedding(sparse=True)`` gradients) use their stored values.
+    """
+    results: list[torch.Tensor | None] = [None] * len(tensors)
+    groups: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        if t.is_sparse:
+            values = t.coalesce().values()
+            results[i] = torch.linalg.vector_norm(values, dtype=_NORM_DTYPE)
+        else:
+            groups.setdefault(t.device, []).append(i)
+    for idx in groups.values():
+        for i, n in zip(idx, _foreach_norm([tensors[i] for i in idx]), strict=True):
+            results[i] = n
+    out = [r.to(out_device, non_blocking=True) for r in results]  # type: ignore[union-attr]
+    return torch.stack(out).to(_NORM_DTYPE)
+
+
+def rms(t: torch.Tensor) -> torch.Tensor:
+    """Root mean square of a tensor as a 0-d float64 tensor (activation scale)."""
+    if t.numel() == 0:
+        return torch.zeros((), dtype=_NORM_DTYPE, device=t.device)
+    return torch.linalg.vector_norm(t.detach(), dtype=_NORM_DTYPE) / (t.numel() ** 0.5)
+
+
+def output_spread(t: torch.Tensor) -> torch.Tensor:
+    """Between-sample standard deviation of a batch, relative to its RMS (0 = collapsed).
+
+    A model whose output is the same for every input has spread 0: it has learnt at best
+    the mean target, which is what a stalled deep net typically does.
+    """
+    t = t.detach()
+    if t.dim() == 0 or t.shape[0] < 2:
+        return torch.full((), float("nan"), dtype=_NORM_DTYPE, device=t.device)
+    flat = t.reshape(t.shape[0], -1).to(_NORM_DTYPE)
+    spread = flat.std(dim=0).mean()
+    return spread / (flat.pow(2).mean().sqrt() + 1e-30)

@@ -1,0 +1,134 @@
+"""Every threshold gradwatch judges by, in one documented, overridable table.
+
+Override per run with ``gradwatch.watch(model, opt, thresholds={"vanishing_ratio": 1e-4})``
+or a :class:`Thresholds` instance; ``gradwatch run --threshold NAME=VALUE`` does the same on
+the command line. ``docs/thresholds.md`` is the same table in prose and a test keeps the two
+in step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["Thresholds", "resolve_thresholds"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Thresholds:
+    """Limits the detectors compare measurements against; each field documents its meaning.
+
+    >>> Thresholds().replace(vanishing_ratio=1e-4).vanishing_ratio
+    0.0001
+    """
+
+    # --- gradient flow through depth -------------------------------------------------
+    vanishing_ratio: float = 1e-3
+    """Input-side layer's gradient norm / output-side layer's below this: vanishing (warning)."""
+    vanishing_ratio_error: float = 1e-6
+    """... below this: vanishing (error). SEEDS.md: the stalled sigmoid net sits near 1e-9."""
+    exploding_depth_ratio: float = 1e3
+    """Input-side / output-side gradient norm above this: exploding through depth."""
+    persistence: float = 0.8
+    """Fraction of the sampled steps in which a condition must hold to count as persistent."""
+    active_grad_fraction: float = 1e-3
+    """Depth ratios skip steps whose output-side gradient is below this fraction of its
+    run maximum: once a model has settled (stalled or converged) every layer's gradient
+    is tiny and their ratio says nothing about depth."""
+    min_layers: int = 3
+    """Depth analyses need at least this many layers with parameters."""
+
+    # --- gradient scale over time ----------------------------------------------------
+    exploding_growth: float = 1e3
+    """Total gradient norm above this multiple of its early-run median: exploding."""
+    exploding_grad_to_weight: float = 1e2
+    """Total gradient norm / total weight norm above this: one SGD step of lr 0.01 would
+    move the weights by more than their own size."""
+    exploding_error_factor: float = 1e4
+    """Either exploding ratio above this multiple of its limit: severity error."""
+    baseline_steps: int = 5
+    """Sampled steps whose median is the early-run baseline of the gradient norm."""
+
+    # --- loss --------------------------------------------------------------------------
+    min_steps: int = 20
+    """Loss-trend findings need at least this many steps with a finite loss."""
+    plateau_window: float = 0.5
+    """Trailing fraction of the run examined for a plateau."""
+    plateau_rel_change: float = 1e-2
+    """Relative loss change over the plateau window below this: the loss is flat."""
+    collapsed_output_spread: float = 1e-3
+    """Between-sample std / RMS of the model output below this: the model predicts a
+    constant, whatever its input."""
+    frozen_update_ratio: float = 1e-9
+    """Update / weight norm below this for every layer: the weights do not move."""
+    divergence_factor: float = 10.0
+    """Loss above this multiple of its best value so far: divergence."""
+    divergence_persistence: int = 3
+    """Consecutive sampled steps the loss must stay diverged."""
+
+    # --- causes and remedies ---------------------------------------------------------------
+    init_scale_low: float = 0.5
+    """Weight std below this multiple of the Kaiming/Xavier std: initialised too small."""
+    init_scale_high: float = 2.0
+    """Weight std above this multiple of the Kaiming/Xavier std: initialised too large."""
+    deep_stack_layers: int = 6
+    """A stack of at least this many layers without skips or normalisation counts as deep."""
+    large_update_ratio: float = 1e-1
+    """Update / weight norm above this: the learning rate is too high for this layer."""
+    target_update_ratio: float = 1e-3
+    """Update / weight norm a suggested learning rate aims at (a common rule of thumb)."""
+    input_scale_high: float = 10.0
+    """Input RMS above this (or below its inverse): the inputs are not standardised."""
+    forward_overflow: float = 1e15
+    """Loss or activation RMS above this: the forward pass has overflowed in practice
+    (its square is out of float32 range, so norms and gradients reach inf)."""
+
+    def replace(self, **overrides: float) -> Thresholds:
+        """Return a copy with some fields changed; unknown names raise a clear error."""
+        return resolve_thresholds(self, overrides)
+
+    def as_dict(self) -> dict[str, float]:
+        """All thresholds by name."""
+        return dataclasses.asdict(self)
+
+
+def _field_docs() -> dict[str, str]:
+    """Field name -> its docstring (the string literal under it in the class body)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(Thresholds))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for prev, node in zip(body, body[1:], strict=False):
+        if (isinstance(prev, ast.AnnAssign) and isinstance(node, ast.Expr)
+                and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):
+            docs[prev.target.id] = " ".join(node.value.value.split())  # type: ignore[union-attr]
+    return docs
+
+
+def resolve_thresholds(base: Thresholds | None,
+                       overrides: Thresholds | Mapping[str, Any] | None) -> Thresholds:
+    """Merge user overrides into ``base``, validating names and values."""
+    base = base or Thresholds()
+    if overrides is None:
+        return base
+    if isinstance(overrides, Thresholds):
+        return overrides
+    if not isinstance(overrides, Mapping):
+        raise TypeError(f"thresholds must be a Thresholds or a dict of name -> number, "
+                        f"got {type(overrides).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(Thresholds)}
+    clean: dict[str, Any] = {}
+    for name, value in overrides.items():
+        if name not in fields:
+            raise ValueError(f"unknown threshold {name!r}; known thresholds: "
+                             f"{', '.join(sorted(fields))}")
+        kind = int if fields[name].type in ("int", int) else float
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"threshold {name!r} must be a number, got {value!r}")
+        if not value == value or value < 0 or value in (float("inf"),):
+            raise ValueError(f"threshold {name!r} must be a finite number >= 0, got {value!r}")
+        clean[name] = kind(value)
+    return dataclasses.replace(base, **clean)

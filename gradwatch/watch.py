@@ -1,0 +1,151 @@
+"""``gradwatch.watch``: attach to a model and optimizer, measure every step, report."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import nn
+
+from .monitor import Monitor, Options
+from .probes import INTERCEPTOR, Handles, attach_model, attach_optimizer
+from .report import Report, build_report
+from .thresholds import Thresholds, resolve_thresholds
+
+__all__ = ["watch", "Watch", "OPTION_NAMES"]
+
+OPTION_NAMES = tuple(f.name for f in dataclasses.fields(Options)) + ("thresholds",)
+
+
+def _options(options: Mapping[str, Any]) -> tuple[Options, Thresholds]:
+    unknown = sorted(set(options) - set(OPTION_NAMES))
+    if unknown:
+        raise TypeError(f"unknown option(s) {', '.join(map(repr, unknown))} for "
+                        f"gradwatch.watch; allowed: {', '.join(OPTION_NAMES)}")
+    kwargs = {k: v for k, v in options.items() if k != "thresholds"}
+    return Options(**kwargs), resolve_thresholds(None, options.get("thresholds"))
+
+
+def _optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
+    if optimizer is None:
+        return []
+    items = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    for o in items:
+        if not isinstance(o, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, a list of them, or "
+                            f"None (then call gw.step(loss) after backward()); got "
+                            f"{type(o).__name__}")
+    return items
+
+
+class Watch:
+    """Hooks on one model (and its optimizers) for the duration of a ``with`` block.
+
+    Hooks attach when the watch is created and are removed on exit, also when the block
+    raises (including KeyboardInterrupt). The watch keeps no reference to the model
+    after exit.
+
+    >>> import torch, gradwatch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    >>> opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    >>> x, y = torch.randn(64, 4), torch.randn(64, 1)
+    >>> with gradwatch.watch(model, opt) as gw:
+    ...     for _ in range(30):
+    ...         opt.zero_grad()
+    ...         torch.nn.functional.mse_loss(model(x), y).backward()
+    ...         opt.step()
+    >>> gw.report().run["steps"]
+    30
+    """
+
+    def __init__(self, model: nn.Module, optimizers: list[torch.optim.Optimizer],
+                 options: Options, thresholds: Thresholds) -> None:
+        self.monitor = Monitor(options, thresholds)
+        self._handles = Handles()
+        self.monitor.add_root(model, type(model).__name__)
+        for opt in optimizers:
+            if not self.monitor.owns_params_of(opt):
+                raise ValueError(f"the {type(opt).__name__} optimizer passed to watch() "
+                                 f"updates none of the model's parameters; pass the "
+                                 f"optimizer that trains this model")
+        try:
+            attach_model(self.monitor, model, self._handles)
+            for opt in optimizers:
+                attach_optimizer(self.monitor, opt, self._handles)
+            self._handles.add(INTERCEPTOR.register(self.monitor))
+        except BaseException:
+            self._handles.remove()
+            raise
+        self._closed = False
+
+    def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is None:
+            self.close()
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.close("interrupted", "KeyboardInterrupt")
+        else:
+            self.close("failed", f"{exc_type.__name__}: {exc}")
+
+    def step(self, loss: torch.Tensor | float | None = None) -> None:
+        """Mark the end of a training step when no optimizer is watched (manual updates).
+
+        Call it after ``backward()``; ``loss`` is the value to record for this step.
+        """
+        if loss is not None and not isinstance(loss, torch.Tensor):
+            if isinstance(loss, bool) or not isinstance(loss, (int, float)):
+                raise TypeError(f"gw.step(loss) takes a tensor or a number, got "
+                                f"{type(loss).__name__}")
+            loss = torch.tensor(float(loss))
+        if self._closed:
+            raise RuntimeError("gw.step() called after the watch was closed")
+        self.monitor.on_explicit_step(loss)
+
+    def close(self, status: str = "completed", error: str | None = None) -> None:
+        """Remove every hook and finish measuring; safe to call more than once."""
+        if self._closed:
+            return
+        self._closed = True
+        self._handles.remove()
+        self.monitor.close(status, error)
+
+    @property
+    def hooks(self) -> int:
+        """Number of hooks currently attached (0 after exit)."""
+        return len(self._handles)
+
+    @property
+    def steps(self) -> int:
+        return self.monitor.step
+
+    def report(self) -> Report:
+        """Diagnose what was measured so far (the whole run once the block has exited)."""
+        if not self._closed and self.monitor.enabled:
+            self.monitor.flush()
+        return build_report(self.monitor)
+
+
+def watch(model: nn.Module, optimizer: torch.optim.Optimizer | Iterable[
+        torch.optim.Optimizer] | None = None, **options: Any) -> Watch:
+    """Watch ``model`` (and the optimizer(s) that train it) until the ``with`` block ends.
+
+    Options (all keyword): ``sync_every`` (steps per host copy, default 64),
+    ``detail_every`` (weights/updates/activations every this many steps, default 16),
+    ``every`` (gradient norms every this many steps, default 1), ``capacity`` (rows kept
+    per series), ``strict`` (raise gradwatch's own errors), ``thresholds`` (dict or
+    :class:`~gradwatch.Thresholds` overriding the documented defaults).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"gradwatch.watch expects a torch.nn.Module as its first argument, "
+                        f"got {type(model).__name__}")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"the {type(model).__name__} model has no trainable parameters "
+                         f"(none with requires_grad=True): there are no gradients to watch")
+    opts, thresholds = _options(options)
+    return Watch(model, _optimizers(optimizer), opts, thresholds)
