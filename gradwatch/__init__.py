@@ -6,5 +6,14 @@ from .report import Report
 from .thresholds import Thresholds
 from .watch import Watch, watch
 
-__all__ = ["__version__", "watch", "Watch", "Report", "Finding", "Cause", "Remedy",
-           "Thresholds", "KINDS"]
+__all__ = [
+           "KINDS",
+           "Cause",
+           "Finding",
+           "Remedy",
+           "Report",
+           "Thresholds",
+           "Watch",
+           "__version__",
+           "watch",
+]

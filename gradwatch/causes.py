@@ -14,14 +14,27 @@ import numpy as np
 from .detectors.context import Context, Group, fmt
 from .findings import Cause
 
-__all__ = ["CAUSE_IDS", "saturating_activation", "init_scale", "deep_plain_stack",
-           "learning_rate_too_high", "unscaled_inputs", "forward_overflow",
-           "clipping_to_zero", "signal_shrinks_forward"]
+__all__ = [
+    "CAUSE_IDS",
+    "clipping_to_zero",
+    "deep_plain_stack",
+    "forward_overflow",
+    "init_scale",
+    "learning_rate_too_high",
+    "saturating_activation",
+    "signal_shrinks_forward",
+    "sudden_nonfinite",
+    "unscaled_inputs",
+]
 
 CAUSE_IDS = ("sigmoid_in_deep_stack", "tanh_in_deep_stack", "init_too_small", "init_too_large",
              "deep_plain_stack", "learning_rate_too_high", "unscaled_inputs",
              "forward_overflow", "clipping_on_infinite_norm", "gradient_zeroed_before_step",
-             "signal_shrinks_forward")
+             "signal_shrinks_forward", "nonfinite_input", "invalid_forward_op",
+             "invalid_backward_op",
+             # signs of a stuck model (loss_plateau): measured facts that explain the stall
+             "constant_output", "weights_frozen", "gradient_vanishes")
+"""Every cause id any detector can emit (a test checks the detectors against it)."""
 
 
 def saturating_activation(ctx: Context, group: Group) -> Cause | None:
@@ -38,8 +51,16 @@ def saturating_activation(ctx: Context, group: Group) -> Cause | None:
     return None
 
 
-def init_scale(ctx: Context, group: Group) -> Cause | None:
-    """Initial weight std far from the Kaiming/Xavier std for the activation that follows."""
+def init_scale(ctx: Context, group: Group,
+               directions: tuple[str, ...] = ("small", "large")) -> Cause | None:
+    """Initial weight std far from the Kaiming/Xavier std for the activation that follows.
+
+    ``directions`` says which deviation can explain the finding at hand: a too-small init
+    never makes values explode or overflow. A single layer has nothing to compound, so
+    its init scale is never a cause.
+    """
+    if len(group.layers) < 2:
+        return None
     scales = [(i, ctx.init_scale(i)) for i in group.layers]
     scales = [(i, s) for i, s in scales if s]
     if not scales:
@@ -47,15 +68,17 @@ def init_scale(ctx: Context, group: Group) -> Cause | None:
     ratios = np.array([s["ratio"] for _, s in scales])
     for kind, mask in (("small", ratios < ctx.t.init_scale_low),
                        ("large", ratios > ctx.t.init_scale_high)):
-        if mask.sum() * 2 < len(scales):
+        if kind not in directions or mask.sum() * 2 < len(scales):
             continue
         picked = [scales[k] for k in np.nonzero(mask)[0]]
         med = float(np.median([s["ratio"] for _, s in picked]))
         fam = picked[0][1]["family"]
         act = picked[0][1]["activation"]
+        after = "a layer without activation" if act in ("none", "unknown") else f"the {act} " \
+            "that follows"
         names = _span([ctx.label(i) for i, _ in picked])
-        text = (f"weights start at {fmt(med)}x the {fam.capitalize()} std for the "
-                f"{act} that follows ({names}); ")
+        text = (f"weights start at {fmt(med)}x the {fam.capitalize()} std for {after} "
+                f"({names}); ")
         text += ("each layer shrinks the signal, forward and backward" if kind == "small"
                  else "each layer multiplies the signal, forward and backward")
         return Cause(f"init_too_{kind}", text)
@@ -74,7 +97,7 @@ def signal_shrinks_forward(ctx: Context, group: Group) -> Cause | None:
     if rms[0] <= 0 or rms[-2] <= 0:
         return None
     factor = (rms[-2] / rms[0]) ** (1 / max(1, len(rms) - 2))
-    if factor > 0.7:
+    if factor > ctx.t.forward_shrink_per_layer:
         return None
     return Cause("signal_shrinks_forward",
                  f"the forward signal shrinks {fmt(1 / factor)}x per layer at the first step "
@@ -95,21 +118,32 @@ def deep_plain_stack(ctx: Context, group: Group) -> Cause | None:
                  f"and no normalisation layer to keep the gradient scale from compounding")
 
 
-def learning_rate_too_high(ctx: Context) -> Cause | None:
-    """Measured updates that are a large fraction of the weights they change."""
-    r = ctx.update_ratio
-    if r.size == 0 or not np.isfinite(r).any():
+def learning_rate_too_high(ctx: Context, since: int | None = None,
+                           until: int | None = None) -> Cause | None:
+    """Updates that are, typically (median over the sampled steps of ``[since, until]``), a
+    large fraction of the weights they change.
+
+    The median, not the peak: the first update of weights initialised near zero is large
+    relative to them whatever the learning rate.
+    """
+    window = ctx.detail_window(since, until)
+    per_step = ctx.step_update_ratio[window]
+    ok = np.isfinite(per_step)
+    if not ok.any():
         return None
-    finite = np.where(np.isfinite(r), r, -1)
-    k = np.unravel_index(int(np.argmax(finite)), finite.shape)
-    peak = float(finite[k])
-    if peak < ctx.t.large_update_ratio:
+    typical = float(np.median(per_step[ok]))
+    if typical < ctx.t.large_update_ratio:
         return None
+    r = np.where(np.isfinite(ctx.update_ratio[window]), ctx.update_ratio[window], -1)
+    k = np.unravel_index(int(np.argmax(r)), r.shape)
     lrs = ", ".join(fmt(lr) for lr in sorted(set(ctx.learning_rates))) or "n/a"
+    steps = ctx.detail_steps[window]
     return Cause("learning_rate_too_high",
-                 f"one update changed {ctx.label(int(k[1]))} by {fmt(100 * peak)}% of its norm "
-                 f"(step {int(ctx.detail_steps[k[0]])}; learning rate {lrs}); healthy "
-                 f"updates are around {fmt(100 * ctx.t.target_update_ratio)}%")
+                 f"each update changes the weights by {fmt(100 * typical)}% of their norm "
+                 f"(median of {int(ok.sum())} measured steps from step {int(steps[ok][0])}; "
+                 f"up to {fmt(100 * float(r[k]))}% in {ctx.label(int(k[1]))} at step "
+                 f"{int(steps[k[0]])}; learning rate {lrs}); healthy updates are around "
+                 f"{fmt(100 * ctx.t.target_update_ratio)}%")
 
 
 def unscaled_inputs(ctx: Context) -> Cause | None:
@@ -130,24 +164,30 @@ def unscaled_inputs(ctx: Context) -> Cause | None:
 
 
 def forward_overflow(ctx: Context) -> Cause | None:
-    """The forward pass already produces astronomically large values."""
-    _, loss = ctx.finite_loss()
-    out = ctx.io("output_rms")
-    peak_out = float(np.nanmax(out)) if np.isfinite(out).any() else 0.0
-    first_loss = ctx.first_loss
-    lim = ctx.t.forward_overflow
-    if (first_loss is None or first_loss < lim) and peak_out < lim and \
-            ctx.first_nonfinite_loss is None:
+    """The very first forward pass, before any update, already produces astronomical values.
+
+    Only then can one say that gradient clipping cannot help: a forward pass that
+    overflows later, after updates made the weights huge, is the consequence of those
+    updates (which clipping or a lower learning rate would have kept small).
+    """
+    if not len(ctx.steps):
         return None
-    if first_loss is not None and first_loss >= lim:
-        what = f"the very first loss is {fmt(first_loss)}"
-    elif peak_out >= lim:
-        what = f"the model's output reaches RMS {fmt(peak_out)}"
+    lim = ctx.t.forward_overflow
+    first_step = int(ctx.steps[0])
+    first = float(ctx.loss[0])  # +inf encodes a NaN/Inf loss
+    out = ctx.io("output_rms")
+    at_start = ctx.detail_steps == first_step
+    out0 = float(out[at_start][0]) if at_start.any() else math.nan
+    if math.isfinite(first) and first >= lim:
+        what = f"the very first loss is {fmt(first)}"
+    elif not math.isnan(out0) and out0 >= lim:
+        what = f"the model's first output has RMS {fmt(out0)}"
     else:
-        what = f"the loss itself became non-finite at step {ctx.first_nonfinite_loss}"
+        return None
     return Cause("forward_overflow",
-                 f"{what}: the forward pass overflows before any gradient is applied, so "
-                 f"gradient clipping cannot help; the weights themselves must change scale")
+                 f"{what} (step {first_step}): the forward pass overflows before any "
+                 f"gradient is applied, so gradient clipping cannot help; the weights "
+                 f"themselves must change scale")
 
 
 def clipping_to_zero(ctx: Context) -> Cause | None:
@@ -176,6 +216,52 @@ def clipping_to_zero(ctx: Context) -> Cause | None:
                  f"backward() produced a gradient of norm {fmt(raw_total)} but the optimizer "
                  f"received all-zero gradients (step {int(ctx.detail_steps[k])}): something "
                  f"between backward() and step() zeroes them")
+
+
+def sudden_nonfinite(ctx: Context, step: int, origin: str) -> Cause | None:
+    """A NaN/Inf that appeared in one step from a normal-sized run: data or an invalid op.
+
+    Holds when, before ``step``, the loss stayed below the overflow level, the gradient
+    norm never grew ``exploding_growth``-fold over its baseline, and the weights were still
+    finite at ``step``: nothing grew towards the overflow, so the value came from this
+    step's batch or from an operation that is undefined at this input.
+    """
+    if origin not in ("forward", "backward"):
+        return None
+    ev = ctx.h.events
+    if ev.first_nonfinite_weight is not None and ev.first_nonfinite_weight <= step:
+        return None
+    before = ctx.steps < step
+    loss = ctx.loss[before]
+    loss = loss[np.isfinite(loss)]
+    if loss.size and float(np.max(np.abs(loss))) >= ctx.t.forward_overflow:
+        return None
+    total = ctx.total_grad[before]
+    total = total[np.isfinite(total) & (total > 0)]
+    if total.size > ctx.t.baseline_steps:
+        base = float(np.median(total[: ctx.t.baseline_steps]))
+        if float(total.max()) > ctx.t.exploding_growth * base:
+            return None
+    last = f"the loss was {fmt(float(loss[-1]))} the step before and " if loss.size else ""
+    if origin == "backward":
+        return Cause("invalid_backward_op",
+                     f"the loss was finite at step {step} but backward() produced NaN/Inf "
+                     f"while no gradient had grown before: an operation whose derivative is "
+                     f"infinite at this input (sqrt or norm at 0, log of 0, pow with a "
+                     f"fractional exponent at 0, division by a zero std); clipping cannot "
+                     f"repair a NaN gradient")
+    rows = ctx.detail_steps == step
+    x = ctx.io("input_rms")[rows]
+    if x.size and not np.isfinite(x).all():
+        return Cause("nonfinite_input",
+                     f"the model's input at step {step} already contains NaN/Inf (input RMS "
+                     f"{fmt(float(x[0]))}); {last}every weight was finite: the batch is bad, "
+                     f"not the model")
+    return Cause("invalid_forward_op",
+                 f"{last}every weight was finite and no gradient had grown, yet the forward "
+                 f"pass of step {step} produced NaN/Inf: a NaN/Inf in this batch's data or an "
+                 f"operation undefined at this input (log or sqrt of a negative number, "
+                 f"division by zero); clipping cannot help, skipping the step can")
 
 
 def _span(names: list[str]) -> str:

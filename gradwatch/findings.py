@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import Any, Literal
 
-__all__ = ["KINDS", "SEVERITIES", "Cause", "Remedy", "Finding", "jsonable"]
+__all__ = ["KINDS", "SEVERITIES", "Cause", "Finding", "Remedy", "jsonable"]
 
 KINDS = ("vanishing_gradient", "exploding_gradient", "dying_relu", "saturated_activation",
          "nonfinite", "loss_plateau", "loss_divergence", "eval_mode")

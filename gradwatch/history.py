@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Series", "History", "LayerInfo", "Events"]
+__all__ = ["Events", "History", "LayerInfo", "Series"]
 
 DEFAULT_CAPACITY = 2048
 

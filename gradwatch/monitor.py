@@ -27,7 +27,7 @@ from . import stats, structure
 from .history import History, LayerInfo
 from .thresholds import Thresholds
 
-__all__ = ["Options", "Monitor"]
+__all__ = ["Monitor", "Options"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -48,8 +48,9 @@ class Options:
     """Rows kept per series; longer runs are downsampled evenly."""
     strict: bool = False
     """Re-raise errors inside gradwatch instead of reporting them and going on."""
-    probe_backwards: int = 8
-    """Backward calls without any optimizer step before a run counts as hand-updated."""
+    probe_backwards: int = 64
+    """Backward calls without any optimizer step and without any change of the weights
+    before a run counts as hand-updated (a change of the weights decides at once)."""
 
     def __post_init__(self) -> None:
         for name in ("sync_every", "detail_every", "every", "probe_backwards"):
@@ -72,7 +73,7 @@ def guarded(method: F) -> F:
             return None
         try:
             return method(self, *args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - reported, never raised unless strict
+        except Exception as exc:
             self.fail(exc)
             if self.options.strict:
                 raise
@@ -212,11 +213,13 @@ class Monitor:
         carry = None
         if self._buf:
             # New parameters mid-run: flush committed rows, carry the current row over.
-            carry = {k: v[self.step - self._buf_start].clone() for k, v in self._buf.items()}
+            r = self.step - self._buf_start
+            carry = {k: v[r].clone() for k, v in self._buf.items()}
+            carry_seen = self._loss_seen[r]
             self.flush()
-        shapes = {"loss": (cap,), "loss_seen": (cap,), "grad": (cap, n_p),
+        shapes = {"loss": (cap,), "grad": (cap, n_p),
                   "grad_applied": (cap, n_p), "weight": (cap, n_p), "update": (cap, n_p),
-                  "act": (cap, n_l), "io": (cap, len(History.MODEL_IO)), "optimizer": (cap,)}
+                  "act": (cap, n_l), "io": (cap, len(History.MODEL_IO))}
         self._buf = {k: torch.empty(s, dtype=torch.float64, device=device)
                      for k, s in shapes.items()}
         self._reset_buffers()
@@ -228,11 +231,14 @@ class Monitor:
                     self._buf[k][0] = row
                 else:
                     self._buf[k][0, : row.shape[0]] = row
+            self._loss_seen[0] = carry_seen
 
     def _reset_buffers(self) -> None:
         for k, v in self._buf.items():
             v.fill_(_UNMEASURED if k in _NORM_KEYS else math.nan)
-        self._buf["loss_seen"].zero_()
+        # Host-side per-row facts (Python numbers already): no device work for them.
+        self._loss_seen = [False] * self.options.sync_every
+        self._row_optimizer = [-1] * self.options.sync_every
 
     def _row(self) -> int:
         self._ensure_buffers()
@@ -247,20 +253,16 @@ class Monitor:
     # ------------------------------------------------------------------ measurements
     def _grad_row(self, key: str) -> None:
         """Write the norm of every tracked gradient into this step's row of ``key``."""
-        idx, grads = [], []
-        for i, p in enumerate(self._params):
-            if p.grad is not None:
-                idx.append(i)
-                grads.append(p.grad)
-        if not grads:
-            return
+        grads = [p.grad for p in self._params]
         row = self._row()
-        values = stats.norms(grads, self._buf[key].device)
-        if len(idx) == len(self._params):
-            self._buf[key][row].copy_(values)
-        else:
-            self._buf[key][row].index_copy_(
-                0, torch.tensor(idx, device=values.device), values)
+        idx = [i for i, g in enumerate(grads) if g is None]
+        if not idx:  # the common case: every parameter has a gradient
+            self._buf[key][row].copy_(stats.norms(grads, self._buf[key].device))
+            return
+        idx = [i for i, g in enumerate(grads) if g is not None]
+        if idx:
+            values = stats.norms([grads[i] for i in idx], self._buf[key].device)
+            self._buf[key][row].index_copy_(0, torch.tensor(idx, device=values.device), values)
 
     def _update_row(self) -> None:
         """Norm of each update, against the snapshot taken before the step."""
@@ -291,12 +293,13 @@ class Monitor:
         if not losses:
             return
         row = self._row()
-        device = self._buf["loss"].device
-        vals = [(loss.detach().float().mean() if loss.numel() != 1 else loss.detach())
-                .to(device=device, dtype=torch.float64).reshape(()) for loss in losses]
-        value = vals[0] if len(vals) == 1 else torch.stack(vals).mean()
-        self._buf["loss"][row].copy_(value)
-        self._buf["loss_seen"][row].fill_(1.0)
+        vals = [loss.detach().reshape(()) if loss.numel() == 1 else
+                loss.detach().float().mean() for loss in losses]
+        value = vals[0] if len(vals) == 1 else torch.stack(
+            [v.to(torch.float64) for v in vals]).mean()
+        # copy_ converts dtype and device in one kernel, without a host sync.
+        self._buf["loss"][row].copy_(value, non_blocking=True)
+        self._loss_seen[row] = True
 
     # ------------------------------------------------------------------ events from probes
     @guarded
@@ -473,7 +476,7 @@ class Monitor:
         row = self._row()
         # Which optimizer made this step: separates models trained in one run (GANs,
         # scripts that train one model after another). A host number, written on device.
-        self._buf["optimizer"][row] = float(self._stepping)
+        self._row_optimizer[row] = self._stepping
         self._stepping = -1
         if self._is_detail(self.step):
             self._update_row()
@@ -498,14 +501,14 @@ class Monitor:
         arrays: dict[str, np.ndarray] = {}
         offset = 0
         for k in keys:
-            shape = (n,) + tuple(self._buf[k].shape[1:])
+            shape = (n, *tuple(self._buf[k].shape[1:]))
             size = int(np.prod(shape))
             arrays[k] = host[offset: offset + size].reshape(shape)
             offset += size
-        self._reset_buffers()
         steps = np.arange(self._buf_start, self._buf_start + n)
-        self._buf_start = self.step
         self._append(steps, arrays)
+        self._reset_buffers()
+        self._buf_start = self.step
 
     def _append(self, steps: np.ndarray, a: dict[str, np.ndarray]) -> None:
         n_l = len(self.history.layers)
@@ -517,8 +520,9 @@ class Monitor:
         nonfinite = np.zeros((len(steps), n_l))
         np.add.at(nonfinite.T, owners, (bad_g | bad_w).T.astype(float))
         self._note_nonfinite(steps, bad_g, bad_w, a)
-        self.history.record_steps(steps, a["loss"], a["loss_seen"], grad_layer, nonfinite,
-                                  a["optimizer"])
+        self.history.record_steps(steps, a["loss"], np.array(self._loss_seen[: len(steps)]),
+                                  grad_layer, nonfinite,
+                                  np.array(self._row_optimizer[: len(steps)], dtype=float))
         detail = np.array([self._is_detail(int(s)) for s in steps])
         if detail.any():
             d = np.nonzero(detail)[0]
@@ -569,7 +573,7 @@ class Monitor:
                 self._commit()
             if self.enabled:
                 self.flush()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self.fail(exc)
         self.finished = time.perf_counter()
         self.status, self.error = status, error

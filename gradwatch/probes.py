@@ -24,7 +24,21 @@ from torch.optim import optimizer as optimizer_hooks
 
 from .monitor import Monitor
 
-__all__ = ["Handles", "attach_model", "attach_optimizer", "GlobalProbes", "INTERCEPTOR"]
+__all__ = ["INTERCEPTOR", "GlobalProbes", "Handles", "attach_model", "attach_optimizer"]
+
+
+def _compiling() -> bool:
+    """True while torch.compile traces: hooks then do nothing, so that they add no guards,
+    graph breaks or recompilations to the user's compiled model. Its parameters' gradients,
+    the loss and the optimizer steps are still measured, outside the compiled region."""
+    return torch.compiler.is_compiling()
+
+
+def unwrap_compiled(module: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper compiles (cheap check: this runs per call)."""
+    if type(module).__name__ == "OptimizedModule":
+        return module._orig_mod  # type: ignore[return-value]
+    return module
 
 
 class Handles:
@@ -41,7 +55,7 @@ class Handles:
             handle = self._handles.pop()
             try:
                 handle.remove()
-            except Exception:  # noqa: BLE001 - a dead handle must not block the others
+            except Exception:
                 pass
 
     def __len__(self) -> int:
@@ -140,14 +154,17 @@ def attach_model(monitor: Monitor, model: nn.Module, handles: Handles) -> None:
     """Forward hooks on the model and on each of its parameter-owning modules."""
 
     def root_pre(module: nn.Module, args: tuple[Any, ...]) -> None:
-        monitor.on_root_forward_pre(module, args)
+        if not _compiling():
+            monitor.on_root_forward_pre(module, args)
 
     def root_post(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        monitor.on_root_forward(module, output)
-        _flag_output(monitor, output)
+        if not _compiling():
+            monitor.on_root_forward(module, output)
+            _flag_output(monitor, output)
 
     def layer_post(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        monitor.on_layer_forward(module, output)
+        if not _compiling():
+            monitor.on_layer_forward(module, output)
 
     handles.add(model.register_forward_pre_hook(root_pre))
     for module in model.modules():
@@ -186,6 +203,10 @@ class GlobalProbes:
         handles.add(optimizer_hooks.register_optimizer_step_post_hook(self._step_post))
 
     def _pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if _compiling():
+            return
+        # A torch.compile wrapper is watched through the module it compiles.
+        module = unwrap_compiled(module)
         if self._depth == 0 and self.monitor.enabled:
             if not self.monitor.is_root(module) and any(
                     p.requires_grad for p in module.parameters()):
@@ -196,6 +217,9 @@ class GlobalProbes:
         self._depth += 1
 
     def _post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if _compiling():
+            return
+        module = unwrap_compiled(module)
         self._depth = max(0, self._depth - 1)
         if not self.monitor.enabled:
             return

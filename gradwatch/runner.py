@@ -15,7 +15,7 @@ from .probes import INTERCEPTOR, GlobalProbes, Handles
 from .report import Report, build_report
 from .thresholds import Thresholds
 
-__all__ = ["run_script", "RunResult"]
+__all__ = ["RunResult", "run_script"]
 
 
 class RunResult:
@@ -67,7 +67,7 @@ def run_script(script: str | os.PathLike[str], args: Sequence[str] = (),
             status, error = "failed", f"SystemExit: {exc.code}"
     except KeyboardInterrupt:
         status, error, code = "interrupted", "KeyboardInterrupt", 130
-    except BaseException as exc:  # noqa: BLE001 - the script's error, reported like Python
+    except BaseException as exc:
         traceback.print_exc()
         status, error, code = "failed", f"{type(exc).__name__}: {exc}", 1
     finally:

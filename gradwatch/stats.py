@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["norms", "rms", "output_spread"]
+__all__ = ["norms", "output_spread", "rms"]
 
 _NORM_DTYPE = torch.float64
 
@@ -36,6 +36,13 @@ def norms(tensors: Sequence[torch.Tensor], out_device: torch.device) -> torch.Te
     Dense tensors are grouped by device and reduced with one fused kernel per group;
     sparse tensors (``nn.Embedding(sparse=True)`` gradients) use their stored values.
     """
+    tensors = list(tensors)
+    if not tensors:
+        return torch.zeros(0, dtype=_NORM_DTYPE, device=out_device)
+    device = tensors[0].device
+    if device == out_device and all(t.device == device and not t.is_sparse for t in tensors):
+        # Fast path (one device, dense): one fused kernel and one stack.
+        return torch.stack(_foreach_norm(tensors))
     results: list[torch.Tensor | None] = [None] * len(tensors)
     groups: dict[torch.device, list[int]] = {}
     for i, t in enumerate(tensors):
@@ -48,7 +55,7 @@ def norms(tensors: Sequence[torch.Tensor], out_device: torch.device) -> torch.Te
         for i, n in zip(idx, _foreach_norm([tensors[i] for i in idx]), strict=True):
             results[i] = n
     out = [r.to(out_device, non_blocking=True) for r in results]  # type: ignore[union-attr]
-    return torch.stack(out).to(_NORM_DTYPE)
+    return torch.stack(out)
 
 
 def rms(t: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["GraphFacts", "walk_graph", "activation_gain", "init_scale", "module_facts"]
+__all__ = ["GraphFacts", "activation_gain", "init_scale", "module_facts", "walk_graph"]
 
 # autograd node name -> activation name (functional calls and modules alike)
 _ACTIVATIONS = {

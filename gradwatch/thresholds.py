@@ -9,6 +9,7 @@ in step.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Mapping
 from typing import Any
 
@@ -49,6 +50,12 @@ class Thresholds:
     """Either exploding ratio above this multiple of its limit: severity error."""
     baseline_steps: int = 5
     """Sampled steps whose median is the early-run baseline of the gradient norm."""
+    baseline_fraction: float = 0.1
+    """A clipping threshold is the median gradient norm over the first ``baseline_steps``
+    sampled steps or this fraction of the run, whichever is longer."""
+    loss_jitter_log10: float = 0.3
+    """Std of the step-to-step change of log10(loss) above this: the loss fluctuates (a
+    factor of 2 per step, typically); with growing gradients, a sign of explosion."""
 
     # --- loss --------------------------------------------------------------------------
     min_steps: int = 20
@@ -66,6 +73,12 @@ class Thresholds:
     """Loss above this multiple of its best value so far: divergence."""
     divergence_persistence: int = 3
     """Consecutive sampled steps the loss must stay diverged."""
+    divergence_onset_factor: float = 2.0
+    """Loss above this multiple of its best: it has left its best level. A divergence is
+    dated from the first step of the rise past this level, and an exploding gradient
+    counts only if the loss rose past it too (or fluctuates, or turned non-finite)."""
+    divergence_error_factor: float = 1e3
+    """Loss above this multiple of its best: divergence of severity error."""
 
     # --- causes and remedies ---------------------------------------------------------------
     init_scale_low: float = 0.5
@@ -78,6 +91,14 @@ class Thresholds:
     """Update / weight norm above this: the learning rate is too high for this layer."""
     target_update_ratio: float = 1e-3
     """Update / weight norm a suggested learning rate aims at (a common rule of thumb)."""
+    max_lr_reduction: float = 1e4
+    """A suggested learning rate is never below the current one divided by this."""
+    forward_shrink_per_layer: float = 0.7
+    """Activation RMS falling by more than this factor per layer at the first step: the
+    forward signal (and with it the backward one) shrinks with depth."""
+    single_layer_drop: float = 10.0
+    """A gradient drop between two adjacent layers above this factor, and above twice the
+    mean per-layer drop, is named as the place where the gradient is lost."""
     input_scale_high: float = 10.0
     """Input RMS above this (or below its inverse): the inputs are not standardised."""
     forward_overflow: float = 1e15
@@ -101,7 +122,7 @@ def _field_docs() -> dict[str, str]:
     tree = ast.parse(inspect.getsource(Thresholds))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs: dict[str, str] = {}
-    for prev, node in zip(body, body[1:], strict=False):
+    for prev, node in itertools.pairwise(body):
         if (isinstance(prev, ast.AnnAssign) and isinstance(node, ast.Expr)
                 and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):
             docs[prev.target.id] = " ".join(node.value.value.split())  # type: ignore[union-attr]

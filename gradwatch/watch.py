@@ -11,13 +11,13 @@ import torch
 from torch import nn
 
 from .monitor import Monitor, Options
-from .probes import INTERCEPTOR, Handles, attach_model, attach_optimizer
+from .probes import INTERCEPTOR, Handles, attach_model, attach_optimizer, unwrap_compiled
 from .report import Report, build_report
 from .thresholds import Thresholds, resolve_thresholds
 
-__all__ = ["watch", "Watch", "OPTION_NAMES"]
+__all__ = ["OPTION_NAMES", "Watch", "watch"]
 
-OPTION_NAMES = tuple(f.name for f in dataclasses.fields(Options)) + ("thresholds",)
+OPTION_NAMES = (*tuple(f.name for f in dataclasses.fields(Options)), "thresholds")
 
 
 def _options(options: Mapping[str, Any]) -> tuple[Options, Thresholds]:
@@ -65,12 +65,16 @@ class Watch:
                  options: Options, thresholds: Thresholds) -> None:
         self.monitor = Monitor(options, thresholds)
         self._handles = Handles()
+        # torch.compile(model) returns a wrapper; its layers are those of the original.
+        model = unwrap_compiled(model)
         self.monitor.add_root(model, type(model).__name__)
         for opt in optimizers:
             if not self.monitor.owns_params_of(opt):
                 raise ValueError(f"the {type(opt).__name__} optimizer passed to watch() "
                                  f"updates none of the model's parameters; pass the "
                                  f"optimizer that trains this model")
+        if optimizers:
+            self.monitor.mode = "optimizer"  # steps are this optimizer's, from the start
         try:
             attach_model(self.monitor, model, self._handles)
             for opt in optimizers:

@@ -56,24 +56,22 @@ def clip_threshold(ctx: Context) -> float | None:
     finite = total[np.isfinite(total) & (total > 0)]
     if not finite.size:
         return None
-    early = finite[: max(ctx.t.baseline_steps, len(finite) // 10)]
+    early = finite[: max(ctx.t.baseline_steps, int(len(finite) * ctx.t.baseline_fraction))]
     return round_sig(float(np.median(early)), 2)
 
 
-def lower_lr(ctx: Context) -> Remedy | None:
-    """A learning rate scaled so that the measured update ratio meets the target."""
-    r = ctx.update_ratio
-    if not ctx.learning_rates or not np.isfinite(r).any():
-        return None
-    per_step = np.nanmax(np.where(np.isfinite(r), r, np.nan), axis=1)
+def lower_lr(ctx: Context, since: int | None = None, until: int | None = None) -> Remedy | None:
+    """A learning rate scaled so that the update ratio measured in ``[since, until]`` (median
+    over sampled steps) meets the target."""
+    per_step = ctx.step_update_ratio[ctx.detail_window(since, until)]
     per_step = per_step[np.isfinite(per_step) & (per_step > 0)]
-    if not per_step.size:
+    if not ctx.learning_rates or not per_step.size:
         return None
     measured = float(np.median(per_step))
     old = max(ctx.learning_rates)
     target = ctx.t.target_update_ratio
     if measured <= target:
         return None
-    new = round_sig(old * max(target / measured, 1e-4))
+    new = round_sig(old * max(target / measured, 1 / ctx.t.max_lr_reduction))
     return remedy("lower_learning_rate", old_lr=fmt(old), lr=new, measured=fmt(measured),
                   target=fmt(target))

@@ -131,6 +131,28 @@ class Context:
         with np.errstate(divide="ignore", invalid="ignore"):
             return self.detail("update_norm") / self.detail("weight_norm")
 
+    @cached_property
+    def step_update_ratio(self) -> np.ndarray:
+        """Largest update / weight norm over the layers, per sampled step (NaN: none)."""
+        r = self.update_ratio
+        if r.size == 0:
+            return np.full(len(self.detail_steps), np.nan)
+        finite = np.where(np.isfinite(r), r, np.nan)
+        out = np.full(r.shape[0], np.nan)
+        seen = np.isfinite(finite).any(axis=1)
+        out[seen] = np.nanmax(finite[seen], axis=1)
+        return out
+
+    def detail_window(self, since: int | None = None, until: int | None = None) -> np.ndarray:
+        """Mask of the sampled steps in ``[since, until]`` (either end open when None)."""
+        d = self.detail_steps
+        mask = np.ones(len(d), dtype=bool)
+        if since is not None:
+            mask &= d >= since
+        if until is not None:
+            mask &= d <= until
+        return mask
+
     # --- structure ------------------------------------------------------------------
     def layer(self, i: int) -> LayerInfo:
         return self.h.layers[i]

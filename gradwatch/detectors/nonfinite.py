@@ -1,10 +1,13 @@
 """nonfinite: the first step and place where a loss, gradient, weight or activation became
-NaN/Inf, and whether the forward pass had already overflowed."""
+NaN/Inf, where it came from (forward, backward or an update), and whether clipping could
+have helped."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from .. import causes as C
-from ..findings import Finding
+from ..findings import Cause, Finding, Remedy
 from ..remedies import remedy
 from .advice import clip_threshold, depth_remedies, lower_lr
 from .context import Context, fmt
@@ -22,34 +25,67 @@ def detect(ctx: Context) -> list[Finding]:
         return []
     step = min(firsts.values())
     at_step = [k for k, v in firsts.items() if v == step]
-    param_layer = {}
-    for info in ctx.h.layers:
-        for p in info.param_names:
-            param_layer[p] = info
     if "activation" in at_step:
-        origin = (f"the forward pass produced it: {ev.nonfinite_act_layers[0]} output "
-                  f"non-finite values first")
-        layers = list(ev.nonfinite_act_layers)
+        act_layers = _ordered(ctx, list(ev.nonfinite_act_layers))
+        origin = "forward"
+        how = (f"the forward pass produced it: {_label(act_layers[0])} output non-finite "
+               f"values first")
+        layers = act_layers
     elif "loss" in at_step:
-        origin = "the forward pass produced it: the loss itself was non-finite"
+        origin = "forward"
+        how = "the forward pass produced it: the loss itself was non-finite"
         layers = _layers(ctx, ev.nonfinite_grad_params if ev.first_nonfinite_grad == step
                          else [])
     elif "gradient" in at_step:
-        origin = (f"backward() produced it while the loss was finite "
-                  f"({ev.nonfinite_grad_kind or 'nan'} in {ev.nonfinite_grad_params[0]})")
+        origin = "backward"
+        how = (f"backward() produced it while the loss was finite "
+               f"({ev.nonfinite_grad_kind or 'nan'} in {ev.nonfinite_grad_params[0]})")
         layers = _layers(ctx, ev.nonfinite_grad_params)
     else:
-        origin = (f"an update made the weights non-finite "
-                  f"({ev.nonfinite_weight_params[0]})")
+        origin = "update"
+        how = f"an update made the weights non-finite ({ev.nonfinite_weight_params[0]})"
         layers = _layers(ctx, ev.nonfinite_weight_params)
+
+    finite_before = np.isfinite(ctx.loss) & (ctx.steps < step)
+    last_loss = float(ctx.loss[finite_before][-1]) if finite_before.any() else None
+    last_step = int(ctx.steps[finite_before][-1]) if finite_before.any() else None
     overflow = C.forward_overflow(ctx)
-    before = ""
-    if ev.first_loss is not None and ev.first_loss_step is not None and \
-            ev.first_loss_step < step:
-        before = f" The last finite loss was {fmt(ev.last_loss)} (step {ev.last_loss_step})."
+    sudden = None if overflow else C.sudden_nonfinite(ctx, step, origin)
+    group = max(ctx.groups, key=lambda g: len(g.layers)) if ctx.groups else None
+    causes: list[Cause] = [c for c in (overflow, sudden) if c]
+    remedies: list[Remedy] = []
+    if overflow is not None:
+        tail = " The very first forward pass had already overflowed, so clipping cannot help."
+        causes += [c for c in (C.init_scale(ctx, group, ("large",)) if group else None,
+                               C.unscaled_inputs(ctx)) if c]
+        remedies += depth_remedies(ctx, group, causes) if group else []
+    elif sudden is not None:
+        tail = (" Nothing grew towards it: this step's data or an undefined operation "
+                "produced it, so clipping cannot help." if origin == "forward" else
+                " Nothing grew towards it: an operation with an infinite derivative produced "
+                "it, so clipping cannot help.")
+        if sudden.id == "nonfinite_input":
+            remedies.append(remedy("assert_finite_inputs"))
+    else:
+        # Values grew until they overflowed: the updates that made them grow are the cause.
+        tail = ""
+        causes += [c for c in (C.init_scale(ctx, group, ("large",)) if group else None,
+                               C.learning_rate_too_high(ctx, until=step - 1),
+                               C.unscaled_inputs(ctx)) if c]
+        remedies += depth_remedies(ctx, group, causes) if group else []
+        if (lr := lower_lr(ctx, until=step - 1)) is not None:
+            remedies.append(lr)
+        if (threshold := clip_threshold(ctx)) is not None:
+            remedies.append(remedy("clip_grad_norm", max_norm=threshold))
+    remedies += [remedy("guard_nonfinite_loss"), remedy("detect_anomaly")]
+    before = f" The last finite loss was {fmt(last_loss)} (step {last_step})." \
+        if last_loss is not None else ""
     evidence = {
         "first_step": step,
         "first_nonfinite": at_step,
+        "origin": origin,
+        "forward_produced_it": origin == "forward",
+        "forward_overflowed": overflow is not None,
         "first_nonfinite_loss_step": ev.first_nonfinite_loss,
         "nonfinite_loss_steps": ev.nonfinite_loss_steps,
         "first_nonfinite_grad_step": ev.first_nonfinite_grad,
@@ -58,29 +94,31 @@ def detect(ctx: Context) -> list[Finding]:
         "first_nonfinite_weight_step": ev.first_nonfinite_weight,
         "nonfinite_weight_params": ev.nonfinite_weight_params[:20],
         "first_nonfinite_activation_step": ev.first_nonfinite_act,
-        "forward_overflowed": overflow is not None or "loss" in at_step or
-        "activation" in at_step,
-        "last_finite_loss": ev.last_loss,
+        "nonfinite_activation_layers": list(ev.nonfinite_act_layers)[:20],
+        "last_finite_loss": last_loss,
+        "last_finite_loss_step": last_step,
         "first_loss": ev.first_loss,
     }
-    group = max(ctx.groups, key=lambda g: len(g.layers)) if ctx.groups else None
-    causes = [c for c in (overflow, C.init_scale(ctx, group) if group else None,
-                          None if overflow else C.learning_rate_too_high(ctx),
-                          C.unscaled_inputs(ctx)) if c]
-    remedies = depth_remedies(ctx, group, causes) if group else []
-    lr = None if overflow else lower_lr(ctx)
-    if lr:
-        remedies.append(lr)
-    if overflow is None and (threshold := clip_threshold(ctx)):
-        remedies.append(remedy("clip_grad_norm", max_norm=threshold))
-    remedies += [remedy("guard_nonfinite_loss"), remedy("detect_anomaly")]
-    summary = (f"Non-finite values (NaN/Inf) from step {step} on: {origin}.{before}")
-    if overflow is not None:
-        summary += " The forward pass had already overflowed, so clipping cannot help."
-    last = max(ev.first_nonfinite_loss or step, step)
-    if ev.nonfinite_loss_steps and ctx.steps.size:
-        last = int(ctx.steps[-1])
-    return [Finding(KIND, "error", step, last, layers, summary, evidence, causes, remedies)]
+    summary = f"Non-finite values (NaN/Inf) from step {step} on: {how}.{before}{tail}"
+    return [Finding(KIND, "error", step, max(_last_bad_step(ctx), step), layers, summary,
+                    evidence, causes, remedies)]
+
+
+def _last_bad_step(ctx: Context) -> int:
+    """Last step of the series with a non-finite loss or gradient (-1 if none is kept)."""
+    bad = np.isinf(ctx.loss) | (np.nan_to_num(ctx.h.steps.block("nonfinite")[ctx._rows])
+                                > 0).any(axis=1)
+    return int(ctx.steps[bad][-1]) if bad.any() else -1
+
+
+def _label(name: str) -> str:
+    return f"layer {name}" if name.replace(".", "").isdigit() else name
+
+
+def _ordered(ctx: Context, names: list[str]) -> list[str]:
+    """Layer names sorted input side first."""
+    order = {ctx.h.layers[i].name: k for k, i in enumerate(ctx.h.layer_order())}
+    return sorted(names, key=lambda n: order.get(n, len(order)))
 
 
 def _layers(ctx: Context, params: list[str]) -> list[str]:

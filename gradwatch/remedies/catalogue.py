@@ -133,6 +133,12 @@ CATALOGUE: dict[str, RemedyEntry] = {e.id: e for e in [
                    "    loss = loss_fn(model(x), y)\n"
                    "    loss.backward()")),
     RemedyEntry(
+        "assert_finite_inputs",
+        lambda p: ("check every batch before the forward pass and fix the data pipeline "
+                   "(missing values, division by a zero std in preprocessing, bad records)"),
+        lambda p: ("assert torch.isfinite(x).all(), "
+                   "f\"non-finite input batch: {(~torch.isfinite(x)).sum()} bad values\"")),
+    RemedyEntry(
         "guard_nonfinite_loss",
         lambda p: ("skip the update when the loss is not finite, so that one bad batch "
                    "cannot turn every weight into NaN"),

@@ -15,7 +15,7 @@ from ..detectors.context import Context
 from ..findings import Finding, jsonable
 from .atomic import write_text_atomic
 
-__all__ = ["Report", "build_report", "SCHEMA"]
+__all__ = ["SCHEMA", "Report", "build_report"]
 
 SCHEMA = "gradwatch.report/v1"
 
@@ -124,6 +124,8 @@ def build_report(monitor: Any) -> Report:
         "weight_norm": {ctx.name(i): _column(detail.block("weight_norm")[:, i]) for i in order},
         "update_ratio": {ctx.name(i): _column(update_ratio[:, i]) for i in order},
         "activation_rms": {ctx.name(i): _column(detail.block("act_rms")[:, i]) for i in order},
+        "nonfinite": {ctx.name(i): _column(history.steps.block("nonfinite")[:, i])
+                      for i in order},
         "dead_fraction": {},
         "stride": history.steps.stride,
     }
@@ -134,8 +136,8 @@ def build_report(monitor: Any) -> Report:
         # the contract knows no "running", so it says "interrupted" and in_progress true.
         "run": {"steps": int(monitor.step),
                 "status": "interrupted" if monitor.status == "running" else monitor.status,
-                "in_progress": monitor.status == "running", "error": monitor.error, "duration_s": round(monitor.duration, 3),
-                "mode": monitor.mode,
+                "in_progress": monitor.status == "running", "error": monitor.error,
+                "duration_s": round(monitor.duration, 3), "mode": monitor.mode,
                 "internal_errors": list(monitor.errors) + detector_errors},
         "layers": layers,
         "findings": [f.to_dict() for f in findings],

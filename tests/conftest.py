@@ -1,0 +1,62 @@
+"""Tiny real models and training loops shared by the tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradwatch
+
+
+def seed_data() -> tuple[torch.Tensor, torch.Tensor]:
+    """SEEDS.md section 6: X ~ N(0,1) (100x1), y = 3X + 2 + 0.5 noise, numpy seed 0."""
+    rng = np.random.RandomState(0)
+    x = rng.randn(100, 1)
+    y = 3 * x + 2 + 0.5 * rng.randn(100, 1)
+    return torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)
+
+
+def deep_net(act: Callable[[], nn.Module], init: Callable[[torch.Tensor], object] | None = None,
+             depth: int = 10, width: int = 10, n_in: int = 1) -> nn.Sequential:
+    """SEEDS.md section 6's network: ``depth`` x (Linear + act), then Linear(width, 1)."""
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        lin = nn.Linear(n_in if i == 0 else width, width)
+        if init is not None:
+            init(lin.weight)
+        layers += [lin, act()]
+    head = nn.Linear(width, 1)
+    if init is not None:
+        init(head.weight)
+    return nn.Sequential(*layers, head)
+
+
+def train_full_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, steps: int,
+                     clip: float | None = None, optimizer: str = "sgd",
+                     **watch_options: object) -> gradwatch.Report:
+    """Full-batch MSE training under ``gradwatch.watch``; returns the report."""
+    opt = (torch.optim.SGD(model.parameters(), lr=lr) if optimizer == "sgd"
+           else torch.optim.Adam(model.parameters(), lr=lr))
+    with gradwatch.watch(model, opt, **watch_options) as gw:
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=clip)
+            opt.step()
+    return gw.report()
+
+
+@pytest.fixture
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    return seed_data()
+
+
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    torch.manual_seed(0)
