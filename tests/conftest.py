@@ -52,6 +52,11 @@ def train_full_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: flo
     return gw.report()
 
 
+# Tiny models run fastest on one thread, and two test processes (or CI's other jobs) on
+# a 2-core machine otherwise fight over the cores.
+torch.set_num_threads(1)
+
+
 @pytest.fixture
 def data() -> tuple[torch.Tensor, torch.Tensor]:
     return seed_data()
