@@ -64,10 +64,6 @@ def _parse_thresholds(items: list[str]) -> dict[str, float]:
 
 def cmd_run(argv: list[str]) -> int:
     """Run a training script unmodified and report what its gradients did."""
-    from .monitor import Options
-    from .runner import run_script
-    from .thresholds import resolve_thresholds
-
     ours, script, rest = _split_run_args(argv)
     parser = argparse.ArgumentParser(
         prog="gradwatch run", description="Run a training script unmodified under gradwatch. "
@@ -85,6 +81,11 @@ def cmd_run(argv: list[str]) -> int:
     ns = parser.parse_args(ours)
     if script is None:
         parser.error("no training script given")
+    # torch is imported only now, so that usage errors answer at once.
+    from .monitor import Options
+    from .runner import run_script
+    from .thresholds import resolve_thresholds
+
     kwargs = {k: v for k, v in (("sync_every", ns.sync_every),
                                 ("detail_every", ns.detail_every)) if v is not None}
     try:

@@ -28,7 +28,7 @@ class Series:
             raise ValueError(f"capacity must be an even number >= 4, got {capacity}")
         self.capacity = capacity
         self.stride = 1
-        self._arrivals = 0  # rows offered since the last decimation
+        self._arrivals = 0  # rows offered so far
         self._n = 0
         self._steps = np.zeros(capacity, dtype=np.int64)
         self._blocks = {k: np.full((capacity, w), np.nan) for k, w in widths.items()}
@@ -46,13 +46,14 @@ class Series:
         for i, step in enumerate(steps):
             row = {k: v[i] for k, v in blocks.items()}
             self._last = (int(step), row)
-            keep = self._arrivals % self.stride == 0
+            index = self._arrivals  # position of this row among all rows ever offered
             self._arrivals += 1
-            if not keep:
+            if index % self.stride:
                 continue
             if self._n == self.capacity:
                 self._decimate()
-                if (self._arrivals - 1) % self.stride:
+                # The capacity is even, so rows kept so far are multiples of the new stride.
+                if index % self.stride:
                     continue
             self._steps[self._n] = step
             for k, v in row.items():
@@ -68,8 +69,6 @@ class Series:
             block[half:] = np.nan
         self._n = half
         self.stride *= 2
-        # Re-phase arrivals so that kept rows stay evenly spaced after the stride doubles.
-        self._arrivals = 0
 
     @property
     def steps(self) -> np.ndarray:

@@ -458,6 +458,9 @@ class Monitor:
                 layer.activation = graph.act_after.get(id(p), "none")
             if layer.order is None and layer.type == "Tensor":
                 layer.order = 10_000 + (n - k)  # graph order: output side first
+            if layer.type == "Tensor" and id(p) in graph.in_out_weights:
+                # Bare ``x @ W``: W is (in, out), the reverse of nn.Linear's layout.
+                layer.fan_in, layer.fan_out = int(p.shape[0]), int(p.shape[1])
         facts = {"activations": dict(graph.activations), "norm_ops": graph.norm_ops,
                  "branch_merges": graph.branch_merges, "recurrent_ops": graph.recurrent_ops,
                  "graph_nodes": graph.nodes}

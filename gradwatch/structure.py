@@ -46,21 +46,26 @@ class GraphFacts:
     branch_merges: int  # additions of two computed tensors: skip connections or alike
     recurrent_ops: int
     nodes: int
+    in_out_weights: set[int] = dataclasses.field(default_factory=set)
+    """ids of 2-D weights used as ``x @ W`` (shape in x out, unlike nn.Linear's out x in)."""
 
 
 def _node_name(node: Any) -> str:
     return type(node).__name__
 
 
-def _params_of(node: Any) -> list[torch.Tensor]:
-    """Leaf tensors a node consumes directly or through view-like ops (e.g. ``W.t()``)."""
+def _params_of(node: Any) -> list[tuple[torch.Tensor, bool]]:
+    """Leaf tensors a node consumes directly or through view-like ops (e.g. ``W.t()``),
+    each with whether a transpose lay in between."""
     found = []
     for child, _ in node.next_functions:
+        transposed = False
         while child is not None and _node_name(child).startswith(_VIEW_LIKE):
+            transposed |= _node_name(child).startswith(("TBackward", "TransposeBackward"))
             nxt = [c for c, _ in child.next_functions if c is not None]
             child = nxt[0] if len(nxt) == 1 else None
         if child is not None and _node_name(child) == "AccumulateGrad":
-            found.append(child.variable)
+            found.append((child.variable, transposed))
     return found
 
 
@@ -94,12 +99,19 @@ def walk_graph(loss: torch.Tensor, max_nodes: int = 200_000) -> GraphFacts | Non
             facts.branch_merges += 1
         params = [] if name == "AccumulateGrad" else _params_of(node)
         if params:
-            for p in params:
+            matmul = name.startswith(("MmBackward", "AddmmBackward", "BmmBackward",
+                                      "MatmulBackward"))
+            for p, transposed in params:
                 if id(p) not in seen_leaves:
                     seen_leaves.add(id(p))
                     facts.leaves.append(p)
                     facts.act_after.setdefault(id(p), pending or "none")
-            pending = None
+                if matmul and p.dim() == 2 and not transposed:
+                    facts.in_out_weights.add(id(p))
+            # A bias or norm scale (1-D) does not end the layer: the activation after
+            # ``x @ W + b`` or after ``BatchNorm(Linear(x))`` belongs to the weight too.
+            if any(p.dim() >= 2 for p, _ in params):
+                pending = None
         if name == "AccumulateGrad":
             var = node.variable
             if id(var) not in seen_leaves:
