@@ -19,7 +19,9 @@ __all__ = [
     "clipping_to_zero",
     "deep_plain_stack",
     "forward_overflow",
+    "grad_growth",
     "init_scale",
+    "input_stats",
     "learning_rate_too_high",
     "saturating_activation",
     "signal_shrinks_forward",
@@ -136,7 +138,7 @@ def learning_rate_too_high(ctx: Context, since: int | None = None,
         return None
     r = np.where(np.isfinite(ctx.update_ratio[window]), ctx.update_ratio[window], -1)
     k = np.unravel_index(int(np.argmax(r)), r.shape)
-    lrs = ", ".join(fmt(lr) for lr in sorted(set(ctx.learning_rates))) or "n/a"
+    lrs = ", ".join(fmt(lr) for lr in ctx.learning_rates_between(since, until)) or "n/a"
     steps = ctx.detail_steps[window]
     return Cause("learning_rate_too_high",
                  f"each update changes the weights by {fmt(100 * typical)}% of their norm "
@@ -146,21 +148,32 @@ def learning_rate_too_high(ctx: Context, since: int | None = None,
                  f"{fmt(100 * ctx.t.target_update_ratio)}%")
 
 
-def unscaled_inputs(ctx: Context) -> Cause | None:
-    """Model inputs far from unit scale."""
-    x = ctx.io("input_rms")
-    x = x[np.isfinite(x)]
-    if not x.size:
+def input_stats(ctx: Context, since: int | None = None) -> tuple[float, float, float] | None:
+    """Median RMS, mean and std of the model's (finite) inputs on sampled steps from ``since``."""
+    window = ctx.detail_window(since, None)
+    rms, mean, std = (ctx.io(k)[window] for k in ("input_rms", "input_mean", "input_std"))
+    ok = np.isfinite(rms)
+    if not ok.any():
         return None
-    value = float(np.median(x))
+    return float(np.median(rms[ok])), float(np.median(mean[ok])), float(np.median(std[ok]))
+
+
+def unscaled_inputs(ctx: Context, since: int | None = None) -> Cause | None:
+    """Model inputs far from unit scale (on the sampled steps from ``since`` on)."""
+    stats = input_stats(ctx, since)
+    if stats is None:
+        return None
+    value, mean, std = stats
     hi = ctx.t.input_scale_high
     if 1 / hi <= value <= hi:
         return None
-    mean = np.nanmedian(ctx.io("input_mean"))
-    std = np.nanmedian(ctx.io("input_std"))
+    whole = input_stats(ctx)
+    changed = ""
+    if since is not None and whole is not None and 1 / hi <= whole[0] <= hi:
+        changed = f" from step {since} on (over the whole run: RMS {fmt(whole[0])})"
     return Cause("unscaled_inputs",
-                 f"the model's inputs have RMS {fmt(value)} (mean {fmt(float(mean))}, std "
-                 f"{fmt(float(std))}), far from the unit scale initialisations assume")
+                 f"the model's inputs have RMS {fmt(value)} (mean {fmt(mean)}, std "
+                 f"{fmt(std)}){changed}, far from the unit scale initialisations assume")
 
 
 def forward_overflow(ctx: Context) -> Cause | None:
@@ -218,13 +231,33 @@ def clipping_to_zero(ctx: Context) -> Cause | None:
                  f"between backward() and step() zeroes them")
 
 
+def grad_growth(ctx: Context, until: int) -> tuple[float, int] | None:
+    """Largest finite total gradient norm before step ``until`` / its early baseline, and the
+    step its rise began (the step after it was last within ``onset_factor`` of baseline).
+
+    None with too few measured steps to have a baseline (``baseline_steps``).
+    """
+    before = ctx.steps < until
+    total = ctx.total_grad[before]
+    ok = np.isfinite(total) & (total > 0)
+    total, steps = total[ok], ctx.steps[before][ok]
+    if total.size <= ctx.t.baseline_steps:
+        return None
+    growth = total / float(np.median(total[: ctx.t.baseline_steps]))
+    peak = int(np.argmax(growth))
+    near = np.nonzero(growth[: peak + 1] <= ctx.t.onset_factor)[0]
+    onset = int(near[-1]) + 1 if near.size else 0
+    return float(growth[peak]), int(steps[min(onset, peak)])
+
+
 def sudden_nonfinite(ctx: Context, step: int, origin: str) -> Cause | None:
     """A NaN/Inf that appeared in one step from a normal-sized run: data or an invalid op.
 
     Holds when, before ``step``, the loss stayed below the overflow level, the gradient
-    norm never grew ``exploding_growth``-fold over its baseline, and the weights were still
-    finite at ``step``: nothing grew towards the overflow, so the value came from this
-    step's batch or from an operation that is undefined at this input.
+    norm was measured on more than ``baseline_steps`` steps and never grew
+    ``exploding_growth``-fold over its baseline, and the weights were still finite at
+    ``step``: nothing grew towards the overflow, so the value came from this step's batch
+    or from an operation that is undefined at this input.
     """
     if origin not in ("forward", "backward"):
         return None
@@ -236,12 +269,9 @@ def sudden_nonfinite(ctx: Context, step: int, origin: str) -> Cause | None:
     loss = loss[np.isfinite(loss)]
     if loss.size and float(np.max(np.abs(loss))) >= ctx.t.forward_overflow:
         return None
-    total = ctx.total_grad[before]
-    total = total[np.isfinite(total) & (total > 0)]
-    if total.size > ctx.t.baseline_steps:
-        base = float(np.median(total[: ctx.t.baseline_steps]))
-        if float(total.max()) > ctx.t.exploding_growth * base:
-            return None
+    growth = grad_growth(ctx, step)
+    if growth is None or growth[0] > ctx.t.exploding_growth:
+        return None  # too short a history to call it normal, or the gradient grew
     last = f"the loss was {fmt(float(loss[-1]))} the step before and " if loss.size else ""
     if origin == "backward":
         return Cause("invalid_backward_op",

@@ -138,7 +138,7 @@ class Events:
 class History:
     """Per-step and per-sampled-step series for every layer, and the run's exact events."""
 
-    STEP_BLOCKS = ("loss", "grad_norm", "nonfinite", "optimizer")
+    STEP_BLOCKS = ("loss", "grad_norm", "nonfinite", "optimizer", "lr")
     DETAIL_BLOCKS = ("weight_norm", "update_norm", "grad_norm_applied", "act_rms",
                      "model_io")
     MODEL_IO = ("output_spread", "input_rms", "input_mean", "input_std", "output_rms")
@@ -146,8 +146,8 @@ class History:
     def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
         self.layers: list[LayerInfo] = []
         self.roots: list[str] = []
-        self.steps = Series({"loss": 1, "grad_norm": 0, "nonfinite": 0, "optimizer": 1},
-                            capacity)
+        self.steps = Series({"loss": 1, "grad_norm": 0, "nonfinite": 0, "optimizer": 1,
+                             "lr": 1}, capacity)
         self.detail = Series({"weight_norm": 0, "update_norm": 0, "grad_norm_applied": 0,
                               "act_rms": 0, "model_io": len(self.MODEL_IO)}, capacity)
         self.events = Events()
@@ -166,7 +166,8 @@ class History:
 
     def record_steps(self, steps: np.ndarray, loss: np.ndarray, loss_seen: np.ndarray,
                      grad_norm: np.ndarray, nonfinite: np.ndarray,
-                     optimizer: np.ndarray | None = None) -> None:
+                     optimizer: np.ndarray | None = None,
+                     lr: np.ndarray | None = None) -> None:
         """Append per-step rows (loss and per-layer gradient norms) and update events.
 
         ``loss_seen`` tells a step without a recorded loss (NaN in ``loss``) from a step
@@ -193,11 +194,14 @@ class History:
         self.total_steps = max(self.total_steps, int(steps[-1]) + 1)
         if optimizer is None:
             optimizer = np.full(len(steps), -1.0)
+        if lr is None:
+            lr = np.full(len(steps), np.nan)
         # Host encoding, as for norms: NaN = no loss recorded, +inf = the loss was NaN/Inf.
         seen = loss_seen > 0
         loss = np.where(seen & ~np.isfinite(loss), np.inf, np.where(seen, loss, np.nan))
         self.steps.append(steps, {"loss": loss.reshape(-1, 1), "grad_norm": grad_norm,
-                                  "nonfinite": nonfinite, "optimizer": optimizer.reshape(-1, 1)})
+                                  "nonfinite": nonfinite, "optimizer": optimizer.reshape(-1, 1),
+                                  "lr": lr.reshape(-1, 1)})
 
     def record_detail(self, steps: np.ndarray, blocks: dict[str, np.ndarray]) -> None:
         """Append rows measured on sampled steps (weights, updates, activations, model I/O)."""

@@ -127,6 +127,7 @@ class Monitor:
         self._probe_norms: torch.Tensor | None = None
         self._probes = 0
         self._stepping = -1  # index of the optimizer whose step() is running
+        self._step_lr = math.nan
         self._nan_grad = np.zeros((0, 0), dtype=bool)
 
     # ------------------------------------------------------------------ registration
@@ -239,6 +240,7 @@ class Monitor:
         # Host-side per-row facts (Python numbers already): no device work for them.
         self._loss_seen = [False] * self.options.sync_every
         self._row_optimizer = [-1] * self.options.sync_every
+        self._row_lr = [math.nan] * self.options.sync_every
 
     def _row(self) -> int:
         self._ensure_buffers()
@@ -369,6 +371,11 @@ class Monitor:
         if self._in_step > 1:
             return
         self._stepping = next((k for k, o in enumerate(self.optimizers) if o is optimizer), -1)
+        # The rate this step really uses (schedulers change it): host floats, no sync. A
+        # tensor learning rate (capturable optimizers) is not read, to avoid a sync.
+        rates = [g.get("lr") for g in optimizer.param_groups]
+        rates = [float(r) for r in rates if isinstance(r, (int, float))]
+        self._step_lr = max(rates) if rates else math.nan
         if self._is_detail(self.step):
             if self._grads_taken:
                 # Gradients as the optimizer will apply them: after the user's clipping.
@@ -480,7 +487,8 @@ class Monitor:
         # Which optimizer made this step: separates models trained in one run (GANs,
         # scripts that train one model after another). A host number, written on device.
         self._row_optimizer[row] = self._stepping
-        self._stepping = -1
+        self._row_lr[row] = self._step_lr
+        self._stepping, self._step_lr = -1, math.nan
         if self._is_detail(self.step):
             self._update_row()
         self._snapshot = None
@@ -525,7 +533,8 @@ class Monitor:
         self._note_nonfinite(steps, bad_g, bad_w, a)
         self.history.record_steps(steps, a["loss"], np.array(self._loss_seen[: len(steps)]),
                                   grad_layer, nonfinite,
-                                  np.array(self._row_optimizer[: len(steps)], dtype=float))
+                                  np.array(self._row_optimizer[: len(steps)], dtype=float),
+                                  np.array(self._row_lr[: len(steps)], dtype=float))
         detail = np.array([self._is_detail(int(s)) for s in steps])
         if detail.any():
             d = np.nonzero(detail)[0]

@@ -53,9 +53,6 @@ class Thresholds:
     baseline_fraction: float = 0.1
     """A clipping threshold is the median gradient norm over the first ``baseline_steps``
     sampled steps or this fraction of the run, whichever is longer."""
-    loss_jitter_log10: float = 0.3
-    """Std of the step-to-step change of log10(loss) above this: the loss fluctuates (a
-    factor of 2 per step, typically); with growing gradients, a sign of explosion."""
 
     # --- loss --------------------------------------------------------------------------
     min_steps: int = 20
@@ -73,10 +70,11 @@ class Thresholds:
     """Loss above this multiple of its best value so far: divergence."""
     divergence_persistence: int = 3
     """Consecutive sampled steps the loss must stay diverged."""
-    divergence_onset_factor: float = 2.0
-    """Loss above this multiple of its best: it has left its best level. A divergence is
-    dated from the first step of the rise past this level, and an exploding gradient
-    counts only if the loss rose past it too (or fluctuates, or turned non-finite)."""
+    onset_factor: float = 2.0
+    """A loss above this multiple of its best, or a gradient norm above this multiple of its
+    early baseline, has left its normal level: divergence and explosion are dated from the
+    first step of the rise past it, and large gradients count as an explosion only if the
+    loss rose past it too (or fluctuates, stalls, or turns non-finite)."""
     divergence_error_factor: float = 1e3
     """Loss above this multiple of its best: divergence of severity error."""
 

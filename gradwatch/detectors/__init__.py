@@ -17,7 +17,7 @@ from ..thresholds import Thresholds
 from . import exploding, loss_divergence, loss_plateau, nonfinite, vanishing
 from .context import Context
 
-__all__ = ["REGISTRY", "run_detectors", "Context"]
+__all__ = ["REGISTRY", "Context", "run_detectors"]
 
 REGISTRY: dict[str, Callable[[Context], list[Finding]]] = {
     m.KIND: m.detect for m in (nonfinite, exploding, vanishing, loss_divergence, loss_plateau)
@@ -44,7 +44,7 @@ def run_detectors(history: History, thresholds: Thresholds) -> tuple[list[Findin
             with np.errstate(all="ignore"), warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 findings.extend(detect(ctx))
-        except Exception as exc:  # noqa: BLE001 - one broken detector must not hide the rest
+        except Exception as exc:  # one broken detector must not hide the rest
             errors.append(f"detector {kind} failed: {type(exc).__name__}: {exc}")
     findings.sort(key=lambda f: (_SEVERITY_ORDER[f.severity], f.first_step))
     return findings, errors

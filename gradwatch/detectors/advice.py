@@ -10,7 +10,7 @@ from ..findings import Cause, Remedy
 from ..remedies import remedy
 from .context import Context, Group, fmt
 
-__all__ = ["depth_remedies", "clip_threshold", "lower_lr", "round_sig"]
+__all__ = ["clip_threshold", "depth_remedies", "lower_lr", "round_sig"]
 
 
 def round_sig(x: float, digits: int = 1) -> float:
@@ -51,27 +51,44 @@ def depth_remedies(ctx: Context, group: Group | None, causes: list[Cause]) -> li
 
 
 def clip_threshold(ctx: Context) -> float | None:
-    """Median total gradient norm over the early healthy steps (a clipping threshold)."""
+    """Median total gradient norm over the early steps: a clipping threshold, or None.
+
+    None when the early steps were not healthy themselves (gradient already far larger
+    than the weights): clipping at a norm measured on exploding steps changes nothing.
+    """
     total = ctx.total_grad
-    finite = total[np.isfinite(total) & (total > 0)]
-    if not finite.size:
+    ok = np.isfinite(total) & (total > 0)
+    if not ok.any():
         return None
-    early = finite[: max(ctx.t.baseline_steps, int(len(finite) * ctx.t.baseline_fraction))]
+    steps, finite = ctx.steps[ok], total[ok]
+    n = max(ctx.t.baseline_steps, int(len(finite) * ctx.t.baseline_fraction))
+    early, early_steps = finite[:n], steps[:n]
+    weight = np.sqrt(np.nansum(ctx.detail("weight_norm") ** 2, axis=1))
+    rows = np.isin(ctx.detail_steps, early_steps) & np.isfinite(weight) & (weight > 0)
+    if rows.any():
+        measured = np.isin(early_steps, ctx.detail_steps[rows])
+        ratio = early[measured] / weight[rows]
+        if float(np.median(ratio)) > ctx.t.exploding_grad_to_weight:
+            return None
     return round_sig(float(np.median(early)), 2)
 
 
 def lower_lr(ctx: Context, since: int | None = None, until: int | None = None) -> Remedy | None:
     """A learning rate scaled so that the update ratio measured in ``[since, until]`` (median
-    over sampled steps) meets the target."""
+    over sampled steps) meets the target; offered only where that ratio is too large
+    (``large_update_ratio``, the same test as the learning_rate_too_high cause)."""
     per_step = ctx.step_update_ratio[ctx.detail_window(since, until)]
-    per_step = per_step[np.isfinite(per_step) & (per_step > 0)]
-    if not ctx.learning_rates or not per_step.size:
+    per_step = per_step[np.isfinite(per_step)]
+    rates = ctx.learning_rates_between(since, until)
+    if not rates or not per_step.size:
         return None
     measured = float(np.median(per_step))
-    old = max(ctx.learning_rates)
+    old = max(rates)
     target = ctx.t.target_update_ratio
-    if measured <= target:
+    if measured < ctx.t.large_update_ratio:
         return None
-    new = round_sig(old * max(target / measured, 1 / ctx.t.max_lr_reduction))
-    return remedy("lower_learning_rate", old_lr=fmt(old), lr=new, measured=fmt(measured),
-                  target=fmt(target))
+    # The code scales the optimizer's own learning rate, whatever it is by then (a
+    # schedule may have moved it since it was recorded).
+    factor = round_sig(max(target / measured, 1 / ctx.t.max_lr_reduction))
+    return remedy("lower_learning_rate", old_lr=fmt(old), lr=round_sig(old * factor),
+                  factor=factor, measured=fmt(measured), target=fmt(target))

@@ -100,6 +100,11 @@ class Context:
         return self.h.steps.block("grad_norm")[self._rows]
 
     @cached_property
+    def nonfinite(self) -> np.ndarray:
+        """Per step and layer: number of parameters whose gradient or weight was NaN/Inf."""
+        return self.h.steps.block("nonfinite")[self._rows]
+
+    @cached_property
     def detail_steps(self) -> np.ndarray:
         return self.h.detail.steps[self._detail_rows]
 
@@ -201,8 +206,26 @@ class Context:
 
     @cached_property
     def learning_rates(self) -> list[float]:
-        return [g["lr"] for o in self.facts.get("optimizers", []) for g in o["groups"]
-                if g.get("lr") is not None]
+        """Distinct learning rates the optimizers stepped with in this view."""
+        return self.learning_rates_between()
+
+    def learning_rates_between(self, since: int | None = None,
+                               until: int | None = None) -> list[float]:
+        """Distinct learning rates used on the steps in ``[since, until]``.
+
+        Read from the per-step record (schedulers and hand-set rates included); falls back
+        to the optimizers' settings when the run recorded none.
+        """
+        lr = self.h.steps.block("lr")[self._rows, 0]
+        mask = np.isfinite(lr)
+        if since is not None:
+            mask &= self.steps >= since
+        if until is not None:
+            mask &= self.steps <= until
+        if mask.any():
+            return sorted({float(v) for v in lr[mask]})
+        return sorted({g["lr"] for o in self.facts.get("optimizers", []) for g in o["groups"]
+                       if g.get("lr") is not None})
 
     # --- derived ----------------------------------------------------------------------
     @cached_property

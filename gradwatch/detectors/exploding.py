@@ -1,5 +1,5 @@
-"""exploding_gradient: gradient norms grow by orders of magnitude, through depth or time,
-or are huge relative to the weights they update."""
+"""exploding_gradient: gradient norms grow by orders of magnitude while the loss rises or
+fluctuates, grow through depth, or stay huge relative to the weights they update."""
 
 from __future__ import annotations
 
@@ -27,6 +27,30 @@ def _grad_to_weight(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
     return ctx.detail_steps[ok], g[ok] / total_w[ok]
 
 
+def loss_trouble(ctx: Context, since: int) -> str | None:
+    """How the loss fails to improve from step ``since`` on, or None when it improves.
+
+    Turning non-finite, rising past ``onset_factor`` x its best so far (a loss that
+    fluctuates by orders of magnitude does), or not falling at all: large gradients with any
+    of these are an explosion; with a loss that keeps falling they are not (a model leaving
+    a flat start, or inputs on a large scale with a small enough learning rate).
+    """
+    t = ctx.t
+    if np.isinf(ctx.loss[ctx.steps >= since]).any():
+        return "the loss became non-finite"
+    steps, loss = ctx.finite_loss()
+    upto, tail = loss[steps <= since], loss[steps >= since]
+    if tail.size < 2:
+        return None  # nothing after the trigger to judge by
+    best = float(upto.min()) if upto.size else float(loss[0])
+    if best > 0 and float(tail.max()) >= t.onset_factor * best:
+        return f"the loss rose from {fmt(best)} to {fmt(float(tail.max()))}"
+    if float(tail[-1]) >= float(tail[0]) * (1 - t.plateau_rel_change):
+        return f"the loss does not fall ({fmt(float(tail[0]))} then, {fmt(float(tail[-1]))} " \
+            f"at the end)"
+    return None
+
+
 def detect(ctx: Context) -> list[Finding]:
     t = ctx.t
     total = ctx.total_grad
@@ -36,21 +60,29 @@ def detect(ctx: Context) -> list[Finding]:
     first: list[int] = []
     layers: set[str] = set()
     worst = 0.0  # how far past its limit the strongest signal is
+    notes: list[str] = []
 
-    # 1. growth over time against the early-run baseline
+    # 1. growth over time against the early-run baseline, with a loss that suffers from it
     if finite.sum() > t.baseline_steps:
         steps_f, total_f = ctx.steps[finite], total[finite]
         base = float(np.median(total_f[: t.baseline_steps]))
         growth = total_f / base
         over = growth > t.exploding_growth
-        if over.any():
+        note = loss_trouble(ctx, int(steps_f[np.argmax(over)])) if over.any() else None
+        if note is not None:
+            notes.append(note)
             k = int(np.argmax(over))
             peak = int(np.argmax(growth))
-            first.append(int(steps_f[k]))
+            # Date it from the start of the rise: the step after the norm was last within
+            # onset_factor of its baseline.
+            near = np.nonzero(growth[: k + 1] <= t.onset_factor)[0]
+            onset = int(near[-1]) + 1 if near.size else k
+            first.append(int(steps_f[onset]))
             worst = max(worst, float(growth[peak]) / t.exploding_growth)
             evidence.update(grad_norm_baseline=base, grad_norm_peak=float(total_f[peak]),
                             grad_norm_peak_step=int(steps_f[peak]),
-                            growth=float(growth[peak]))
+                            growth=float(growth[peak]), growth_onset_step=int(steps_f[onset]),
+                            growth_past_limit_step=int(steps_f[k]))
             reasons.append(f"the total gradient norm grew {fmt(float(growth[peak]))}x from "
                            f"{fmt(base)} to {fmt(float(total_f[peak]))} (step "
                            f"{int(steps_f[peak])})")
@@ -58,16 +90,23 @@ def detect(ctx: Context) -> list[Finding]:
             order = np.argsort(np.where(np.isfinite(g), g, -1))[::-1]
             layers.update(ctx.name(int(i)) for i in order[:3] if np.isfinite(g[i]))
 
-    # 2. gradient huge relative to the weights
+    # 2. gradient persistently huge relative to the weights while the loss does not
+    # improve. Persistent: weights that start near zero get a large relative gradient on
+    # their first steps in any run.
     s, ratio = _grad_to_weight(ctx)
-    if ratio.size and ratio.max() > t.exploding_grad_to_weight:
-        k = int(np.argmax(ratio > t.exploding_grad_to_weight))
+    above = ratio > t.exploding_grad_to_weight
+    note = loss_trouble(ctx, int(s[np.argmax(above)])) if above.any() else None
+    if ratio.size and above.mean() >= t.persistence and note is not None:
+        notes.append(note)
+        k = int(np.argmax(above))
         peak = float(ratio.max())
         first.append(int(s[k]))
         worst = max(worst, peak / t.exploding_grad_to_weight)
-        evidence.update(grad_to_weight_ratio=peak, grad_to_weight_step=int(s[k]))
+        evidence.update(grad_to_weight_ratio=peak, grad_to_weight_step=int(s[k]),
+                        grad_to_weight_persistent_fraction=float(above.mean()))
         reasons.append(f"the gradient is {fmt(peak)}x the norm of the weights it updates "
-                       f"(step {int(s[k])})")
+                       f"(from step {int(s[k])}, on {fmt(100 * float(above.mean()))}% of the "
+                       f"measured steps)")
 
     # 3. growth through depth: input side far larger than output side
     for group in ctx.groups:
@@ -92,7 +131,7 @@ def detect(ctx: Context) -> list[Finding]:
         layers.update(ctx.name(int(i)) for i in order[:3] if np.isfinite(g[i]))
     start = min(first)
     ev = ctx.h.events
-    fs, fl = ctx.finite_loss()
+    _, fl = ctx.finite_loss()
     if fl.size:
         evidence.update(loss_first=float(fl[0]), loss_best=ctx.best_loss,
                         loss_last=float(fl[-1]), loss_max=float(fl.max()))
@@ -104,17 +143,17 @@ def detect(ctx: Context) -> list[Finding]:
     group = max(ctx.groups, key=lambda g: len(g.layers)) if ctx.groups else None
     overflow = C.forward_overflow(ctx)
     causes = [c for c in (overflow, C.clipping_to_zero(ctx),
-                          C.init_scale(ctx, group) if group else None,
-                          None if overflow else C.learning_rate_too_high(ctx),
-                          C.unscaled_inputs(ctx),
+                          C.init_scale(ctx, group, ("large",)) if group else None,
+                          None if overflow else C.learning_rate_too_high(ctx, since=start),
+                          C.unscaled_inputs(ctx, since=start),
                           C.deep_plain_stack(ctx, group) if group else None) if c]
     remedies: list[Remedy] = []
     remedies += depth_remedies(ctx, group, causes) if group else []
-    if any(c.id == "unscaled_inputs" for c in causes):
-        remedies.insert(0, remedy("standardize_inputs",
-                                  mean=fmt(float(np.nanmedian(ctx.io("input_mean")))),
-                                  std=fmt(float(np.nanmedian(ctx.io("input_std"))))))
-    lr = None if overflow else lower_lr(ctx)
+    inputs = C.input_stats(ctx, since=start)
+    if any(c.id == "unscaled_inputs" for c in causes) and inputs is not None:
+        remedies.insert(0, remedy("standardize_inputs", mean=fmt(inputs[1]),
+                                  std=fmt(inputs[2])))
+    lr = None if overflow else lower_lr(ctx, since=start)
     if lr:
         remedies.append(lr)
     if overflow is None:
@@ -123,12 +162,10 @@ def detect(ctx: Context) -> list[Finding]:
             remedies.append(remedy("clip_grad_norm", max_norm=threshold))
     tail = (" The forward pass already overflows, so gradient clipping cannot help."
             if overflow else "")
-    if fl.size and float(fl[-1]) > ctx.best_loss * 2:
-        loss_note = f"; the loss rose from its best {fmt(ctx.best_loss)} to {fmt(float(fl[-1]))}"
-    elif fl.size > 2 and np.std(np.diff(np.log10(np.abs(fl) + 1e-30))) > 0.3:
-        loss_note = "; the loss fluctuates by orders of magnitude"
-    else:
-        loss_note = ""
-    summary = f"{ctx.subject}Gradients explode: {'; '.join(reasons)}{loss_note}.{tail}"
+    loss_note = notes[0] if notes else loss_trouble(ctx, start)
+    if loss_note:
+        evidence["loss_behaviour"] = loss_note
+    summary = (f"{ctx.subject}Gradients explode: {'; '.join(reasons)}"
+               f"{'; ' + loss_note if loss_note else ''}.{tail}")
     return [Finding(KIND, severity, start, int(ctx.steps[-1]) if len(ctx.steps) else start,
                     sorted(layers), summary, evidence, causes, remedies)]

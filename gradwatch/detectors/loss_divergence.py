@@ -6,8 +6,8 @@ import numpy as np
 
 from .. import causes as C
 from ..findings import Finding
-from .advice import clip_threshold, lower_lr
 from ..remedies import remedy
+from .advice import clip_threshold, lower_lr
 from .context import Context, fmt
 
 KIND = "loss_divergence"
@@ -19,6 +19,8 @@ def detect(ctx: Context) -> list[Finding]:
     if loss.size < max(3, t.divergence_persistence):
         return []
     best = np.minimum.accumulate(loss)
+    # Above its best by the factor, and above where it started: noisy mini-batch losses
+    # near zero swing by large factors without undoing any of the run's progress.
     diverged = (loss >= t.divergence_factor * np.maximum(best, 1e-30)) & (loss >= loss[0])
     run, start = 0, None
     for k, d in enumerate(diverged):
@@ -33,26 +35,34 @@ def detect(ctx: Context) -> list[Finding]:
         if not (ends_nonfinite and diverged[-1]):
             return []
         start = int(np.argmax(diverged))
+    # Date the divergence from the start of the rise: the first step after the loss was
+    # last near (within onset_factor of) the best it had reached.
+    near = np.nonzero(loss[: start + 1] <= t.onset_factor * best[start])[0]
+    onset = int(near[-1]) + 1 if near.size else start
+    onset = min(onset, start)
     peak = int(start + np.argmax(loss[start:]))
     factor = float(loss[peak] / max(best[start], 1e-30))
     evidence = {"loss_best": float(best[start]),
                 "loss_best_step": int(steps[int(np.argmin(loss[: start + 1]))]),
                 "loss_peak": float(loss[peak]), "loss_peak_step": int(steps[peak]),
                 "factor": factor, "loss_last": float(loss[-1]),
+                "rise_step": int(steps[onset]), "diverged_step": int(steps[start]),
                 "ends_nonfinite": bool(ends_nonfinite)}
     if ctx.learning_rates:
         evidence["learning_rates"] = sorted(set(ctx.learning_rates))
-    causes = [c for c in (C.learning_rate_too_high(ctx), C.unscaled_inputs(ctx)) if c]
+    since = int(steps[onset])
+    causes = [c for c in (C.learning_rate_too_high(ctx, since=since),
+                          C.unscaled_inputs(ctx, since=since)) if c]
     remedies = []
-    lr = lower_lr(ctx)
+    lr = lower_lr(ctx, since=since)
     if lr:
         remedies.append(lr)
     if (threshold := clip_threshold(ctx)):
         remedies.append(remedy("clip_grad_norm", max_norm=threshold))
-    severity = "error" if ends_nonfinite or factor >= 1e3 else "warning"
+    severity = "error" if ends_nonfinite or factor >= t.divergence_error_factor else "warning"
     summary = (f"{ctx.subject}The loss diverges: from its best {fmt(float(best[start]))} (step "
-               f"{evidence['loss_best_step']}) it grew {fmt(factor)}x to {fmt(float(loss[peak]))} "
-               f"(step {int(steps[peak])})" + (" and then became non-finite." if ends_nonfinite
-                                               else "."))
-    return [Finding(KIND, severity, int(steps[start]), int(steps[-1]), [], summary, evidence,
+               f"{evidence['loss_best_step']}) it rose from step {since} on and grew "
+               f"{fmt(factor)}x to {fmt(float(loss[peak]))} (step {int(steps[peak])})"
+               + (" and then became non-finite." if ends_nonfinite else "."))
+    return [Finding(KIND, severity, since, int(steps[-1]), [], summary, evidence,
                     causes, remedies)]

@@ -58,10 +58,18 @@ def detect(ctx: Context) -> list[Finding]:
     if ratio.size and np.isfinite(ratio).any():
         peak = float(np.nanmax(ratio))
         evidence["update_ratio_max"] = peak
-        if peak < t.frozen_update_ratio:
+        # Frozen only while the gradient is still sizeable: a converged run stops moving
+        # too, but because its gradient has fallen to a tiny fraction of its peak.
+        total = ctx.total_grad
+        ok = np.isfinite(total)
+        window_grad = total[ok & (ctx.steps >= steps[start])]
+        sizeable = window_grad.size > 0 and float(np.median(window_grad)) >= \
+            t.active_grad_fraction * float(np.max(total[ok]))
+        if peak < t.frozen_update_ratio and sizeable:
             frozen = True
             signs.append(Cause("weights_frozen",
-                               f"no layer's weights move: the largest update is "
+                               f"no layer's weights move although the gradient norm is still "
+                               f"{fmt(float(np.median(window_grad)))}: the largest update is "
                                f"{fmt(peak)} of the weight norm"))
     starved_layers: list[str] = []
     group = max(ctx.groups, key=lambda g: len(g.layers)) if ctx.groups else None
@@ -75,14 +83,26 @@ def detect(ctx: Context) -> list[Finding]:
                                f"of the output layer's gradient (see vanishing_gradient)"))
     if not signs:
         return [Finding(KIND, "info", first_step, int(steps[-1]), [],
-                        f"{ctx.subject}The loss has been flat at about {fmt(final)} since step {first_step} "
+                        f"{ctx.subject}The loss has been flat at about {fmt(final)} since "
+                        f"step {first_step} "
                         f"(changed {fmt(100 * change)}% over the last "
                         f"{int(100 * t.plateau_window)}% of the run); no sign of a stuck "
                         f"model, so it has likely converged.", evidence)]
-    causes = signs + [c for c in (C.clipping_to_zero(ctx), C.forward_overflow(ctx),
-                                  C.init_scale(ctx, group) if group else None,
-                                  C.saturating_activation(ctx, group) if group else None,
-                                  C.deep_plain_stack(ctx, group) if group else None) if c]
+    # Causes that explain the signs found: a frozen model is stopped by what zeroes its
+    # updates; a starved one by what shrinks its gradient with depth.
+    causes = list(signs)
+    if frozen:
+        overflow = C.forward_overflow(ctx)
+        causes += [c for c in (C.clipping_to_zero(ctx), overflow,
+                               C.init_scale(ctx, group, ("large",)) if group and overflow
+                               else None) if c]
+    if starved_layers and group:
+        saturating = C.saturating_activation(ctx, group)
+        causes += [c for c in (saturating,
+                               C.init_scale(ctx, group, ("small", "large") if saturating
+                                            else ("small",)),
+                               C.signal_shrinks_forward(ctx, group),
+                               C.deep_plain_stack(ctx, group)) if c]
     remedies = depth_remedies(ctx, group, causes) if group else []
     sgd = any(o["type"] == "SGD" for o in ctx.facts.get("optimizers", []))
     if sgd and not frozen:

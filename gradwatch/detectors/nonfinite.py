@@ -46,7 +46,9 @@ def detect(ctx: Context) -> list[Finding]:
         how = f"an update made the weights non-finite ({ev.nonfinite_weight_params[0]})"
         layers = _layers(ctx, ev.nonfinite_weight_params)
 
-    finite_before = np.isfinite(ctx.loss) & (ctx.steps < step)
+    # A NaN gradient from a finite loss: that loss is the last finite one.
+    finite_before = np.isfinite(ctx.loss) & ((ctx.steps < step) if origin != "backward"
+                                             else (ctx.steps <= step))
     last_loss = float(ctx.loss[finite_before][-1]) if finite_before.any() else None
     last_step = int(ctx.steps[finite_before][-1]) if finite_before.any() else None
     overflow = C.forward_overflow(ctx)
@@ -68,12 +70,17 @@ def detect(ctx: Context) -> list[Finding]:
             remedies.append(remedy("assert_finite_inputs"))
     else:
         # Values grew until they overflowed: the updates that made them grow are the cause.
-        tail = ""
+        growth = C.grad_growth(ctx, step)
+        grew = growth is not None and growth[0] > ctx.t.onset_factor
+        tail = (f" From step {growth[1]} on, the gradient norm grew {fmt(growth[0])}x over its "
+                f"early level: clipping it or a lower learning rate stops such growth."
+                if growth is not None and grew else "")
+        since = growth[1] if growth is not None and grew else None
         causes += [c for c in (C.init_scale(ctx, group, ("large",)) if group else None,
-                               C.learning_rate_too_high(ctx, until=step - 1),
-                               C.unscaled_inputs(ctx)) if c]
+                               C.learning_rate_too_high(ctx, since=since, until=step - 1),
+                               C.unscaled_inputs(ctx, since=since)) if c]
         remedies += depth_remedies(ctx, group, causes) if group else []
-        if (lr := lower_lr(ctx, until=step - 1)) is not None:
+        if (lr := lower_lr(ctx, since=since, until=step - 1)) is not None:
             remedies.append(lr)
         if (threshold := clip_threshold(ctx)) is not None:
             remedies.append(remedy("clip_grad_norm", max_norm=threshold))
@@ -106,8 +113,7 @@ def detect(ctx: Context) -> list[Finding]:
 
 def _last_bad_step(ctx: Context) -> int:
     """Last step of the series with a non-finite loss or gradient (-1 if none is kept)."""
-    bad = np.isinf(ctx.loss) | (np.nan_to_num(ctx.h.steps.block("nonfinite")[ctx._rows])
-                                > 0).any(axis=1)
+    bad = np.isinf(ctx.loss) | (np.nan_to_num(ctx.nonfinite) > 0).any(axis=1)
     return int(ctx.steps[bad][-1]) if bad.any() else -1
 
 

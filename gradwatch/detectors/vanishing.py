@@ -12,25 +12,34 @@ from .context import Context, Group, fmt
 KIND = "vanishing_gradient"
 
 
-def starved(ctx: Context, group: Group) -> tuple[np.ndarray, np.ndarray] | None:
-    """Steps and depth ratios if the group's first layer is persistently starved.
+def starved(ctx: Context,
+            group: Group) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """If the group's first layer is persistently starved: the starved steps, their depth
+    ratios, and the ratios of every step checked.
 
     Persistent means: below the limit on most steps while the output side still gets a
-    gradient, or on an unbroken stretch of at least ``min_steps`` sampled steps from the
-    start. The second catches nets that starve at initialisation and then settle on a
-    constant output, after which every layer's gradient is tiny and ratios mean nothing.
+    gradient, and on at least ``min_steps`` steps (or ``persistence`` of a shorter run), or
+    on an unbroken stretch of at least ``min_steps`` sampled steps from the start. The
+    second catches nets that starve at initialisation and then settle on a constant output,
+    after which every layer's gradient is tiny and ratios mean nothing. The step count
+    keeps a few blown-up steps (saturated units at the end of an explosion, which dwarf
+    every earlier gradient) from counting as a vanishing run.
     """
     if len(group.layers) < ctx.t.min_layers:
         return None
     steps, ratio = ctx.depth_ratio(group)
     if steps.size < 2:
         return None
+    g = ctx.grad[:, [group.layers[0], group.layers[-1]]]
+    valid = np.isfinite(g).all(axis=1) & (g[:, 1] > 0)
+    enough = min(ctx.t.min_steps, ctx.t.persistence * int(valid.sum()))
     below = ratio < ctx.t.vanishing_ratio
     from_start = int(np.argmin(below)) if not below.all() else below.size
-    if below.mean() >= ctx.t.persistence:
-        return steps[below], ratio
-    if from_start >= min(ctx.t.min_steps, below.size):
-        return steps[:from_start], ratio[:from_start]
+    if below.mean() >= ctx.t.persistence and below.sum() >= enough:
+        return steps[below], ratio[below], ratio
+    starts_run = valid.any() and steps[0] == ctx.steps[valid][0]
+    if starts_run and from_start >= enough:
+        return steps[:from_start], ratio[:from_start], ratio
     return None
 
 
@@ -40,8 +49,8 @@ def detect(ctx: Context) -> list[Finding]:
         hit = starved(ctx, group)
         if hit is None:
             continue
-        steps, ratio = hit
-        median = float(np.median(ratio[: max(1, len(steps))]))
+        steps, starved_ratio, ratio = hit
+        median = float(np.median(starved_ratio))
         profile = ctx.log_profile(group, steps)
         last = profile[-1]
         limit = np.log10(ctx.t.vanishing_ratio)
@@ -51,6 +60,7 @@ def detect(ctx: Context) -> list[Finding]:
         finite = np.isfinite(drops)
         evidence = {
             "grad_norm_ratio_first_to_last": median,
+            "grad_norm_ratio_at_first_step": float(starved_ratio[0]),
             "persistent_fraction": float((ratio < ctx.t.vanishing_ratio).mean()),
             "steps_checked": int(ratio.size),
             "per_layer_grad_norm": {ctx.name(i): float(10 ** p) if np.isfinite(p) else None
@@ -65,17 +75,22 @@ def detect(ctx: Context) -> list[Finding]:
                                         "to": ctx.name(group.layers[k]),
                                         "factor": float(10 ** drops[k])}
             evidence["mean_factor_per_layer"] = float(10 ** mean_drop)
-            if drops[k] > 2 * mean_drop and drops[k] > 1:
+            if drops[k] > 2 * mean_drop and drops[k] > np.log10(ctx.t.single_layer_drop):
                 where = (f"; most of it is lost between {ctx.label(group.layers[k + 1])} and "
                          f"{ctx.label(group.layers[k])} ({fmt(10 ** drops[k])}x)")
             else:
                 where = (f"; it is lost gradually, about {fmt(10 ** mean_drop)}x per layer "
                          f"over {len(group.layers)} layers")
         severity = "error" if median < ctx.t.vanishing_ratio_error else "warning"
-        causes = [c for c in (C.saturating_activation(ctx, group), C.init_scale(ctx, group),
+        # Too large an init starves the input side only by saturating sigmoid/tanh units.
+        saturating = C.saturating_activation(ctx, group)
+        causes = [c for c in (saturating,
+                              C.init_scale(ctx, group, ("small", "large") if saturating
+                                           else ("small",)),
                               C.signal_shrinks_forward(ctx, group),
                               C.deep_plain_stack(ctx, group)) if c]
-        summary = (f"{ctx.subject}Gradients vanish towards the input: {ctx.label(group.layers[0])} gets "
+        summary = (f"{ctx.subject}Gradients vanish towards the input: "
+                   f"{ctx.label(group.layers[0])} gets "
                    f"{fmt(median)} of the gradient norm of {ctx.label(group.layers[-1])}"
                    f"{where}, so the input-side layers barely learn.")
         findings.append(Finding(

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..findings import Remedy
 
-__all__ = ["RemedyEntry", "CATALOGUE", "remedy"]
+__all__ = ["CATALOGUE", "RemedyEntry", "remedy"]
 
 _LAYERS = "(nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)"
 
@@ -113,7 +113,7 @@ CATALOGUE: dict[str, RemedyEntry] = {e.id: e for e in [
                    f"measured update size ({p['measured']} of the weights) near "
                    f"{p['target']} per step"),
         lambda p: ("for group in optimizer.param_groups:\n"
-                   f"    group[\"lr\"] = {p['lr']}")),
+                   f"    group[\"lr\"] *= {p['factor']}  # {p['old_lr']} -> {p['lr']}")),
     RemedyEntry(
         "standardize_inputs",
         lambda p: (f"standardise the inputs (measured mean {p['mean']}, std {p['std']}) so that "

@@ -119,6 +119,7 @@ def build_report(monitor: Any) -> Report:
     series: dict[str, Any] = {
         "step": history.steps.steps.tolist(),
         "loss": _column(history.steps.block("loss")[:, 0]),
+        "lr": _column(history.steps.block("lr")[:, 0]),
         "grad_norm": {ctx.name(i): _column(grad[:, i]) for i in order},
         "detail_step": detail.steps.tolist(),
         "weight_norm": {ctx.name(i): _column(detail.block("weight_norm")[:, i]) for i in order},

@@ -1,0 +1,164 @@
+"""Healthy runs get no finding of severity warning or error: five well-built models that
+really learn (the loss falls), each watched from its first step to its last."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+from torch import nn
+
+import gradwatch
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny models run much faster on one intra-op thread when the CPU is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def fit(model: nn.Module, opt: torch.optim.Optimizer, batch: Callable[[int], Batch],
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], steps: int,
+        clip: float | None = None) -> tuple[gradwatch.Report, list[float]]:
+    """A plain mini-batch loop under ``gradwatch.watch``."""
+    losses = []
+    with gradwatch.watch(model, opt) as gw:
+        for step in range(steps):
+            x, y = batch(step)
+            opt.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            opt.step()
+            losses.append(loss.item())
+    return gw.report(), losses
+
+
+def minibatches(x: torch.Tensor, y: torch.Tensor, size: int) -> Callable[[int], Batch]:
+    def batch(step: int) -> Batch:
+        i = (step * size) % len(x)
+        return x[i: i + size], y[i: i + size]
+    return batch
+
+
+def assert_healthy(report: gradwatch.Report, losses: list[float], drop: float) -> None:
+    """The loss fell by ``drop``x (mean of the last 10 steps) and nothing was a problem."""
+    assert sum(losses[-10:]) / 10 < losses[0] / drop, (losses[0], losses[-10:])
+    assert report.run["internal_errors"] == []  # a crashed detector would hide findings
+    assert report.run["steps"] == len(losses)
+    problems = [(f.kind, f.severity, f.summary) for f in report.problems]
+    assert problems == []
+
+
+def generator(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def test_kaiming_relu_mlp_with_adam() -> None:
+    g = generator(0)
+    x = torch.randn(512, 8, generator=g)
+    y = torch.sin(x @ torch.randn(8, 1, generator=g)) + 0.1 * x[:, :1] ** 2
+    layers: list[nn.Module] = []
+    for n_in in (8, 64, 64):
+        lin = nn.Linear(n_in, 64)
+        nn.init.kaiming_normal_(lin.weight, nonlinearity="relu")
+        nn.init.zeros_(lin.bias)
+        layers += [lin, nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Linear(64, 1))
+    report, losses = fit(model, torch.optim.Adam(model.parameters(), lr=1e-3),
+                         minibatches(x, y, 64), nn.functional.mse_loss, 300)
+    assert_healthy(report, losses, drop=5)
+    assert [layer["name"] for layer in report.layers] == ["0", "2", "4", "6"]
+
+
+class PreNormBlock(nn.Module):
+    """x + MLP(LayerNorm(x)): the residual block of modern deep nets."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.norm(x))
+
+
+def test_deep_residual_mlp_with_layernorm() -> None:
+    """Thirteen linear layers deep, but skips and LayerNorm keep every layer's gradient."""
+    g = generator(1)
+    x = torch.randn(512, 16, generator=g)
+    y = (x[:, 0] * x[:, 1] > 0).long()  # XOR-like: needs the depth
+    model = nn.Sequential(nn.Linear(16, 32), *[PreNormBlock(32) for _ in range(6)],
+                          nn.LayerNorm(32), nn.Linear(32, 2))
+    report, losses = fit(model, torch.optim.Adam(model.parameters(), lr=1e-3),
+                         minibatches(x, y, 64), nn.functional.cross_entropy, 300)
+    assert_healthy(report, losses, drop=20)
+
+
+def patterns(n: int, g: torch.Generator) -> Batch:
+    """8x8 single-channel images: noise plus one of four class-dependent strokes."""
+    y = torch.randint(0, 4, (n,), generator=g)
+    x = 0.5 * torch.randn(n, 1, 8, 8, generator=g)
+    x[y == 0, 0, 2, :] += 1.5  # a row
+    x[y == 1, 0, :, 5] += 1.5  # a column
+    x[y == 2, 0] += 1.5 * torch.eye(8)  # the diagonal
+    x[y == 3, 0, 2:6, 2:6] += 0.8  # a square
+    return x, y
+
+
+def test_small_cnn_with_batchnorm_on_synthetic_images() -> None:
+    g = generator(2)
+    x, y = patterns(512, g)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16 * 4 * 4, 4))
+    report, losses = fit(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+                         minibatches(x, y, 64), nn.functional.cross_entropy, 150)
+    assert_healthy(report, losses, drop=100)
+    model.eval()
+    x_test, y_test = patterns(256, g)
+    with torch.no_grad():
+        accuracy = (model(x_test).argmax(1) == y_test).float().mean()
+    assert accuracy > 0.95
+
+
+def test_logistic_regression_full_batch_sgd() -> None:
+    g = generator(3)
+    x = torch.randn(400, 5, generator=g)
+    y = ((x @ torch.randn(5, generator=g) + 0.3 * torch.randn(400, generator=g)) > 0).float()
+    model = nn.Linear(5, 1)
+    report, losses = fit(model, torch.optim.SGD(model.parameters(), lr=0.5), lambda s: (x, y),
+                         lambda out, t: nn.functional.binary_cross_entropy_with_logits(
+                             out.squeeze(1), t), 200)
+    assert_healthy(report, losses, drop=4)
+
+
+class LastStepLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(1, 32, batch_first=True)
+        self.head = nn.Linear(32, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(x)
+        return self.head(out[:, -1])
+
+
+def test_lstm_with_gradient_clipping() -> None:
+    """Sum of the last three of 15 inputs; gradients clipped at norm 1 (raw norms are seen)."""
+    g = generator(4)
+    x = torch.randn(512, 15, 1, generator=g)
+    y = x[:, -3:, 0].sum(1, keepdim=True)
+    model = LastStepLSTM()
+    report, losses = fit(model, torch.optim.Adam(model.parameters(), lr=1e-2),
+                         minibatches(x, y, 64), nn.functional.mse_loss, 200, clip=1.0)
+    assert_healthy(report, losses, drop=100)
+    assert [layer["name"] for layer in report.layers] == ["lstm", "head"]
