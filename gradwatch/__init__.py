@@ -6,14 +6,5 @@ from .report import Report
 from .thresholds import Thresholds
 from .watch import Watch, watch
 
-__all__ = [
-           "KINDS",
-           "Cause",
-           "Finding",
-           "Remedy",
-           "Report",
-           "Thresholds",
-           "Watch",
-           "__version__",
-           "watch",
-]
+__all__ = ["KINDS", "Cause", "Finding", "Remedy", "Report", "Thresholds", "Watch",
+           "__version__", "watch"]

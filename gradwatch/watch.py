@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
@@ -135,8 +135,9 @@ class Watch:
         return build_report(self.monitor)
 
 
-def watch(model: nn.Module, optimizer: torch.optim.Optimizer | Iterable[
-        torch.optim.Optimizer] | None = None, **options: Any) -> Watch:
+def watch(model: nn.Module,
+          optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer]
+          | tuple[torch.optim.Optimizer, ...] | None = None, **options: Any) -> Watch:
     """Watch ``model`` (and the optimizer(s) that train it) until the ``with`` block ends.
 
     Options (all keyword): ``sync_every`` (steps per host copy, default 64),

@@ -16,12 +16,17 @@ def _wrap(text: str, width: int, indent: str, hang: str | None = None) -> list[s
                          subsequent_indent=hang if hang is not None else indent) or [indent]
 
 
+def _label(name: str) -> str:
+    """``layer 0`` for an nn.Sequential index, so that a bare number reads as a layer."""
+    return f"layer {name}" if name.replace(".", "").isdigit() else name
+
+
 def _layers(names: list[str]) -> str:
     if not names:
         return "whole model"
     if len(names) <= 4:
-        return ", ".join(names)
-    return f"{names[0]} .. {names[-1]} ({len(names)} layers)"
+        return ", ".join(_label(n) for n in names)
+    return f"{_label(names[0])} .. {_label(names[-1])} ({len(names)} layers)"
 
 
 def render_text(data: dict[str, Any], width: int = 100) -> str:
