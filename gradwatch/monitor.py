@@ -273,9 +273,14 @@ class Monitor:
         row = self._row()
         device = self._buf["update"].device
         current = [self._params[i].detach() for i in self._snapshot_idx]
-        deltas = torch._foreach_sub(current, self._snapshot)
-        self._buf["update"][row].index_copy_(
-            0, torch.tensor(self._snapshot_idx, device=device), stats.norms(deltas, device))
+        # In place on the snapshot (old - new): no second copy of the weights.
+        torch._foreach_sub_(self._snapshot, current)
+        values = stats.norms(self._snapshot, device)
+        if len(self._snapshot_idx) == len(self._params):
+            self._buf["update"][row].copy_(values)
+        else:
+            self._buf["update"][row].index_copy_(
+                0, torch.tensor(self._snapshot_idx, device=device), values)
 
     def _take_snapshot(self) -> None:
         """Weight norms before the update, and a copy of the weights to diff against."""

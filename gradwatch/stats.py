@@ -1,11 +1,18 @@
 """Sync-free tensor reductions for the hot path: the one place that touches ``torch._foreach_*``.
 
-Every function returns tensors on the device of its inputs and never calls ``.item()``:
-the caller decides when to copy to the host (once every ``sync_every`` steps).
+Every function returns tensors on the device of its inputs and never synchronises an
+accelerator: the caller decides when to copy to the host (once every ``sync_every`` steps).
 
-Norms are accumulated in float64. A float32 L2 norm overflows to ``inf`` as soon as the
-sum of squares passes 3.4e38 (elements around 1e19 suffice), which would make finite
-gradients look non-finite; in float64 a norm is non-finite only if an element is.
+Norms must not overflow: a float32 L2 norm is ``inf`` as soon as the sum of squares passes
+3.4e38 (elements around 1e19 suffice), which would make finite gradients look non-finite.
+In float64 a norm is non-finite only if an element is. How we get there depends on the
+device:
+
+* accelerators: one fused kernel accumulating in float64 (memory-bound, so no slower);
+* CPU: PyTorch's float64-accumulating norm is not vectorised and runs ~25x slower than the
+  float32 one (73 ms vs 3 ms for 8M elements, measured with torch 2.13). Reading a CPU
+  tensor is no device synchronisation, so we compute in the tensors' own precision and
+  recompute in float64 only the few tensors whose norm came out non-finite.
 """
 
 from __future__ import annotations
@@ -19,15 +26,21 @@ __all__ = ["norms", "output_spread", "rms"]
 _NORM_DTYPE = torch.float64
 
 
-def _foreach_norm(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """L2 norm of each tensor (same device), fused when the backend supports it."""
+def _foreach_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of each tensor (all on one device) as a 1-D float64 tensor on that device."""
+    if tensors[0].device.type == "cpu":
+        out = torch.stack(torch._foreach_norm(tensors)).to(_NORM_DTYPE)
+        if not bool(torch.isfinite(out.sum())):  # reading a CPU value: no sync cost
+            for i in torch.nonzero(~torch.isfinite(out)).flatten().tolist():
+                out[i] = torch.linalg.vector_norm(tensors[i], dtype=_NORM_DTYPE)
+        return out
     try:
-        return list(torch._foreach_norm(tensors, 2, dtype=_NORM_DTYPE))
+        return torch.stack(torch._foreach_norm(tensors, 2, dtype=_NORM_DTYPE))
     except (RuntimeError, TypeError, NotImplementedError):
         # Fallback for backends without fused kernels or float64 (e.g. MPS): one
         # kernel per tensor, still on device and still without a host sync.
         dtype = _NORM_DTYPE if tensors[0].device.type != "mps" else torch.float32
-        return [torch.linalg.vector_norm(t, dtype=dtype) for t in tensors]
+        return torch.stack([torch.linalg.vector_norm(t, dtype=dtype) for t in tensors])
 
 
 def norms(tensors: Sequence[torch.Tensor], out_device: torch.device) -> torch.Tensor:
@@ -42,7 +55,7 @@ def norms(tensors: Sequence[torch.Tensor], out_device: torch.device) -> torch.Te
     device = tensors[0].device
     if device == out_device and all(t.device == device and not t.is_sparse for t in tensors):
         # Fast path (one device, dense): one fused kernel and one stack.
-        return torch.stack(_foreach_norm(tensors))
+        return _foreach_norm(tensors)
     results: list[torch.Tensor | None] = [None] * len(tensors)
     groups: dict[torch.device, list[int]] = {}
     for i, t in enumerate(tensors):
@@ -52,7 +65,7 @@ def norms(tensors: Sequence[torch.Tensor], out_device: torch.device) -> torch.Te
         else:
             groups.setdefault(t.device, []).append(i)
     for idx in groups.values():
-        for i, n in zip(idx, _foreach_norm([tensors[i] for i in idx]), strict=True):
+        for i, n in zip(idx, _foreach_norm([tensors[i] for i in idx]).unbind(), strict=True):
             results[i] = n
     out = [r.to(out_device, non_blocking=True) for r in results]  # type: ignore[union-attr]
     return torch.stack(out)
