@@ -73,14 +73,20 @@ def init_scale(ctx: Context, group: Group,
         if kind not in directions or mask.sum() * 2 < len(scales):
             continue
         picked = [scales[k] for k in np.nonzero(mask)[0]]
-        med = float(np.median([s["ratio"] for _, s in picked]))
-        fam = picked[0][1]["family"]
-        act = picked[0][1]["activation"]
-        after = "a layer without activation" if act in ("none", "unknown") else f"the {act} " \
-            "that follows"
-        names = _span([ctx.label(i) for i, _ in picked])
-        text = (f"weights start at {fmt(med)}x the {fam.capitalize()} std for {after} "
-                f"({names}); ")
+        # One phrase per activation: the output layer (no activation) reads apart from
+        # the ReLU layers before it.
+        by_act: dict[str, list[tuple[int, dict]]] = {}
+        for i, sc in picked:
+            by_act.setdefault(sc["activation"], []).append((i, sc))
+        parts = []
+        for act, items in sorted(by_act.items(), key=lambda kv: -len(kv[1])):
+            med = float(np.median([sc["ratio"] for _, sc in items]))
+            fam = items[0][1]["family"].capitalize()
+            after = "a layer without activation" if act in ("none", "unknown") else \
+                f"the {act} that follows"
+            parts.append(f"{fmt(med)}x the {fam} std for {after} "
+                         f"({_span([ctx.label(i) for i, _ in items])})")
+        text = f"weights start at {'; and '.join(parts)}: "
         text += ("each layer shrinks the signal, forward and backward" if kind == "small"
                  else "each layer multiplies the signal, forward and backward")
         return Cause(f"init_too_{kind}", text)
@@ -198,9 +204,11 @@ def forward_overflow(ctx: Context) -> Cause | None:
     else:
         return None
     return Cause("forward_overflow",
-                 f"{what} (step {first_step}): the forward pass overflows before any "
-                 f"gradient is applied, so gradient clipping cannot help; the weights "
-                 f"themselves must change scale")
+                 f"{what} (step {first_step}, before any update): the initial weights make "
+                 f"the forward pass blow up, and its gradients are too large to square in "
+                 f"float32. Clipping limits the size of a step, not the scale of the weights, "
+                 f"so it cannot help (in float32, clip_grad_norm_ even zeroes every "
+                 f"gradient); the weights must be re-initialised")
 
 
 def clipping_to_zero(ctx: Context) -> Cause | None:

@@ -144,7 +144,7 @@ def test_nan_from_backward_with_a_finite_loss() -> None:
     assert f.evidence["nonfinite_grad_kind"] == "nan"
     assert f.evidence["last_finite_loss_step"] == 10
     assert f.layers == ["0", "2", "4"]
-    assert "backward() produced it while the loss was finite" in f.summary
+    assert "backward() produced them while the loss was finite" in f.summary
     assert [c.id for c in f.causes] == ["invalid_backward_op"]
 
 

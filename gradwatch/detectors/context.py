@@ -176,6 +176,11 @@ class Context:
         name = self.name(i)
         return f"layer {name}" if name.replace(".", "").isdigit() else name
 
+    def in_forward_order(self, names: set[str] | list[str]) -> list[str]:
+        """Layer names sorted input side first (not alphabetically: layers.6 < layers.20)."""
+        rank = {self.name(i): k for k, i in enumerate(self.h.layer_order())}
+        return sorted(set(names), key=lambda n: (rank.get(n, len(rank)), n))
+
     @cached_property
     def groups(self) -> list[Group]:
         """Per model: layers that carry a weight matrix/kernel, in forward order."""

@@ -104,7 +104,8 @@ def detect(ctx: Context) -> list[Finding]:
         worst = max(worst, peak / t.exploding_grad_to_weight)
         evidence.update(grad_to_weight_ratio=peak, grad_to_weight_step=int(s[k]),
                         grad_to_weight_persistent_fraction=float(above.mean()))
-        reasons.append(f"the gradient is {fmt(peak)}x the norm of the weights it updates "
+        reasons.append(f"the raw gradient (as backward() made it, before any clipping) is "
+                       f"{fmt(peak)}x the norm of the weights it is for "
                        f"(from step {int(s[k])}, on {fmt(100 * float(above.mean()))}% of the "
                        f"measured steps)")
 
@@ -160,12 +161,12 @@ def detect(ctx: Context) -> list[Finding]:
         threshold = clip_threshold(ctx)
         if threshold:
             remedies.append(remedy("clip_grad_norm", max_norm=threshold))
-    tail = (" The forward pass already overflows, so gradient clipping cannot help."
-            if overflow else "")
+    tail = (f" The very first forward pass already blows up (loss {fmt(ctx.first_loss)} before "
+            f"any update), so gradient clipping cannot help." if overflow else "")
     loss_note = notes[0] if notes else loss_trouble(ctx, start)
     if loss_note:
         evidence["loss_behaviour"] = loss_note
     summary = (f"{ctx.subject}Gradients explode: {'; '.join(reasons)}"
                f"{'; ' + loss_note if loss_note else ''}.{tail}")
     return [Finding(KIND, severity, start, int(ctx.steps[-1]) if len(ctx.steps) else start,
-                    sorted(layers), summary, evidence, causes, remedies)]
+                    ctx.in_forward_order(layers), summary, evidence, causes, remedies)]

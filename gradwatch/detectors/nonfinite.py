@@ -28,17 +28,17 @@ def detect(ctx: Context) -> list[Finding]:
     if "activation" in at_step:
         act_layers = _ordered(ctx, list(ev.nonfinite_act_layers))
         origin = "forward"
-        how = (f"the forward pass produced it: {_label(act_layers[0])} output non-finite "
+        how = (f"the forward pass produced them: {_label(act_layers[0])} output non-finite "
                f"values first")
         layers = act_layers
     elif "loss" in at_step:
         origin = "forward"
-        how = "the forward pass produced it: the loss itself was non-finite"
+        how = "the forward pass produced them: the loss itself was non-finite"
         layers = _layers(ctx, ev.nonfinite_grad_params if ev.first_nonfinite_grad == step
                          else [])
     elif "gradient" in at_step:
         origin = "backward"
-        how = (f"backward() produced it while the loss was finite "
+        how = (f"backward() produced them while the loss was finite "
                f"({ev.nonfinite_grad_kind or 'nan'} in {ev.nonfinite_grad_params[0]})")
         layers = _layers(ctx, ev.nonfinite_grad_params)
     else:
@@ -57,15 +57,16 @@ def detect(ctx: Context) -> list[Finding]:
     causes: list[Cause] = [c for c in (overflow, sudden) if c]
     remedies: list[Remedy] = []
     if overflow is not None:
-        tail = " The very first forward pass had already overflowed, so clipping cannot help."
+        tail = (f" The very first forward pass had already blown up (loss {fmt(ctx.first_loss)}"
+                f" before any update), so gradient clipping cannot help.")
         causes += [c for c in (C.init_scale(ctx, group, ("large",)) if group else None,
                                C.unscaled_inputs(ctx)) if c]
         remedies += depth_remedies(ctx, group, causes) if group else []
     elif sudden is not None:
         tail = (" Nothing grew towards it: this step's data or an undefined operation "
-                "produced it, so clipping cannot help." if origin == "forward" else
+                "produced them, so clipping cannot help." if origin == "forward" else
                 " Nothing grew towards it: an operation with an infinite derivative produced "
-                "it, so clipping cannot help.")
+                "them, so clipping cannot help.")
         if sudden.id == "nonfinite_input":
             remedies.append(remedy("assert_finite_inputs"))
     else:
