@@ -274,8 +274,7 @@ class Monitor:
         device = self._buf["update"].device
         current = [self._params[i].detach() for i in self._snapshot_idx]
         # In place on the snapshot (old - new): no second copy of the weights.
-        torch._foreach_sub_(self._snapshot, current)
-        values = stats.norms(self._snapshot, device)
+        values = stats.norms(stats.subtract_(self._snapshot, current), device)
         if len(self._snapshot_idx) == len(self._params):
             self._buf["update"][row].copy_(values)
         else:
@@ -294,7 +293,7 @@ class Monitor:
             list(range(len(self._params)))
         self._snapshot_idx = idx
         # One fused copy of the weights that are about to be updated (sampled steps only).
-        self._snapshot = torch._foreach_mul([params[i] for i in idx], 1.0)
+        self._snapshot = stats.copy([params[i] for i in idx])
 
     def _record_loss(self, losses: list[torch.Tensor]) -> None:
         if not losses:
@@ -361,17 +360,14 @@ class Monitor:
         # One host sync, only during the first few backward calls of a run.
         changed = before is not None and before.shape == after.shape and \
             bool((before != after).any())
-        if changed or self._probes >= self.options.probe_backwards:
-            if not self.optimizers or self._probes >= self.options.probe_backwards:
-                self.mode = "backward"
-                self._commit()
+        if (changed and not self.optimizers) or self._probes >= self.options.probe_backwards:
+            self.mode = "backward"
+            self._commit()
 
     @guarded
     def on_step_begin(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.mode != "optimizer":
-            if self.mode == "unknown" and self._losses and self.step > 0:
-                pass
-            self.mode = "optimizer"
+        """``optimizer.step()`` starts: applied (post-clipping) gradients, weight snapshot."""
+        self.mode = "optimizer"
         self._in_step += 1
         if self._in_step > 1:
             return
@@ -389,6 +385,7 @@ class Monitor:
 
     @guarded
     def on_step_end(self, optimizer: torch.optim.Optimizer) -> None:
+        """``optimizer.step()`` returned: the step is complete."""
         self._in_step = max(0, self._in_step - 1)
         if self._in_step:
             return

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["norms", "output_spread", "rms"]
+__all__ = ["copy", "norms", "output_spread", "rms", "subtract_"]
 
 _NORM_DTYPE = torch.float64
 
@@ -90,3 +90,14 @@ def output_spread(t: torch.Tensor) -> torch.Tensor:
     flat = t.reshape(t.shape[0], -1).to(_NORM_DTYPE)
     spread = flat.std(dim=0).mean()
     return spread / (flat.pow(2).mean().sqrt() + 1e-30)
+
+
+def copy(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A fused copy of the tensors (the weights before an update)."""
+    return list(torch._foreach_mul(tensors, 1.0))
+
+
+def subtract_(into: list[torch.Tensor], other: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``into[i] -= other[i]`` in place, fused: an update without a second weight copy."""
+    torch._foreach_sub_(into, other)
+    return into
