@@ -190,6 +190,9 @@ class Monitor:
         self.history.facts.setdefault("optimizers", []).append(_optimizer_facts(optimizer))
         return True
 
+    def tracks(self, tensor: torch.Tensor) -> bool:
+        return id(tensor) in self._param_index
+
     def is_root(self, module: nn.Module) -> bool:
         return id(module) in self._root_index
 

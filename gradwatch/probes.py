@@ -231,11 +231,16 @@ class GlobalProbes:
     def _step_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self.monitor.enabled:
             return
-        if self.monitor.add_optimizer(optimizer):
-            params = [p for g in optimizer.param_groups for p in g["params"]]
-            self.monitor.add_tensors(params)
+        self.monitor.add_optimizer(optimizer)
         self.monitor.on_step_begin(optimizer)
 
     def _step_post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.monitor.on_step_end(optimizer)
+        if self.monitor.enabled:
+            # Parameters the optimizer updates that no model call has shown (functional
+            # code, bare tensors): tracked from now on. Done after the step, because a
+            # closure (LBFGS) runs the model only inside step().
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            if any(not self.monitor.tracks(p) for p in params):
+                self.monitor.add_tensors(params)
 

@@ -26,15 +26,28 @@ class RunResult:
 
 
 def _main_namer() -> Any:
-    """Name objects after the running script's own global variables (``model_relu``)."""
+    """Name objects after the running script's own global variables (``model_relu``), or
+    their place in a global list, tuple or dict (``Ws[0]``)."""
 
     def name_of(obj: Any) -> str | None:
         main = sys.modules.get("__main__")
         namespace = getattr(main, "__dict__", {})
+        direct: str | None = None
+        held: str | None = None
         for key, value in list(namespace.items()):
-            if value is obj and not key.startswith("_"):
-                return key
-        return None
+            if key.startswith("_"):
+                continue
+            if value is obj:
+                direct = direct or key
+            elif held is None and isinstance(value, (list, tuple)):
+                held = next((f"{key}[{i}]" for i, v in enumerate(value) if v is obj), None)
+            elif held is None and isinstance(value, dict):
+                held = next((f"{key}[{k!r}]" for k, v in value.items() if v is obj), None)
+        # A one-letter global holding a tensor that also sits in a list is most likely a
+        # loop variable (``for W in Ws``): the list entry names it better.
+        if direct is not None and (len(direct) > 1 or held is None):
+            return direct
+        return held
 
     return name_of
 

@@ -50,6 +50,8 @@ RUNS: dict[str, list[str]] = {
     "by_hand": as_module(script("train_by_hand.py"), "--json", "out.json"),
     "functional": as_module(script("train_functional.py"), "--json", "out.json", "--quiet"),
     "two_optimizers": as_module(script("train_two_optimizers.py"), "--json", "out.json"),
+    "lbfgs": as_module(script("train_lbfgs.py"), "--json", "out.json", "--quiet"),
+    "deep_by_hand": as_module(script("train_deep_by_hand.py"), "--json", "out.json", "--quiet"),
     "missing": as_module("no_such_script.py", "--json", "out.json"),
     "unknown_option": as_console_script("--bogus", MLP, "--json", "out.json"),
 }
@@ -205,6 +207,35 @@ def test_hand_updated_bare_tensors_get_steps_and_named_layers(cli: Launcher) -> 
     assert report["series"]["loss"] == pytest.approx(losses, rel=1e-6)
     for name in ("w_hidden", "w_out"):
         assert all(v is not None and v > 0 for v in report["series"]["grad_norm"][name])
+
+
+def test_lbfgs_closure_model_is_found_as_a_model(cli: Launcher) -> None:
+    # The model runs only inside optimizer.step(closure): its layers must still be the
+    # nn.Linear modules (not bare tensors) and every step must have its loss.
+    run = cli["lbfgs"]
+    assert run.returncode == 0, run.stderr
+    report = run.report()
+    losses = run.printed("SCRIPT_LOSSES")
+    assert report["run"]["steps"] == len(losses) == 12
+    assert [(layer["name"], layer["type"]) for layer in report["layers"]] == [
+        ("0", "Linear"), ("2", "Linear")]
+    # The recorded loss of a step is the closure's first evaluation, which step() returns.
+    assert report["series"]["loss"] == pytest.approx(losses, rel=1e-6)
+    assert report["run"]["internal_errors"] == []
+
+
+def test_hand_updated_lists_of_tensors_are_named_and_diagnosed(cli: Launcher) -> None:
+    run = cli["deep_by_hand"]
+    assert run.returncode == 0, run.stderr
+    report = run.report()
+    names = [layer["name"] for layer in report["layers"]]
+    # Named by their place in the script's lists, not by the loop variables W and b.
+    assert names[:3] == ["Ws[0]", "bs[0]", "Ws[1]"] and names[-2:] == ["Ws[8]", "bs[8]"]
+    kinds = {f["kind"]: f for f in report["findings"]}
+    vanishing = kinds["vanishing_gradient"]
+    assert vanishing["first_step"] == 0 and vanishing["layers"][0] == "Ws[0]"
+    assert {c["id"] for c in vanishing["causes"]} >= {"sigmoid_in_deep_stack"}
+    assert kinds["loss_plateau"]["severity"] in ("warning", "error")
 
 
 def test_functional_activations_are_seen(cli: Launcher) -> None:
