@@ -52,9 +52,20 @@ def train_full_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: flo
     return gw.report()
 
 
+# tests/scripts/ holds training scripts that `gradwatch run` executes in a subprocess;
+# --doctest-modules must not import (and so run) them.
+collect_ignore = ["scripts"]
+
 # Tiny models run fastest on one thread, and two test processes (or CI's other jobs) on
 # a 2-core machine otherwise fight over the cores.
 torch.set_num_threads(1)
+
+
+def only(report: gradwatch.Report, kind: str) -> gradwatch.Finding:
+    """The one finding of ``kind`` in ``report`` (fails, listing all findings, otherwise)."""
+    found = [f for f in report.findings if f.kind == kind]
+    assert len(found) == 1, [(f.kind, f.severity, f.summary) for f in report.findings]
+    return found[0]
 
 
 @pytest.fixture

@@ -5,12 +5,13 @@ histories on the thresholds."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from conftest import only
 from torch import nn
 
 import gradwatch
@@ -22,14 +23,6 @@ from gradwatch.thresholds import Thresholds
 
 T = Thresholds()
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models run much faster on one intra-op thread when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def total_norm(tensors: Any) -> float:
@@ -53,11 +46,6 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, x_of: Callable[[int], to
     return {"report": gw.report(), "grad": np.array(grads), "weight": np.array(weights),
             "loss": np.array(losses)}
 
-
-def only(report: gradwatch.Report, kind: str) -> Finding:
-    found = [f for f in report.findings if f.kind == kind]
-    assert len(found) == 1, [(f.kind, f.severity, f.summary) for f in report.findings]
-    return found[0]
 
 
 def growth_steps(grad: np.ndarray) -> tuple[int, int]:

@@ -3,9 +3,8 @@ really learn (the loss falls), each watched from its first step to its last."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
-import pytest
 import torch
 from torch import nn
 
@@ -13,14 +12,6 @@ import gradwatch
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models run much faster on one intra-op thread when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def fit(model: nn.Module, opt: torch.optim.Optimizer, batch: Callable[[int], Batch],

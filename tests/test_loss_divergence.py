@@ -3,12 +3,12 @@ mid-run, grows by orders of magnitude; synthetic histories on the thresholds."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from conftest import only
 from torch import nn
 
 import gradwatch
@@ -21,14 +21,6 @@ from gradwatch.thresholds import Thresholds
 T = Thresholds()
 RAISE_AT = 40
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models run much faster on one intra-op thread when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def reference_rise(losses: list[float]) -> tuple[int, int]:
@@ -67,11 +59,6 @@ def raised() -> dict[str, Any]:
             losses.append(loss.item())
     return {"report": gw.report(), "loss": losses, "grad": grads}
 
-
-def only(report: gradwatch.Report, kind: str) -> Finding:
-    found = [f for f in report.findings if f.kind == kind]
-    assert len(found) == 1, [(f.kind, f.severity, f.summary) for f in report.findings]
-    return found[0]
 
 
 def test_loss_falls_then_diverges_after_the_learning_rate_is_raised(

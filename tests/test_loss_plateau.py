@@ -3,12 +3,10 @@ warnings or errors with the sign that proves them stuck; converged runs are at m
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
-from conftest import deep_net, seed_data, train_full_batch
+from conftest import deep_net, only, seed_data, train_full_batch
 from torch import nn
 
 import gradwatch
@@ -21,19 +19,6 @@ from gradwatch.thresholds import Thresholds
 T = Thresholds()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models run much faster on one intra-op thread when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def only(report: gradwatch.Report, kind: str) -> Finding:
-    found = [f for f in report.findings if f.kind == kind]
-    assert len(found) == 1, [(f.kind, f.severity, f.summary) for f in report.findings]
-    return found[0]
 
 
 def flat_since(losses: list[float], final: float) -> int:

@@ -4,13 +4,13 @@ forward or backward, an overflowing init, gradients that grew), and synthetic hi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from conftest import deep_net, seed_data
+from conftest import deep_net, only, seed_data
 from torch import nn
 
 import gradwatch
@@ -22,14 +22,6 @@ from gradwatch.thresholds import Thresholds
 
 T = Thresholds()
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models run much faster on one intra-op thread when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,11 +58,6 @@ def train(loss_at: LossFn, steps: int = 30, lr: float = 0.05,
             opt.step()
     return {"report": gw.report(), "loss": losses, "grads_finite": grads_finite}
 
-
-def only(report: gradwatch.Report, kind: str) -> Finding:
-    found = [f for f in report.findings if f.kind == kind]
-    assert len(found) == 1, [(f.kind, f.severity, f.summary) for f in report.findings]
-    return found[0]
 
 
 def first_bad(values: list[float]) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ast
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +20,6 @@ from gradwatch.remedies import CATALOGUE, remedy
 PACKAGE = Path(gradwatch.__file__).parent
 SOURCES = [*sorted((PACKAGE / "detectors").glob("*.py")), PACKAGE / "causes.py"]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models run much faster on one intra-op thread when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def calls(name: str) -> list[ast.Call]:

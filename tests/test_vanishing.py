@@ -4,13 +4,12 @@ histories that fire, stay silent and sit on the documented thresholds."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from conftest import deep_net, seed_data
+from conftest import deep_net, only, seed_data
 from torch import nn
 
 import gradwatch
@@ -22,14 +21,6 @@ from gradwatch.thresholds import Thresholds
 
 T = Thresholds()
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models run much faster on one intra-op thread when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def layer_grad_norm(layer: nn.Linear) -> float:
@@ -56,11 +47,6 @@ def seed_run(act: type[nn.Module], init: Any = None, steps: int = 500) -> dict[s
             losses.append(loss.item())
     return {"report": gw.report(), "losses": losses, "ratio0": ratio0}
 
-
-def only(report: gradwatch.Report, kind: str) -> Finding:
-    found = [f for f in report.findings if f.kind == kind]
-    assert len(found) == 1, [(f.kind, f.severity, f.summary) for f in report.findings]
-    return found[0]
 
 
 LINEARS = [str(2 * i) for i in range(11)]  # "0", "2", ..., "20": input side first

@@ -6,7 +6,6 @@ import gc
 import json
 import math
 import weakref
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,14 +20,6 @@ from gradwatch.report import atomic
 
 ORIGINAL_BACKWARD = torch.autograd.backward
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models run much faster on one intra-op thread when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def mlp(n_in: int = 4, width: int = 16, n_out: int = 1) -> nn.Sequential:
