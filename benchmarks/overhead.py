@@ -3,10 +3,10 @@
 Two identical copies of a model train in one process with a realistic minibatch loop
 (forward, loss, backward, ``optimizer.step()``, ``zero_grad()``): one bare, one inside
 ``gradwatch.watch`` (one watch for the whole measurement, as in a real run). They take
-turns in blocks of one cadence (64 steps at the default options), in alternating order
-(bare-watched, watched-bare, ...), so a busy machine slows both alike. Warm-up steps, and
-the first 8 steps of the watch (which measure everything), are not timed; attaching and
-closing the watch are reported separately.
+turns step by step (``--block`` steps per turn), in alternating order (bare-watched,
+watched-bare, ...), so a busy machine slows both alike. Warm-up steps, and the first 8
+steps of the watch (which measure everything), are not timed; attaching and closing the
+watch are reported separately.
 
 The watched loop's cost repeats with its cadence (a detailed step every ``detail_every``
 steps, a host copy every ``sync_every``). The per-step time is the mean over one cadence
@@ -163,8 +163,8 @@ def cadence(options: dict[str, Any]) -> int:
 
 
 def run_case(case: Case, variant: str, options: dict[str, Any], steps: int, repeats: int,
-             optimizer: str) -> Row:
-    """Train a bare and a watched copy of ``case``'s model, taking turns in blocks."""
+             optimizer: str, block: int = 1) -> Row:
+    """Train a bare and a watched copy of ``case``'s model, taking turns of ``block`` steps."""
     torch.manual_seed(0)
     bare = case.build()
     watched = copy.deepcopy(bare)
@@ -172,7 +172,7 @@ def run_case(case: Case, variant: str, options: dict[str, Any], steps: int, repe
     batches = make_batches(case)
     period = cadence(options)
     cycles = -(-steps // period)  # whole cadences per repeat: every position sampled alike
-    shape = (repeats * cycles, period)
+    shape = (repeats * cycles, period)  # row: one cadence; column: position in the cadence
     wall = {"bare": np.empty(shape), "watched": np.empty(shape)}
     cpu = {"bare": np.empty(shape), "watched": np.empty(shape)}
 
@@ -191,15 +191,19 @@ def run_case(case: Case, variant: str, options: dict[str, Any], steps: int, repe
         for k in range(WARMUP_STEPS):
             bare_step(k)
             watched_step(k)
-        for r in range(repeats):
-            # One block of whole cadences per loop and repeat, in alternating order: within
-            # a block the model stays warm in cache, as in a real run.
-            for kind in ("bare", "watched") if r % 2 == 0 else ("watched", "bare"):
+        total = repeats * cycles * period
+        done = {"bare": 0, "watched": 0}
+        for turn in range(-(-total // block)):
+            # Take turns of ``block`` steps, in alternating order, so that whatever else
+            # the machine is doing slows both loops alike.
+            for kind in ("bare", "watched") if turn % 2 == 0 else ("watched", "bare"):
                 step = bare_step if kind == "bare" else watched_step
-                for k in range(cycles * period):
+                for _ in range(min(block, total - done[kind])):
+                    k = done[kind]
                     phase = (gw.monitor.step if kind == "watched" else k) % period
-                    position = (r * cycles + k // period, phase)
-                    wall[kind][position], cpu[kind][position] = timed(step, k)
+                    wall[kind][k // period, phase], cpu[kind][k // period, phase] = \
+                        timed(step, k)
+                    done[kind] += 1
         # Device buffers (sync_every rows of statistics) live on the monitor until close.
         buffers = getattr(gw.monitor, "_buf", {})
         device_bytes = sum(b.element_size() * b.numel() for b in buffers.values())
@@ -247,6 +251,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "default options; default 64)")
     p.add_argument("--repeats", type=int, default=5,
                    help="repeats: samples of each cadence position (default 5)")
+    p.add_argument("--block", type=int, default=1,
+                   help="steps each loop runs before the other takes its turn (default 1: "
+                        "strict alternation, steadiest on a busy machine; 64 keeps a small "
+                        "model warm in cache as a lone run would)")
     p.add_argument("--quick", action="store_true",
                    help="2 repeats, the two MLPs, default options only")
     p.add_argument("--models", nargs="+", choices=sorted(CASES), default=None,
@@ -264,8 +272,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.variants = [] if args.variants is None else args.variants
     args.models = args.models or list(CASES)
     args.variants = list(VARIANTS)[1:] if args.variants is None else args.variants
-    if args.steps < 1 or args.repeats < 1:
-        p.error("--steps and --repeats must be >= 1")
+    if min(args.steps, args.repeats, args.block) < 1:
+        p.error("--steps, --repeats and --block must be >= 1")
     return args
 
 
@@ -283,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs += [(CASES["mlp-1m"], v, VARIANTS[v]) for v in args.variants if v != "default"]
     for case, variant, options in jobs:
         started = time.perf_counter()
-        rows.append(run_case(case, variant, options, args.steps, args.repeats, args.optimizer))
+        rows.append(run_case(case, variant, options, args.steps, args.repeats, args.optimizer,
+                             args.block))
         print(f"  {case.name} [{variant}] done in {time.perf_counter() - started:.0f} s",
               file=sys.stderr, flush=True)
     print(flush=True)
