@@ -66,7 +66,7 @@ class Row:
     params: int
     variant: str
     period: int  # steps after which the watched loop's cost pattern repeats
-    bare_wall: np.ndarray  # (repeats, period) seconds; column = position in the cadence
+    bare_wall: np.ndarray  # seconds, (cadences timed, period): column = position in cadence
     watched_wall: np.ndarray
     bare_cpu: np.ndarray
     watched_cpu: np.ndarray
@@ -80,6 +80,7 @@ class Row:
         return float(np.median(seconds, axis=0).mean())
 
     def ratio(self, clock: str = "wall") -> float:
+        """Watched / bare per-step time on ``clock`` ("wall" or "cpu")."""
         watched, bare = getattr(self, f"watched_{clock}"), getattr(self, f"bare_{clock}")
         return self.per_step(watched) / self.per_step(bare)
 
@@ -123,6 +124,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD with momentum (the default) or Adam, with ordinary settings."""
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=1e-3)
     return torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
@@ -146,6 +148,7 @@ def one_step(model: nn.Module, opt: torch.optim.Optimizer, batch: Batch,
 
 
 def watched_backward(loss: torch.Tensor) -> None:
+    """``loss.backward()``, which gradwatch intercepts while the watch is open."""
     loss.backward()
 
 
@@ -217,6 +220,7 @@ def run_case(case: Case, variant: str, options: dict[str, Any], steps: int, repe
 
 
 def format_table(rows: list[Row]) -> str:
+    """One line per model and option set."""
     head = (f"{'model':<8} {'params':>10} {'options':<16} {'bare ms':>8} {'watched ms':>10} "
             f"{'ratio':>6} {'cpu ratio':>9} {'plain (range)':>20} {'attach+close':>12} "
             f"{'history':>9} {'dev buf':>7}")
@@ -245,6 +249,7 @@ dev buf       device buffers holding sync_every steps of statistics"""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line options; ``--quick`` sets smaller defaults."""
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--steps", type=int, default=64,
                    help="timed steps per repeat, rounded up to whole cadences (64 steps at the "

@@ -111,6 +111,7 @@ class Monitor:
         self._roots: list[nn.Module] = []
         self._root_index: dict[int, int] = {}
         self._forward_counter = 0
+        self.root_forwards = 0  # forwards of the watched model seen by its own hook
         # device buffers
         self._device: torch.device | None = None
         self._buf: dict[str, torch.Tensor] = {}

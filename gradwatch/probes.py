@@ -70,6 +70,7 @@ class _BackwardInterceptor:
         self._monitors: list[Monitor] = []
         self._original: Callable[..., Any] | None = None
         self.flags: dict[int, bool] = {}
+        self.armed: set[int] = set()  # monitors whose model output carries a flag hook
 
     @property
     def active(self) -> int:
@@ -87,6 +88,7 @@ class _BackwardInterceptor:
         with self._lock:
             self._monitors = [m for m in self._monitors if m is not monitor]
             self.flags.pop(id(monitor), None)
+            self.armed.discard(id(monitor))
             if not self._monitors and self._original is not None:
                 torch.autograd.backward = self._original  # type: ignore[assignment]
                 self._original = None
@@ -102,15 +104,17 @@ class _BackwardInterceptor:
             # Higher-order gradients (gradient penalties, meta-learning) are not a
             # training step's loss: let them through untouched.
             return original(tensors, *args, **kwargs)
-        several = len(monitors) > 1
         for m in monitors:
             self.flags[id(m)] = False
             m.on_backward_begin(loss)
         result = original(tensors, *args, **kwargs)
         for m in monitors:
-            # With several monitors, a monitor takes the loss only if the gradient went
-            # through its model's output (flag set by a grad_fn pre-hook in forward).
-            if not several or self.flags.get(id(m)):
+            # A watch takes the loss only if the gradient went through its model's output
+            # (flag set by a grad_fn pre-hook in forward): another model trained in the
+            # same loop is not its business. Where no output could be hooked (the model
+            # is only run through torch.compile, or through submodules), every backward
+            # counts; `gradwatch run` watches the whole process anyway.
+            if m.discover or self.flags.get(id(m)) or id(m) not in self.armed:
                 m.on_backward_end(loss)
         return result
 
@@ -130,9 +134,10 @@ INTERCEPTOR = _BackwardInterceptor()
 
 
 def _flag_output(monitor: Monitor, output: Any) -> None:
-    """Mark ``monitor`` when the gradient of a backward passes through this output."""
-    if INTERCEPTOR.active < 2:
-        return
+    """Mark ``monitor`` when the gradient of a backward passes through this output.
+
+    One ``register_prehook`` per forward (about 5 us) on outputs that require grad.
+    """
     key = id(monitor)
 
     def mark(*_: Any) -> None:
@@ -159,6 +164,7 @@ def attach_model(monitor: Monitor, model: nn.Module, handles: Handles) -> None:
 
     def root_post(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if not _compiling():
+            monitor.root_forwards += 1
             monitor.on_root_forward(module, output)
             _flag_output(monitor, output)
 
@@ -177,10 +183,17 @@ def attach_optimizer(monitor: Monitor, optimizer: torch.optim.Optimizer,
                      handles: Handles) -> None:
     """Step pre/post hooks: the step clock and the weight update."""
     monitor.add_optimizer(optimizer)
+
+    def post(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if monitor.root_forwards == 0:
+            # The model's own forward was never seen (it runs compiled, or only through
+            # its submodules): output flags cannot tell its losses, so take them all.
+            INTERCEPTOR.armed.discard(id(monitor))
+        monitor.on_step_end(opt)
+
     handles.add(optimizer.register_step_pre_hook(
         lambda opt, args, kwargs: monitor.on_step_begin(opt)))
-    handles.add(optimizer.register_step_post_hook(
-        lambda opt, args, kwargs: monitor.on_step_end(opt)))
+    handles.add(optimizer.register_step_post_hook(post))
 
 
 class GlobalProbes:

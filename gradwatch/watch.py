@@ -65,7 +65,9 @@ class Watch:
                  options: Options, thresholds: Thresholds) -> None:
         self.monitor = Monitor(options, thresholds)
         self._handles = Handles()
-        # torch.compile(model) returns a wrapper; its layers are those of the original.
+        # torch.compile(model) returns a wrapper; its layers are those of the original,
+        # whose own forward hooks never run: its losses cannot be told by output flags.
+        compiled = model is not unwrap_compiled(model)
         model = unwrap_compiled(model)
         self.monitor.add_root(model, type(model).__name__)
         for opt in optimizers:
@@ -80,6 +82,9 @@ class Watch:
             for opt in optimizers:
                 attach_optimizer(self.monitor, opt, self._handles)
             self._handles.add(INTERCEPTOR.register(self.monitor))
+            if not compiled:
+                # Take only the losses whose gradient passes through this model's output.
+                INTERCEPTOR.armed.add(id(self.monitor))
         except BaseException:
             self._handles.remove()
             raise

@@ -536,3 +536,26 @@ def test_html_escapes_names_from_user_code(tmp_path: Path) -> None:
     assert "<script" not in html.lower()
     assert "<img" not in html.lower()
     assert "Evil&lt;script&gt;" in html
+
+
+def test_an_unwatched_model_trained_in_the_same_loop_does_not_leak_into_the_report() -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 4), torch.randn(64, 1)
+    watched = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    other = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(watched.parameters(), lr=0.01)
+    other_opt = torch.optim.SGD(other.parameters(), lr=1e-6)
+    own_losses = []
+    with gradwatch.watch(watched, opt) as gw:
+        for _ in range(10):
+            opt.zero_grad()
+            other_opt.zero_grad()
+            loss = nn.functional.mse_loss(watched(x), y)
+            loss.backward()
+            own_losses.append(loss.item())
+            # A second model's backward, 1000x larger loss, in the same loop.
+            (1000 * nn.functional.mse_loss(other(x), y)).backward()
+            opt.step()
+            other_opt.step()
+    series = gw.report().series["loss"]
+    assert series == pytest.approx(own_losses, rel=1e-6)
