@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import gradwatch
+from gradwatch.history import History, LayerInfo
 
 
 def seed_data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,6 +60,23 @@ collect_ignore = ["scripts"]
 # Tiny models run fastest on one thread, and two test processes (or CI's other jobs) on
 # a 2-core machine otherwise fight over the cores.
 torch.set_num_threads(1)
+
+
+def linear_stack(n_layers: int, acts: list[str] | None = None, **extra: object) -> History:
+    """An empty History of a Sequential of ``n_layers`` 10x10 Linear layers named 0, 2, 4...
+
+    The scaffolding of the synthetic-history tests: they then record the steps they need.
+    ``acts`` is the activation after each layer (ReLU, and none after the last, by
+    default); ``extra`` sets further LayerInfo fields on every layer.
+    """
+    acts = acts or ["relu"] * (n_layers - 1) + ["none"]
+    h = History()
+    h.roots.append("Sequential")
+    for i in range(n_layers):
+        h.add_layer(LayerInfo(name=str(2 * i), type="Linear", params=110, root=0, order=i,
+                              param_names=[f"{2 * i}.weight", f"{2 * i}.bias"], fan_in=10,
+                              fan_out=10, activation=acts[i], **extra))  # type: ignore[arg-type]
+    return h
 
 
 def only(report: gradwatch.Report, kind: str) -> gradwatch.Finding:

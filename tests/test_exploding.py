@@ -11,14 +11,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import only
+from conftest import linear_stack, only
 from torch import nn
 
 import gradwatch
 from gradwatch.detectors import exploding
 from gradwatch.detectors.context import Context
 from gradwatch.findings import Finding
-from gradwatch.history import History, LayerInfo
+from gradwatch.history import History
 from gradwatch.thresholds import Thresholds
 
 T = Thresholds()
@@ -203,12 +203,7 @@ def test_tiny_initial_weights_are_not_an_explosion() -> None:
 def history(grad: np.ndarray, loss: np.ndarray, weight: float | np.ndarray = 1.0) -> History:
     """One 3-layer model; every step is also a detail step with the given weight norm."""
     n_steps, n_layers = grad.shape
-    h = History()
-    h.roots.append("Sequential")
-    for i in range(n_layers):
-        h.add_layer(LayerInfo(name=str(2 * i), type="Linear", params=110, root=0, order=i,
-                              param_names=[f"{2 * i}.weight", f"{2 * i}.bias"], fan_in=10,
-                              fan_out=10, activation="relu" if i < n_layers - 1 else "none"))
+    h = linear_stack(n_layers)
     steps = np.arange(n_steps)
     h.record_steps(steps, loss, np.ones(n_steps), grad, np.zeros_like(grad), np.zeros(n_steps))
     w = np.broadcast_to(np.asarray(weight, dtype=float), (n_steps,))[:, None]

@@ -34,16 +34,21 @@ def reference_rise(losses: list[float]) -> tuple[int, int]:
     return start, int(near[-1]) + 1
 
 
-@pytest.fixture(scope="module")
-def raised() -> dict[str, Any]:
-    """Tanh MLP, full-batch SGD at lr 0.05 (the loss falls), lr raised to 1.0 at step 40."""
+def tanh_regression() -> tuple[torch.Tensor, torch.Tensor, nn.Module, torch.optim.SGD]:
+    """A learnable regression and a tanh MLP with full-batch SGD at lr 0.05."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 4, generator=g)
     y = x @ torch.tensor([[1.0], [-2.0], [0.5], [1.0]]) + 0.1 * torch.randn(256, 1, generator=g)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(),
                           nn.Linear(32, 1))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    return x, y, model, torch.optim.SGD(model.parameters(), lr=0.05)
+
+
+@pytest.fixture(scope="module")
+def raised() -> dict[str, Any]:
+    """Tanh MLP, full-batch SGD at lr 0.05 (the loss falls), lr raised to 1.0 at step 40."""
+    x, y, model, opt = tanh_regression()
     losses, grads = [], []
     with gradwatch.watch(model, opt) as gw:
         for step in range(70):
@@ -89,13 +94,7 @@ def test_divergence_causes_and_remedies(raised: dict[str, Any]) -> None:
 
 
 def test_the_same_run_without_the_raise_does_not_diverge() -> None:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(256, 4, generator=g)
-    y = x @ torch.tensor([[1.0], [-2.0], [0.5], [1.0]]) + 0.1 * torch.randn(256, 1, generator=g)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(),
-                          nn.Linear(32, 1))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y, model, opt = tanh_regression()
     with gradwatch.watch(model, opt) as gw:
         for _ in range(70):
             opt.zero_grad()

@@ -6,14 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import deep_net, only, seed_data, train_full_batch
+from conftest import deep_net, linear_stack, only, seed_data, train_full_batch
 from torch import nn
 
 import gradwatch
 from gradwatch.detectors import loss_plateau
 from gradwatch.detectors.context import Context
 from gradwatch.findings import Finding
-from gradwatch.history import History, LayerInfo
+from gradwatch.history import History
 from gradwatch.thresholds import Thresholds
 
 T = Thresholds()
@@ -100,12 +100,7 @@ def history(loss: np.ndarray, spread: float = 0.5, update_ratio: float = 1e-3,
             total_grad: np.ndarray | None = None, depth_ratio: float = 0.5) -> History:
     """3-layer model; every step is a detail step with the given output spread and updates."""
     n_steps, n_layers = len(loss), 3
-    h = History()
-    h.roots.append("Sequential")
-    for i in range(n_layers):
-        h.add_layer(LayerInfo(name=str(2 * i), type="Linear", params=110, root=0, order=i,
-                              param_names=[f"{2 * i}.weight", f"{2 * i}.bias"], fan_in=10,
-                              fan_out=10, activation="relu"))
+    h = linear_stack(n_layers, ["relu"] * n_layers)
     steps = np.arange(n_steps)
     total = np.ones(n_steps) if total_grad is None else total_grad
     profile = depth_ratio ** (1 - np.arange(n_layers) / (n_layers - 1))

@@ -10,14 +10,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import deep_net, only, seed_data
+from conftest import deep_net, linear_stack, only, seed_data
 from torch import nn
 
 import gradwatch
 from gradwatch.detectors import nonfinite
 from gradwatch.detectors.context import Context
 from gradwatch.findings import Finding
-from gradwatch.history import History, LayerInfo
+from gradwatch.history import History
 from gradwatch.thresholds import Thresholds
 
 T = Thresholds()
@@ -191,12 +191,7 @@ def test_nan_after_gradients_grew_recommends_clipping() -> None:
 def history(n_steps: int = 30, loss: np.ndarray | None = None,
             total_grad: np.ndarray | None = None) -> History:
     n_layers = 3
-    h = History()
-    h.roots.append("Sequential")
-    for i in range(n_layers):
-        h.add_layer(LayerInfo(name=str(2 * i), type="Linear", params=110, root=0, order=i,
-                              param_names=[f"{2 * i}.weight", f"{2 * i}.bias"], fan_in=10,
-                              fan_out=10, activation="relu"))
+    h = linear_stack(n_layers, ["relu"] * n_layers)
     steps = np.arange(n_steps)
     loss = np.linspace(1.0, 0.5, n_steps) if loss is None else loss
     total = np.ones(n_steps) if total_grad is None else total_grad
