@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Events", "History", "LayerInfo", "Series"]
+__all__ = ["Events", "History", "LayerInfo", "Series", "SiteInfo"]
 
 DEFAULT_CAPACITY = 2048
 
@@ -114,6 +114,30 @@ class LayerInfo:
 
 
 @dataclasses.dataclass
+class SiteInfo:
+    """An activation call site: an activation module, or a functional call in a forward.
+
+    Functional calls are named by the module in whose forward they run and a 1-based call
+    count of that function there (``Net.relu@2`` is the second ``relu`` of ``Net.forward``);
+    activation modules by their path (``layers.1``, ``act@2`` for the second call of a
+    module used several times).
+    """
+
+    name: str
+    kind: str  # "relu" | "relu6" | "sigmoid" | "tanh" | "hardtanh" | "softsign"
+    module: str  # path of the module whose forward makes the call ("" = the root)
+    root: int
+    functional: bool
+    order: int  # first-call order, input side first
+    units: int  # features (Linear outputs) or channels (conv outputs)
+    unit_dim: int
+    layer: int | None = None  # the layer whose output feeds it (last layer run before)
+    bounds: tuple[float, float] | None = None  # output range of a saturating activation
+    bias_init: float | None = None  # mean bias of the feeding layer when first seen
+    final: dict[str, Any] = dataclasses.field(default_factory=dict)  # state at the end
+
+
+@dataclasses.dataclass
 class Events:
     """Exact facts kept outside the downsampled series."""
 
@@ -154,6 +178,17 @@ class History:
         self.initial: dict[str, np.ndarray] = {}  # first sampled weight/act row, kept exactly
         self.facts: dict[str, Any] = {}  # structural facts (activations, norms, skips, lr)
         self.total_steps = 0
+        self.sites: list[SiteInfo] = []  # activation call sites, in first-call order
+        self.extra: dict[str, Series] = {}  # series of forward-side extensions, by name
+
+    def series(self, name: str, widths: dict[str, int]) -> Series:
+        """An extension's own series (created on first use), widened to ``widths``."""
+        series = self.extra.get(name)
+        if series is None:
+            series = self.extra[name] = Series(widths, self.steps.capacity)
+        for block, width in widths.items():
+            series.widen(block, width)
+        return series
 
     def add_layer(self, layer: LayerInfo) -> int:
         self.layers.append(layer)
@@ -219,5 +254,6 @@ class History:
                                      self.layers[i].order or 0, i))
 
     def nbytes(self) -> int:
-        return self.steps.nbytes() + self.detail.nbytes()
+        return self.steps.nbytes() + self.detail.nbytes() + \
+            sum(s.nbytes() for s in self.extra.values())
 

@@ -27,7 +27,7 @@ from . import stats, structure
 from .history import History, LayerInfo
 from .thresholds import Thresholds
 
-__all__ = ["Monitor", "Options"]
+__all__ = ["Extension", "Monitor", "Options"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -62,6 +62,47 @@ class Options:
                              f"got {self.capacity!r}")
         if not isinstance(self.strict, bool):
             raise TypeError(f"option 'strict' must be True or False, got {self.strict!r}")
+
+
+class Extension:
+    """A measurement that plugs into the monitor's forward events, step clock and flush.
+
+    Forward-side statistics (activation sites, recurrent gradients through time, eval-mode
+    checks) are extensions, so that the monitor stays one engine with one host copy: an
+    extension registers per-step device buffers with :meth:`Monitor.add_buffer`, writes its
+    row (``monitor.row()``) on device, and reads the rows back in :meth:`on_flush`. Every
+    method is called inside the monitor's guard: an exception disables measuring, never
+    the user's run. The base class does nothing, so an extension overrides only what it
+    needs.
+    """
+
+    monitor: Monitor
+
+    def bind(self, monitor: Monitor) -> None:
+        self.monitor = monitor
+
+    def on_root_forward_pre(self, module: nn.Module, args: tuple[Any, ...],
+                            kwargs: dict[str, Any]) -> None:
+        """A watched model's forward starts (with or without grad)."""
+
+    def on_root_forward(self, module: nn.Module, args: tuple[Any, ...],
+                        kwargs: dict[str, Any], output: Any) -> None:
+        """A watched model's forward returned (``output`` is None when it raised)."""
+
+    def wants_layer_pre(self, module: nn.Module) -> bool:
+        """Whether :meth:`on_layer_forward_pre` must see this layer's forward."""
+        return False
+
+    def on_layer_forward_pre(self, module: nn.Module, args: tuple[Any, ...]
+                             ) -> tuple[Any, ...] | None:
+        """A layer's forward starts; may return replacement positional arguments."""
+        return None
+
+    def on_flush(self, steps: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
+        """Committed rows of every buffer, on the host (extension buffers included)."""
+
+    def finish(self) -> None:
+        """The watch closes; model references are still alive here, gone after."""
 
 
 def guarded(method: F) -> F:
@@ -130,6 +171,15 @@ class Monitor:
         self._stepping = -1  # index of the optimizer whose step() is running
         self._step_lr = math.nan
         self._nan_grad = np.zeros((0, 0), dtype=bool)
+        self._xshapes: dict[str, tuple[int, ...]] = {}  # extension buffers: per-row shape
+        self._module_names: dict[int, str] = {}  # every module of every root -> its path
+        self.last_layer = -1  # the layer whose forward ran last (feeds the next activation)
+        self.suspended = 0  # > 0 while gradwatch itself runs the model: hooks do nothing
+        self.extensions: list[Extension] = []
+        from . import activations  # the forward-side extensions (they import this module)
+
+        for ext in (activations.ActivationSites(),):
+            self.add_extension(ext)
 
     # ------------------------------------------------------------------ registration
     def fail(self, exc: BaseException) -> None:
@@ -146,6 +196,7 @@ class Monitor:
         self._roots.append(module)
         self.history.roots.append(name)
         for mod_name, mod in module.named_modules():
+            self._module_names.setdefault(id(mod), mod_name)
             own = [(n, p) for n, p in mod.named_parameters(recurse=False) if p.requires_grad]
             own = [(n, p) for n, p in own if id(p) not in self._param_index]
             if not own:
@@ -191,6 +242,22 @@ class Monitor:
         self.history.facts.setdefault("optimizers", []).append(_optimizer_facts(optimizer))
         return True
 
+    def add_extension(self, extension: Extension) -> None:
+        extension.bind(self)
+        self.extensions.append(extension)
+
+    def module_name(self, module: nn.Module) -> str | None:
+        """The module's path inside its root ("" for the root itself), None if not watched."""
+        return self._module_names.get(id(module))
+
+    def layer_params(self, layer: int) -> list[torch.Tensor]:
+        """The tracked parameters of one layer, in the order of its ``param_names``."""
+        return [p for p, owner in zip(self._params, self._param_layer, strict=True)
+                if owner == layer]
+
+    def root_of_module(self, module: nn.Module) -> int | None:
+        return self._root_index.get(id(module))
+
     def tracks(self, tensor: torch.Tensor) -> bool:
         return id(tensor) in self._param_index
 
@@ -225,6 +292,7 @@ class Monitor:
         shapes = {"loss": (cap,), "grad": (cap, n_p),
                   "grad_applied": (cap, n_p), "weight": (cap, n_p), "update": (cap, n_p),
                   "act": (cap, n_l), "io": (cap, len(History.MODEL_IO))}
+        shapes.update({k: (cap, *s) for k, s in self._xshapes.items()})
         self._buf = {k: torch.empty(s, dtype=torch.float64, device=device)
                      for k, s in shapes.items()}
         self._reset_buffers()
@@ -232,7 +300,7 @@ class Monitor:
         self._buf_start = self.step
         if carry is not None:
             for k, row in carry.items():
-                if row.dim() == 0:
+                if row.dim() == 0 or k in self._xshapes:
                     self._buf[k][0] = row
                 else:
                     self._buf[k][0, : row.shape[0]] = row
@@ -249,6 +317,33 @@ class Monitor:
     def _row(self) -> int:
         self._ensure_buffers()
         return self.step - self._buf_start
+
+    def row(self) -> int:
+        """This step's row in every device buffer."""
+        return self._row()
+
+    def buffer(self, key: str) -> torch.Tensor:
+        """A device buffer by key (look it up each time: buffers are re-allocated)."""
+        self._ensure_buffers()
+        return self._buf[key]
+
+    def add_buffer(self, key: str, shape: tuple[int, ...]) -> None:
+        """Register an extension's per-step device buffer: float64, NaN = not measured."""
+        if key in self._xshapes:
+            return
+        self._xshapes[key] = tuple(shape)
+        if self._buf:
+            self._buf[key] = torch.full((self.options.sync_every, *shape), math.nan,
+                                        dtype=torch.float64, device=self.device)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the statistics live: the device of the first watched parameter."""
+        return self._device or torch.device("cpu")
+
+    def is_detail_step(self) -> bool:
+        """Whether the step being accumulated measures weights and activations."""
+        return self._is_detail(self.step)
 
     def _is_detail(self, step: int) -> bool:
         return step < 8 or step % self.options.detail_every == 0
@@ -412,7 +507,12 @@ class Monitor:
             self._take_snapshot()
 
     @guarded
-    def on_root_forward_pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+    def on_root_forward_pre(self, module: nn.Module, args: tuple[Any, ...],
+                            kwargs: dict[str, Any] | None = None) -> None:
+        if self.suspended:
+            return
+        for ext in self.extensions:
+            ext.on_root_forward_pre(module, args, kwargs or {})
         if not torch.is_grad_enabled() or not self._is_detail(self.step):
             return
         x = next((a for a in args if isinstance(a, torch.Tensor)), None)
@@ -427,7 +527,13 @@ class Monitor:
                       ).to(io.device)
 
     @guarded
-    def on_root_forward(self, module: nn.Module, output: Any) -> None:
+    def on_root_forward(self, module: nn.Module, output: Any,
+                        args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+                        ) -> None:
+        if self.suspended:
+            return
+        for ext in self.extensions:
+            ext.on_root_forward(module, args, kwargs or {}, output)
         if not torch.is_grad_enabled() or not self._is_detail(self.step):
             return
         out = _first_tensor(output)
@@ -438,11 +544,28 @@ class Monitor:
         io[row, 0] = stats.output_spread(out).to(io.device)
         io[row, 4] = stats.rms(out).to(io.device)
 
+    def wants_layer_pre(self, module: nn.Module) -> bool:
+        """Whether some extension needs a forward pre-hook on this layer."""
+        return any(ext.wants_layer_pre(module) for ext in self.extensions)
+
+    @guarded
+    def on_layer_forward_pre(self, module: nn.Module, args: tuple[Any, ...]
+                             ) -> tuple[Any, ...] | None:
+        if self.suspended:
+            return None
+        replaced = None
+        for ext in self.extensions:
+            new = ext.on_layer_forward_pre(module, replaced or args)
+            if new is not None:
+                replaced = new
+        return replaced
+
     @guarded
     def on_layer_forward(self, module: nn.Module, output: Any) -> None:
         layer = self._module_layer.get(id(module))
-        if layer is None:
+        if layer is None or self.suspended:
             return
+        self.last_layer = layer
         info = self.history.layers[layer]
         if info.order is None:
             info.order = self._forward_counter
@@ -551,6 +674,8 @@ class Monitor:
                 "act_rms": a["act"][d],
                 "model_io": a["io"][d],
             })
+        for ext in self.extensions:
+            ext.on_flush(steps, a)
 
     def _note_nonfinite(self, steps: np.ndarray, bad_g: np.ndarray, bad_w: np.ndarray,
                         a: dict[str, np.ndarray]) -> None:
@@ -593,6 +718,11 @@ class Monitor:
                 self.flush()
         except Exception as exc:
             self.fail(exc)
+        for ext in self.extensions:
+            try:
+                ext.finish()
+            except Exception as exc:
+                self.fail(exc)
         self.finished = time.perf_counter()
         self.status, self.error = status, error
         self._init_scales()
@@ -604,6 +734,7 @@ class Monitor:
                                         for r, m in enumerate(self._roots)}
         self._params, self._roots, self.optimizers = [], [], []
         self._param_index, self._module_layer, self._root_index = {}, {}, {}
+        self._module_names = {}
         self._buf, self._snapshot, self._losses, self._step_losses = {}, None, [], []
         self._probe_norms = None
         self.graph = None

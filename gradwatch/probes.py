@@ -158,25 +158,33 @@ def _flag_output(monitor: Monitor, output: Any) -> None:
 def attach_model(monitor: Monitor, model: nn.Module, handles: Handles) -> None:
     """Forward hooks on the model and on each of its parameter-owning modules."""
 
-    def root_pre(module: nn.Module, args: tuple[Any, ...]) -> None:
+    def root_pre(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if not _compiling():
-            monitor.on_root_forward_pre(module, args)
+            monitor.on_root_forward_pre(module, args, kwargs)
 
-    def root_post(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    def root_post(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                  output: Any) -> None:
         if not _compiling():
             monitor.root_forwards += 1
-            monitor.on_root_forward(module, output)
+            monitor.on_root_forward(module, output, args, kwargs)
             _flag_output(monitor, output)
+
+    def layer_pre(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        return None if _compiling() else monitor.on_layer_forward_pre(module, args)
 
     def layer_post(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if not _compiling():
             monitor.on_layer_forward(module, output)
 
-    handles.add(model.register_forward_pre_hook(root_pre))
+    handles.add(model.register_forward_pre_hook(root_pre, with_kwargs=True))
     for module in model.modules():
         if monitor.layer_of_module(module) is not None:
+            if monitor.wants_layer_pre(module):
+                handles.add(module.register_forward_pre_hook(layer_pre))
             handles.add(module.register_forward_hook(layer_post))
-    handles.add(model.register_forward_hook(root_post))
+    # always_call: extensions that scope something to the forward (a TorchFunctionMode)
+    # must close it also when the forward raises.
+    handles.add(model.register_forward_hook(root_post, with_kwargs=True, always_call=True))
 
 
 def attach_optimizer(monitor: Monitor, optimizer: torch.optim.Optimizer,
@@ -209,15 +217,16 @@ class GlobalProbes:
         self.monitor, self.name_of = monitor, name_of
         self._depth = 0
         self._own_params: dict[int, bool] = {}
+        self._wants_pre: dict[int, bool] = {}  # layers an extension pre-hooks (RNN inputs)
         handles.add(module_hooks.register_module_forward_pre_hook(self._pre))
         # always_call: the depth count must unwind even when a forward raises.
         handles.add(module_hooks.register_module_forward_hook(self._post, always_call=True))
         handles.add(optimizer_hooks.register_optimizer_step_pre_hook(self._step_pre))
         handles.add(optimizer_hooks.register_optimizer_step_post_hook(self._step_post))
 
-    def _pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+    def _pre(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         if _compiling():
-            return
+            return None
         # A torch.compile wrapper is watched through the module it compiles.
         module = unwrap_compiled(module)
         if self._depth == 0 and self.monitor.enabled:
@@ -228,6 +237,14 @@ class GlobalProbes:
             if self.monitor.is_root(module):
                 self.monitor.on_root_forward_pre(module, args)
         self._depth += 1
+        wants = self._wants_pre.get(id(module))
+        if wants is None:
+            wants = self._wants_pre[id(module)] = \
+                self.monitor.layer_of_module(module) is not None and \
+                self.monitor.wants_layer_pre(module)
+        if wants and self.monitor.enabled:
+            return self.monitor.on_layer_forward_pre(module, args)
+        return None
 
     def _post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if _compiling():
@@ -239,7 +256,7 @@ class GlobalProbes:
         if self.monitor.layer_of_module(module) is not None:
             self.monitor.on_layer_forward(module, output)
         if self._depth == 0 and self.monitor.is_root(module):
-            self.monitor.on_root_forward(module, output)
+            self.monitor.on_root_forward(module, output, args)
 
     def _step_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self.monitor.enabled:

@@ -103,6 +103,25 @@ class Thresholds:
     """Loss or activation RMS above this: the forward pass has overflowed in practice
     (its square is out of float32 range, so norms and gradients reach inf)."""
 
+    # --- activations: dead ReLU units, saturation ---------------------------------------
+    dying_persist_measurements: int = 4
+    """A unit counts as dead once it has output 0 for every sample of the batch on this
+    many consecutive detail measurements (transient zeros are not death)."""
+    dying_fraction: float = 0.25
+    """Fraction of a ReLU site's units dead at the end of the run (and persistently)
+    at or above this: dying ReLU (warning)."""
+    dying_fraction_error: float = 0.5
+    """... at or above this, or every unit of a site dead: dying ReLU (error)."""
+    saturation_margin: float = 0.01
+    """An output within this fraction of the activation's output range from a bound is
+    saturated (sigmoid < 0.01 or > 0.99, |tanh| > 0.98): its slope is below ~4% of the
+    maximum, so it passes almost no gradient."""
+    saturation_fraction: float = 0.5
+    """Fraction of a site's outputs saturated, on the persistence fraction of the
+    measurements, at or above this: saturated activation (warning)."""
+    saturation_fraction_error: float = 0.9
+    """... at or above this: saturated activation (error)."""
+
     def replace(self, **overrides: float) -> Thresholds:
         """Return a copy with some fields changed; unknown names raise a clear error."""
         return resolve_thresholds(self, overrides)

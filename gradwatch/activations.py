@@ -1,0 +1,330 @@
+"""Activation sites: dead ReLU units and saturated sigmoid/tanh outputs, per call site.
+
+Real models call activations as modules (``nn.ReLU``) and, more often, as functions
+(``F.relu``, ``torch.tanh``, ``x.relu()``, ``inplace=True``) inside ``forward``. Module hooks
+see only the first kind, so on detail steps a ``TorchFunctionMode`` is active for exactly
+the duration of the watched model's forward (entered in its forward pre-hook, left in its
+forward hook, also when the forward raises). It sees both kinds, because an activation
+module's forward calls the functional form. Each call is attributed to the module in whose
+forward it runs (the nearest caller frame whose ``self`` is a watched module) and to its
+1-based call count there: ``Net.relu@2`` is the second ``relu`` of ``Net.forward``.
+
+Per site and detail step, reduced on device and copied to the host with the rest of the
+monitor's buffers (no sync here):
+
+* ReLU family: the fraction of units (features of a Linear output, channels of a conv
+  output) whose pre-activation is <= 0 for every sample of the batch (the unit outputs 0
+  and passes no gradient), the fraction of units dead on ``dying_persist_measurements``
+  consecutive measurements, and the mean of the dead units' largest pre-activation.
+* sigmoid / tanh / hardtanh / softsign: the fraction of outputs within
+  ``saturation_margin`` of the output range from a bound, and the fraction of units
+  saturated for every sample.
+* both: the pre-activation mean, std and RMS (the scale that causes saturation).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .history import SiteInfo
+from .monitor import Extension
+
+__all__ = ["SITE_STATS", "ActivationSites", "activation_kind"]
+
+SITE_STATS = ("fraction", "persistent", "pre_mean", "pre_std", "pre_rms", "dead_pre_max")
+"""Columns measured per site and detail step (see the module docstring)."""
+
+_RELU = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu",
+         torch.Tensor.relu: "relu", torch.Tensor.relu_: "relu", F.relu6: "relu6"}
+_SATURATING = {torch.sigmoid: "sigmoid", torch.Tensor.sigmoid: "sigmoid",
+               torch.Tensor.sigmoid_: "sigmoid", F.sigmoid: "sigmoid",
+               torch.special.expit: "sigmoid", torch.tanh: "tanh", torch.Tensor.tanh: "tanh",
+               torch.Tensor.tanh_: "tanh", F.tanh: "tanh", F.hardtanh: "hardtanh",
+               F.hardtanh_: "hardtanh", F.softsign: "softsign"}
+_KIND: dict[Any, str] = {**_RELU, **_SATURATING}
+_BOUNDS = {"sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0), "softsign": (-1.0, 1.0)}
+_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Softsign)
+RELU_KINDS = ("relu", "relu6")
+
+
+def activation_kind(func: Any) -> str | None:
+    """The site kind of a torch function, or None if it is not a watched activation."""
+    try:
+        return _KIND.get(func)
+    except TypeError:  # unhashable callables
+        return None
+
+
+class _SiteMode(TorchFunctionMode):
+    """Passes every torch call through; activation calls are measured on the way."""
+
+    def __init__(self, sites: ActivationSites) -> None:
+        super().__init__()
+        self.sites = sites
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        kind = activation_kind(func)
+        if kind is None:
+            return func(*args, **kwargs)
+        return self.sites.call(func, kind, args, kwargs)
+
+
+class _Site:
+    """Device-side state of one site: its buffer key and the per-unit dead streak."""
+
+    def __init__(self, index: int, key: str) -> None:
+        self.index, self.key = index, key
+        self.streak: torch.Tensor | None = None  # consecutive dead measurements per unit
+        self.since: torch.Tensor | None = None  # step at which each unit's streak began
+
+
+class ActivationSites(Extension):
+    """Measures every activation call of the watched model's forward on detail steps."""
+
+    def __init__(self) -> None:
+        self._mode: _SiteMode | None = None
+        self._depth = 0  # nested root forwards while the mode is active
+        self._counts: dict[tuple[int, str], int] = {}
+        self._sites: dict[tuple[int, str, int], _Site] = {}
+        self._state: list[_Site] = []
+
+    # ------------------------------------------------------------------ scope
+    def on_root_forward_pre(self, module: nn.Module, args: tuple[Any, ...],
+                            kwargs: dict[str, Any]) -> None:
+        m = self.monitor
+        if self._mode is not None:
+            self._depth += 1
+            return
+        if not torch.is_grad_enabled() or not m.is_detail_step() or m.suspended:
+            return
+        self._counts = {}
+        m.last_layer = -1
+        self._mode = _SiteMode(self)
+        self._mode.__enter__()
+        self._depth = 1
+
+    def on_root_forward(self, module: nn.Module, args: tuple[Any, ...],
+                        kwargs: dict[str, Any], output: Any) -> None:
+        if self._mode is None:
+            return
+        self._depth -= 1
+        if self._depth <= 0:
+            mode, self._mode = self._mode, None
+            mode.__exit__(None, None, None)
+
+    # ------------------------------------------------------------------ one call
+    def call(self, func: Any, kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Run the activation; measure it unless gradwatch failed or it is not a tensor."""
+        x = args[0] if args else kwargs.get("input", kwargs.get("self"))
+        m = self.monitor
+        if not m.enabled or not isinstance(x, torch.Tensor) or not x.is_floating_point() \
+                or x.dim() < 2 or x.numel() == 0:
+            return func(*args, **kwargs)
+        try:
+            site, _, red = self._site(kind, x, func, args, kwargs)
+            pre = self._pre_stats(kind, x.detach(), red)
+        except Exception as exc:  # measuring must never break the forward
+            m.fail(exc)
+            return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        try:
+            self._write(site, kind, pre, out, red)
+        except Exception as exc:
+            m.fail(exc)
+        return out
+
+    def _site(self, kind: str, x: torch.Tensor, func: Any, args: tuple[Any, ...],
+              kwargs: dict[str, Any]) -> tuple[_Site, int, tuple[int, ...]]:
+        m = self.monitor
+        module = self._caller()
+        mod_id = id(module) if module is not None else 0
+        count_key = (mod_id, kind)
+        k = self._counts[count_key] = self._counts.get(count_key, 0) + 1
+        key = (mod_id, kind, k)
+        feeding = m.last_layer if m.last_layer >= 0 else None
+        layer_type = m.history.layers[feeding].type if feeding is not None else ""
+        # Channels of a conv output (N, C, ...), features of anything else (..., F).
+        unit_dim = 1 if x.dim() >= 4 or (x.dim() == 3 and layer_type.startswith("Conv")) \
+            else x.dim() - 1
+        red = tuple(d for d in range(x.dim()) if d != unit_dim)
+        site = self._sites.get(key)
+        if site is None:
+            site = self._new_site(key, kind, module, x, unit_dim, feeding, args, kwargs)
+        info = m.history.sites[site.index]
+        if x.shape[unit_dim] != info.units:  # another width: a different use of the site
+            info.units, info.unit_dim = int(x.shape[unit_dim]), unit_dim
+            site.streak = site.since = None
+        return site, unit_dim, red
+
+    def _new_site(self, key: tuple[int, str, int], kind: str, module: nn.Module | None,
+                  x: torch.Tensor, unit_dim: int, feeding: int | None,
+                  args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Site:
+        m = self.monitor
+        path = m.module_name(module) if module is not None else None
+        functional = not isinstance(module, _MODULES)
+        if module is None:
+            name = f"{kind}@{key[2]}"
+        elif functional:
+            base = path or type(module).__name__
+            name = f"{base}.{kind}@{key[2]}"
+        else:
+            name = path or type(module).__name__
+            if key[2] > 1:
+                name = f"{name}@{key[2]}"
+        root = m.history.layers[feeding].root if feeding is not None else 0
+        bounds = _BOUNDS.get(kind)
+        if kind == "hardtanh":
+            lo = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
+            hi = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
+            bounds = (float(lo), float(hi))
+        info = SiteInfo(name=name, kind=kind, module=path or "", root=root,
+                        functional=functional, order=len(m.history.sites),
+                        units=int(x.shape[unit_dim]), unit_dim=unit_dim, layer=feeding,
+                        bounds=bounds, bias_init=self._bias_mean(feeding))
+        m.history.sites.append(info)
+        site = _Site(len(m.history.sites) - 1, f"site{len(m.history.sites) - 1}")
+        self._sites[key] = site
+        self._state.append(site)
+        m.add_buffer(site.key, (len(SITE_STATS),))
+        return site
+
+    def _caller(self) -> nn.Module | None:
+        """The watched module in whose forward (or helper method) the call runs."""
+        frame = sys._getframe(3)
+        m = self.monitor
+        for _ in range(64):
+            if frame is None:
+                break
+            code = frame.f_code
+            if code.co_argcount and code.co_varnames[0] == "self":
+                obj = frame.f_locals.get("self")
+                if isinstance(obj, nn.Module) and m.module_name(obj) is not None:
+                    return obj
+            frame = frame.f_back
+        return None
+
+    def _bias_mean(self, layer: int | None) -> float | None:
+        """Mean bias of the feeding layer (one host read when a site is first seen)."""
+        bias = self._bias(layer)
+        return None if bias is None else float(bias.detach().float().mean())
+
+    def _bias(self, layer: int | None) -> torch.Tensor | None:
+        if layer is None:
+            return None
+        m = self.monitor
+        names = m.history.layers[layer].param_names
+        for name, p in zip(names, m.layer_params(layer), strict=False):
+            if name.endswith("bias") and p.dim() == 1:
+                return p
+        return None
+
+    # ------------------------------------------------------------------ statistics
+    @staticmethod
+    def _pre_stats(kind: str, x: torch.Tensor, red: tuple[int, ...]) -> dict[str, torch.Tensor]:
+        """Pre-activation statistics, taken before an in-place call overwrites the input."""
+        xf = x.float()
+        out = {"mean": xf.mean(), "std": xf.std() if xf.numel() > 1 else xf.new_zeros(()),
+               "rms": xf.square().mean().sqrt()}
+        if kind in RELU_KINDS:
+            # relu(x) == 0 exactly where x <= 0: a unit whose largest input over the batch
+            # is <= 0 is dead for this batch (NaN inputs count as alive).
+            out["unit_max"] = xf.amax(dim=red)
+        return out
+
+    def _write(self, site: _Site, kind: str, pre: dict[str, torch.Tensor], out: Any,
+               red: tuple[int, ...]) -> None:
+        m = self.monitor
+        nan = pre["mean"].new_full((), float("nan"))
+        if kind in RELU_KINDS:
+            unit_max = pre["unit_max"]
+            dead = unit_max <= 0
+            deadf = dead.float()
+            if site.streak is None or site.streak.shape != dead.shape:
+                site.streak = torch.zeros_like(deadf)
+                site.since = torch.full_like(deadf, float(m.step))
+            site.streak = (site.streak + 1.0) * deadf
+            site.since = torch.where(site.streak == 1.0, float(m.step), site.since)
+            k = float(m.thresholds.dying_persist_measurements)
+            fraction, persistent = deadf.mean(), (site.streak >= k).float().mean()
+            n_dead = deadf.sum()
+            dead_max = torch.where(n_dead > 0, (unit_max * deadf).sum() / n_dead.clamp(min=1),
+                                   nan)
+        else:
+            info = m.history.sites[site.index]
+            lo, hi = info.bounds or (-1.0, 1.0)
+            margin = m.thresholds.saturation_margin * (hi - lo)
+            o = out.detach().float() if isinstance(out, torch.Tensor) else None
+            if o is None:
+                return
+            sat = (o - lo <= margin) | (hi - o <= margin)
+            fraction = sat.float().mean()
+            persistent = sat.all(dim=red).float().mean() if red else fraction
+            dead_max = nan
+        row = torch.stack([fraction, persistent, pre["mean"], pre["std"], pre["rms"], dead_max])
+        buf = m.buffer(site.key)
+        buf[m.row()].copy_(row, non_blocking=True)
+
+    # ------------------------------------------------------------------ host side
+    def on_flush(self, steps: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
+        if not self._state:
+            return
+        m = self.monitor
+        n = len(m.history.sites)
+        rows = np.full((len(steps), n, len(SITE_STATS)), np.nan)
+        for site in self._state:
+            a = arrays.get(site.key)
+            if a is not None:
+                rows[:, site.index, :] = a
+        measured = ~np.isnan(rows[:, :, 0]).all(axis=1)
+        if not measured.any():
+            return
+        series = m.history.series("sites", {s: n for s in SITE_STATS})
+        series.append(steps[measured], {s: rows[measured, :, j]
+                                        for j, s in enumerate(SITE_STATS)})
+
+    def finish(self) -> None:
+        """Each site's state at the end: which units are dead, since when, their bias."""
+        if self._mode is not None:  # a forward that never returned
+            mode, self._mode = self._mode, None
+            mode.__exit__(None, None, None)
+        m = self.monitor
+        for site in self._state:
+            info = m.history.sites[site.index]
+            if site.streak is None:
+                continue
+            # One-off host reads at the end of the run.
+            streak = site.streak.detach().cpu().numpy()
+            since = site.since.detach().cpu().numpy()
+            k = m.thresholds.dying_persist_measurements
+            dead = np.nonzero(streak >= k)[0]
+            final: dict[str, Any] = {"dead_units": len(dead), "units": len(streak),
+                                     "dead_indices": dead[:16].tolist()}
+            if len(dead):
+                final["dead_since_step"] = int(np.min(since[dead]))
+                final["dead_since_step_median"] = int(np.median(since[dead]))
+                final["dead_measurements_median"] = int(np.median(streak[dead]))
+            bias = self._bias(info.layer)
+            if bias is not None and bias.numel() == len(streak):
+                b = bias.detach().float().cpu().numpy()
+                alive = np.setdiff1d(np.arange(len(streak)), dead)
+                final["bias_dead_mean"] = float(b[dead].mean()) if len(dead) else None
+                final["bias_alive_mean"] = float(b[alive].mean()) if len(alive) else None
+            info.final = final
+        # A module used several times (one nn.ReLU after every layer): number every use.
+        uses: dict[tuple[str, int], int] = {}
+        for info in m.history.sites:
+            if not info.functional:
+                uses[(info.module, info.root)] = uses.get((info.module, info.root), 0) + 1
+        for info in m.history.sites:
+            if not info.functional and uses[(info.module, info.root)] > 1 and "@" not in info.name:
+                info.name = f"{info.name}@1"
+        self._state, self._sites = [], {}
