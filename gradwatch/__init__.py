@@ -2,9 +2,10 @@
 
 from ._version import __version__
 from .findings import KINDS, Cause, Finding, Remedy
+from .preflight import preflight
 from .report import Report
 from .thresholds import Thresholds
 from .watch import Watch, watch
 
 __all__ = ["KINDS", "Cause", "Finding", "Remedy", "Report", "Thresholds", "Watch",
-           "__version__", "watch"]
+           "__version__", "preflight", "watch"]

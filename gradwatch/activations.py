@@ -33,13 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .history import SiteInfo
+from .history import SITE_STATS, SiteInfo
 from .monitor import Extension
 
 __all__ = ["SITE_STATS", "ActivationSites", "activation_kind"]
-
-SITE_STATS = ("fraction", "persistent", "pre_mean", "pre_std", "pre_rms", "dead_pre_max")
-"""Columns measured per site and detail step (see the module docstring)."""
 
 _RELU = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu",
          torch.Tensor.relu: "relu", torch.Tensor.relu_: "relu", F.relu6: "relu6"}
@@ -52,6 +49,8 @@ _KIND: dict[Any, str] = {**_RELU, **_SATURATING}
 _BOUNDS = {"sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0), "softsign": (-1.0, 1.0)}
 _MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Softsign)
 RELU_KINDS = ("relu", "relu6")
+_CHANNEL_NORMS = ("BatchNorm1d", "GroupNorm", "InstanceNorm1d", "SyncBatchNorm")
+"""Layers whose 3-D output is (N, C, L), like a Conv1d's: units are its channels."""
 
 
 def activation_kind(func: Any) -> str | None:
@@ -60,6 +59,12 @@ def activation_kind(func: Any) -> str | None:
         return _KIND.get(func)
     except TypeError:  # unhashable callables
         return None
+
+
+def _hardtanh_bounds(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[float, float]:
+    lo = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
+    hi = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
+    return float(lo), float(hi)
 
 
 class _SiteMode(TorchFunctionMode):
@@ -75,6 +80,8 @@ class _SiteMode(TorchFunctionMode):
         kind = activation_kind(func)
         if kind is None:
             return func(*args, **kwargs)
+        if kind == "hardtanh" and _hardtanh_bounds(args, kwargs)[0] == 0.0:
+            kind = "relu6"  # nn.ReLU6 calls hardtanh(x, 0, 6): a ReLU whose units can die
         return self.sites.call(func, kind, args, kwargs)
 
 
@@ -96,6 +103,7 @@ class ActivationSites(Extension):
         self._counts: dict[tuple[int, str], int] = {}
         self._sites: dict[tuple[int, str, int], _Site] = {}
         self._state: list[_Site] = []
+        self._root = 0  # the watched model whose forward is running
 
     # ------------------------------------------------------------------ scope
     def on_root_forward_pre(self, module: nn.Module, args: tuple[Any, ...],
@@ -107,6 +115,7 @@ class ActivationSites(Extension):
         if not torch.is_grad_enabled() or not m.is_detail_step() or m.suspended:
             return
         self._counts = {}
+        self._root = m.root_of_module(module) or 0
         m.last_layer = -1
         self._mode = _SiteMode(self)
         self._mode.__enter__()
@@ -153,8 +162,8 @@ class ActivationSites(Extension):
         feeding = m.last_layer if m.last_layer >= 0 else None
         layer_type = m.history.layers[feeding].type if feeding is not None else ""
         # Channels of a conv output (N, C, ...), features of anything else (..., F).
-        unit_dim = 1 if x.dim() >= 4 or (x.dim() == 3 and layer_type.startswith("Conv")) \
-            else x.dim() - 1
+        conv_like = layer_type.startswith("Conv") or layer_type in _CHANNEL_NORMS
+        unit_dim = 1 if x.dim() >= 4 or (x.dim() == 3 and conv_like) else x.dim() - 1
         red = tuple(d for d in range(x.dim()) if d != unit_dim)
         site = self._sites.get(key)
         if site is None:
@@ -180,12 +189,10 @@ class ActivationSites(Extension):
             name = path or type(module).__name__
             if key[2] > 1:
                 name = f"{name}@{key[2]}"
-        root = m.history.layers[feeding].root if feeding is not None else 0
+        root = self._root
         bounds = _BOUNDS.get(kind)
         if kind == "hardtanh":
-            lo = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
-            hi = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
-            bounds = (float(lo), float(hi))
+            bounds = _hardtanh_bounds(args, kwargs)
         info = SiteInfo(name=name, kind=kind, module=path or "", root=root,
                         functional=functional, order=len(m.history.sites),
                         units=int(x.shape[unit_dim]), unit_dim=unit_dim, layer=feeding,

@@ -49,16 +49,16 @@ def _split_run_args(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
 
 
 def _parse_thresholds(items: list[str]) -> dict[str, float]:
+    """``--threshold NAME=VALUE`` items; a malformed one is a ValueError (a usage error)."""
     out: dict[str, float] = {}
     for item in items:
         name, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"gradwatch: --threshold takes NAME=VALUE, got {item!r}")
+            raise ValueError(f"--threshold takes NAME=VALUE, got {item!r}")
         try:
             out[name.strip()] = float(value)
         except ValueError:
-            raise SystemExit(f"gradwatch: --threshold {name}: {value!r} is not a number") \
-                from None
+            raise ValueError(f"--threshold {name}: {value!r} is not a number") from None
     return out
 
 
@@ -132,13 +132,89 @@ def cmd_demo(argv: list[str]) -> int:
     return demo_main(argv)
 
 
-COMMANDS = {"run": cmd_run, "demo": cmd_demo}
+def cmd_check(argv: list[str]) -> int:
+    """Predict gradient problems of a model at init from one forward/backward pass."""
+    parser = argparse.ArgumentParser(
+        prog="gradwatch check",
+        description="Build a model with FACTORY() and predict, from one forward/backward at "
+        "init, which layers will have vanishing/exploding gradients, dead ReLUs or saturated "
+        "units, and the init that fixes them. TARGET is MODULE:FACTORY (imported like "
+        "`python -m`, from the current folder) or FILE.py:FACTORY. FACTORY() returns a model, "
+        "(model, example_batch) or (model, example_batch, loss_fn); see "
+        "gradwatch.preflight for what a batch may be.",
+        epilog="exit status: 0 no warning or error finding, 1 at least one, 2 usage error or "
+        "the model could not be checked")
+    parser.add_argument("target", metavar="TARGET", help="MODULE:FACTORY or FILE.py:FACTORY")
+    parser.add_argument("--input-shape", "--batch-shape", dest="shape", metavar="N,D,...",
+                        help="example batch when FACTORY returns only a model: standard normal "
+                        "values of this shape (seed --seed)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="torch seed set before FACTORY() and for the batch (default 0)")
+    parser.add_argument("--json", metavar="PATH", help="write the JSON report here")
+    parser.add_argument("--html", metavar="PATH", help="write the HTML report here")
+    parser.add_argument("--text", metavar="PATH", help="write the text summary here")
+    parser.add_argument("--quiet", action="store_true", help="no summary on stdout")
+    parser.add_argument("--threshold", action="append", default=[], metavar="NAME=VALUE",
+                        help="override a threshold (see docs/thresholds.md); repeatable")
+    ns = parser.parse_args(argv)
+    module_part, sep, factory_name = ns.target.rpartition(":")
+    if not sep or not module_part or not factory_name:
+        parser.error(f"TARGET must be MODULE:FACTORY or FILE.py:FACTORY, got {ns.target!r}")
+    shape: tuple[int, ...] | None = None
+    if ns.shape:
+        try:
+            shape = tuple(int(d) for d in ns.shape.replace("x", ",").split(",") if d.strip())
+        except ValueError:
+            shape = ()
+        if not shape or min(shape) < 1:
+            parser.error(f"--input-shape takes positive integers like 64,20; got {ns.shape!r}")
+    for out in (ns.json, ns.html, ns.text):
+        if out:
+            _check_writable(parser, out)
+    from .thresholds import resolve_thresholds
+
+    try:  # _parse_thresholds exits with status 1, which here means "problems found"
+        thresholds = resolve_thresholds(None, _parse_thresholds(ns.threshold))
+    except SystemExit as exc:
+        parser.error(str(exc).removeprefix("gradwatch: "))
+    except (TypeError, ValueError) as exc:
+        parser.error(str(exc))
+
+    from .preflight import load_factory, preflight, resolve_factory_result
+
+    try:
+        factory = load_factory(module_part, factory_name)
+        model, batch, loss_fn = resolve_factory_result(factory, factory_name, shape, ns.seed)
+    except (ImportError, LookupError, TypeError, ValueError) as exc:
+        print(f"gradwatch check: {exc}", file=sys.stderr)
+        return 2
+    try:
+        report = preflight(model, batch, loss_fn, thresholds=thresholds, seed=ns.seed)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        print(f"gradwatch check: {exc}", file=sys.stderr)
+        return 2
+    for out in (ns.json, ns.html, ns.text):
+        if out:
+            try:
+                report.save(out)
+            except (OSError, ValueError) as exc:
+                print(f"gradwatch check: could not write {out}: {exc}", file=sys.stderr)
+    if not ns.quiet:
+        sys.stdout.write(report.summary())
+        written = [p for p in (ns.json, ns.html, ns.text) if p]
+        if written:
+            print(f"report written to {', '.join(written)}", file=sys.stderr)
+    return 1 if report.problems else 0
+
+
+COMMANDS = {"run": cmd_run, "demo": cmd_demo, "check": cmd_check}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     usage = ("usage: gradwatch {run,demo} ...\n\n"
              "  run   SCRIPT [ARGS]  run a training script unmodified and report on it\n"
+             "  check MODULE:FACTORY predict vanishing/exploding/dead/saturated layers at init\n"
              "  demo                 the seed experiments of vanishing/exploding gradients\n\n"
              "gradwatch COMMAND --help for a command's options; gradwatch --version")
     if not args or args[0] in ("-h", "--help"):

@@ -15,9 +15,16 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Events", "History", "LayerInfo", "Series", "SiteInfo"]
+__all__ = ["SITE_STATS", "Events", "History", "LayerInfo", "Series", "SiteInfo"]
 
 DEFAULT_CAPACITY = 2048
+
+SITE_STATS = ("fraction", "persistent", "pre_mean", "pre_std", "pre_rms", "dead_pre_max")
+"""Blocks of the ``sites`` series, one column per activation site (``activations.py``):
+ReLU sites: fraction of units dead for the whole batch, fraction dead on
+``dying_persist_measurements`` consecutive measurements, ..., the dead units' mean largest
+pre-activation; saturating sites: fraction of outputs saturated, fraction of units
+saturated for the whole batch, ..., NaN; both: pre-activation mean, std and RMS."""
 
 
 class Series:

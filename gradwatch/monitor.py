@@ -176,9 +176,11 @@ class Monitor:
         self.last_layer = -1  # the layer whose forward ran last (feeds the next activation)
         self.suspended = 0  # > 0 while gradwatch itself runs the model: hooks do nothing
         self.extensions: list[Extension] = []
-        from . import activations  # the forward-side extensions (they import this module)
+        # forward-side extensions (they import this module)
+        from . import activations, evalmode, recurrent
 
-        for ext in (activations.ActivationSites(),):
+        for ext in (activations.ActivationSites(), evalmode.EvalModeCheck(),
+                    recurrent.RecurrentGradients()):
             self.add_extension(ext)
 
     # ------------------------------------------------------------------ registration
@@ -197,7 +199,9 @@ class Monitor:
         self.history.roots.append(name)
         for mod_name, mod in module.named_modules():
             self._module_names.setdefault(id(mod), mod_name)
-            own = [(n, p) for n, p in mod.named_parameters(recurse=False) if p.requires_grad]
+            # Lazy modules' parameters have no shape until their first forward: not tracked.
+            own = [(n, p) for n, p in mod.named_parameters(recurse=False)
+                   if p.requires_grad and not nn.parameter.is_lazy(p)]
             own = [(n, p) for n, p in own if id(p) not in self._param_index]
             if not own:
                 continue
@@ -206,7 +210,7 @@ class Monitor:
     def add_tensors(self, tensors: Iterable[torch.Tensor]) -> None:
         """Track parameters that no tracked module owns (bare tensors, optimizer-only)."""
         for t in tensors:
-            if not t.requires_grad or id(t) in self._param_index:
+            if not t.requires_grad or id(t) in self._param_index or nn.parameter.is_lazy(t):
                 continue
             name = self.namer(t) or f"tensor{len(self._params)}"
             self._add_layer(name, "Tensor", -1, [("", t)], None)

@@ -233,7 +233,12 @@ class GlobalProbes:
             if not self.monitor.is_root(module) and any(
                     p.requires_grad for p in module.parameters()):
                 name = self.name_of(module) or type(module).__name__.lower()
-                self.monitor.add_root(module, name)
+                try:
+                    self.monitor.add_root(module, name)
+                except Exception as exc:  # never break the user's forward
+                    self.monitor.fail(exc)
+                    if self.monitor.options.strict:
+                        raise
             if self.monitor.is_root(module):
                 self.monitor.on_root_forward_pre(module, args)
         self._depth += 1

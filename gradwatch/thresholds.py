@@ -122,6 +122,44 @@ class Thresholds:
     saturation_fraction_error: float = 0.9
     """... at or above this: saturated activation (error)."""
 
+    # --- eval mode: no-grad forwards with Dropout/BatchNorm in training mode -----------
+    eval_mode_output_change: float = 1e-3
+    """Relative L2 difference between the training-mode output of a no-grad forward and
+    the eval-mode output of the same forward above this: the mode changes the results
+    (warning). For a model without Dropout/BatchNorm layers it is also the difference that
+    reveals ``self.training`` logic elsewhere (``F.dropout(x, training=self.training)``)."""
+    eval_mode_bn_change: float = 1e-3
+    """Relative change of the BatchNorm running statistics (mean and variance together)
+    over the first pass of no-grad forwards above this: evaluation data was mixed into
+    them (warning)."""
+    eval_mode_in_step_fraction: float = 0.5
+    """No-grad forwards one at a time, in at least this fraction of the training steps:
+    they run inside the training loop (a target/teacher network, a training-metric pass),
+    which the finding then says."""
+
+    # --- gradient flow through time (nn.RNN, nn.LSTM, nn.GRU) -----------------------------
+    through_time_vanishing_ratio: float = 1e-3
+    """Gradient norm reaching the first timestep's input / the last timestep's below this,
+    persistently and still at the end of the run: vanishing through time (warning). Also
+    the level that defines the effective memory (timesteps back until the gradient is
+    below this fraction of the last one's)."""
+    through_time_vanishing_ratio_error: float = 1e-6
+    """... its median over the measured steps below this: vanishing through time (error)."""
+    through_time_exploding_ratio: float = 1e3
+    """First timestep's / last timestep's input-gradient norm above this, persistently (or
+    on every measurement before the gradients turned non-finite): exploding through time."""
+    through_time_min_measurements: int = 3
+    """Through-time findings need at least this many measured steps (detail steps on which
+    the module ran with gradients); the last this many decide whether it still holds."""
+    through_time_learning_loss: float = 0.5
+    """A loss that fell to this fraction of its start or less (medians of the first and last
+    ``baseline_steps`` steps): the model learns from the timesteps the gradient reaches, so
+    vanishing through time is info, not a problem (the task may not need longer memory)."""
+    forget_bias_low: float = 0.5
+    """LSTM forget-gate / GRU update-gate bias (bias_ih + bias_hh, mean over units) below
+    this at the first forward: the gate starts near or below one half and the state decays
+    fast (cause ``forget_gate_bias_low``; the usual fix is 1)."""
+
     def replace(self, **overrides: float) -> Thresholds:
         """Return a copy with some fields changed; unknown names raise a clear error."""
         return resolve_thresholds(self, overrides)

@@ -153,3 +153,62 @@ def test_lstm_with_gradient_clipping() -> None:
                          minibatches(x, y, 64), nn.functional.mse_loss, 200, clip=1.0)
     assert_healthy(report, losses, drop=100)
     assert [layer["name"] for layer in report.layers] == ["lstm", "head"]
+
+
+def test_gelu_mlp_with_adamw() -> None:
+    g = generator(5)
+    x = torch.randn(512, 16, generator=g)
+    y = torch.tanh(x[:, :4].sum(1, keepdim=True)) + 0.1 * x[:, 4:5]
+    model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(),
+                          nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 1))
+    report, losses = fit(model, torch.optim.AdamW(model.parameters(), lr=3e-3),
+                         minibatches(x, y, 64), nn.functional.mse_loss, 200)
+    assert_healthy(report, losses, drop=5)
+    assert report.series["dead_fraction"] == {}  # GELU has no dead units to report
+
+
+class TinyEncoder(nn.Module):
+    """Token classification with a Transformer encoder (dropout inside, F.relu FFN)."""
+
+    def __init__(self, vocab: int = 16, dim: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(0.02 * torch.randn(12, dim))
+        layer = nn.TransformerEncoderLayer(dim, nhead=4, dim_feedforward=64, dropout=0.1,
+                                           batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(tokens) + self.pos))
+
+
+def test_transformer_encoder_with_dropout_and_eval_validation() -> None:
+    g = generator(6)
+    model = TinyEncoder()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    losses = []
+
+    def batch() -> Batch:
+        tokens = torch.randint(0, 16, (32, 12), generator=g)
+        return tokens, (3 * tokens + 1) % 16  # a per-token mapping
+
+    with gradwatch.watch(model, opt) as gw:
+        for step in range(150):
+            x, y = batch()
+            loss = nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            if step % 50 == 49:
+                model.eval()
+                with torch.no_grad():
+                    xv, yv = batch()
+                    nn.functional.cross_entropy(model(xv).flatten(0, 1), yv.flatten())
+                model.train()
+    report = gw.report()
+    assert_healthy(report, losses, drop=3)
+    # The feed-forward ReLU runs as a functional call inside each encoder layer.
+    assert {"encoder.layers.0.relu@1", "encoder.layers.1.relu@1"} <= \
+        set(report.series["dead_fraction"])

@@ -73,7 +73,8 @@ def sample(param: str) -> Any:
     """A plausible measured value for a remedy parameter, as detectors pass them."""
     return {"nonlinearity": "relu", "old": "(nn.Sigmoid, nn.Tanh)", "width": 10, "depth": 3,
             "max_norm": 4.8, "lr": 0.001, "factor": 0.1, "old_lr": "0.01",
-            "measured": "0.5", "target": "0.001", "mean": "0.5", "std": "2"}.get(param, "1")
+            "measured": "0.5", "target": "0.001", "mean": "0.5", "std": "2",
+            "layer": "2", "bias": "-3", "site": "3"}.get(param, "1")
 
 
 def namespace() -> dict[str, Any]:

@@ -14,16 +14,27 @@ import numpy as np
 from ..findings import Finding
 from ..history import History
 from ..thresholds import Thresholds
-from . import exploding, loss_divergence, loss_plateau, nonfinite, vanishing
+from . import (
+    dying,
+    eval_mode,
+    exploding,
+    loss_divergence,
+    loss_plateau,
+    nonfinite,
+    saturated,
+    vanishing,
+)
 from .context import Context
 
 __all__ = ["REGISTRY", "Context", "run_detectors"]
 
 REGISTRY: dict[str, Callable[[Context], list[Finding]]] = {
-    m.KIND: m.detect for m in (nonfinite, exploding, vanishing, loss_divergence, loss_plateau)
+    m.KIND: m.detect for m in (nonfinite, exploding, vanishing, dying, saturated,
+                               loss_divergence, loss_plateau, eval_mode)
 }
 
-GLOBAL_KINDS = {nonfinite.KIND}
+# Eval-mode facts are per model already, and cover models that are only evaluated.
+GLOBAL_KINDS = {nonfinite.KIND, eval_mode.KIND}
 _SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ..history import History, LayerInfo
+from ..history import SITE_STATS, History, LayerInfo, SiteInfo
 from ..thresholds import Thresholds
 
 __all__ = ["Context", "Group", "fmt"]
@@ -192,6 +192,58 @@ class Context:
             name = self.h.roots[info.root] if info.root >= 0 else "tensors"
             out.setdefault(info.root, Group(info.root, name, [])).layers.append(i)
         return list(out.values())
+
+    # --- activation sites -------------------------------------------------------------
+    @cached_property
+    def sites(self) -> list[int]:
+        """Activation call sites of this view's model(s), in first-call order."""
+        return [i for i, site in enumerate(self.h.sites)
+                if self.root is None or site.root == self.root]
+
+    def site(self, i: int) -> SiteInfo:
+        return self.h.sites[i]
+
+    def site_name(self, i: int) -> str:
+        """Display name of a site: prefixed by the model's name when the run trained several."""
+        info = self.h.sites[i]
+        roots = {layer.root for layer in self.h.layers if layer.root >= 0}
+        if len(roots) > 1 and 0 <= info.root < len(self.h.roots):
+            return f"{self.h.roots[info.root]}.{info.name}"
+        return info.name
+
+    def site_label(self, i: int) -> str:
+        """Site name for a sentence: ``layer 3 (ReLU)`` for an nn.Sequential index."""
+        name = self.site_name(i)
+        base = name.split("@")[0]
+        if base.replace(".", "").isdigit():
+            return f"layer {name} ({self.h.sites[i].kind})"
+        return name
+
+    @cached_property
+    def site_steps(self) -> np.ndarray:
+        """Detail steps on which the activation sites were measured (this view's only)."""
+        return self._site_rows[0]
+
+    def site_stat(self, name: str) -> np.ndarray:
+        """One ``SITE_STATS`` block: rows = :attr:`site_steps`, columns = every site."""
+        return self._site_rows[1][name]
+
+    @cached_property
+    def _site_rows(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        series = self.h.extra.get("sites")
+        n = len(self.h.sites)
+        if series is None or not len(series):
+            return np.zeros(0, dtype=np.int64), {k: np.full((0, n), np.nan) for k in SITE_STATS}
+        steps = series.steps
+        mask = np.ones(len(steps), dtype=bool) if self.root is None else \
+            np.isin(steps, self.steps)
+        blocks = {}
+        for k in SITE_STATS:
+            b = series.block(k)[mask]
+            if b.shape[1] < n:
+                b = np.concatenate([b, np.full((b.shape[0], n - b.shape[1]), np.nan)], axis=1)
+            blocks[k] = b
+        return steps[mask], blocks
 
     @property
     def facts(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import numpy as np
 from .. import causes as C
 from ..findings import Finding, Remedy
 from ..remedies import remedy
+from . import through_time
 from .advice import clip_threshold, depth_remedies, lower_lr
 from .context import Context, fmt
 
@@ -51,6 +52,7 @@ def loss_trouble(ctx: Context, since: int) -> str | None:
     return None
 
 
+@through_time.also(KIND)  # the same kind through time, for nn.RNN/LSTM/GRU
 def detect(ctx: Context) -> list[Finding]:
     t = ctx.t
     total = ctx.total_grad

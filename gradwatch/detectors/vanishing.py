@@ -6,6 +6,8 @@ import numpy as np
 
 from .. import causes as C
 from ..findings import Finding
+from ..remedies import remedy
+from . import through_time
 from .advice import depth_remedies
 from .context import Context, Group, fmt
 
@@ -43,6 +45,7 @@ def starved(ctx: Context,
     return None
 
 
+@through_time.also(KIND)  # the same kind through time, for nn.RNN/LSTM/GRU
 def detect(ctx: Context) -> list[Finding]:
     findings = []
     for group in ctx.groups:
@@ -89,12 +92,20 @@ def detect(ctx: Context) -> list[Finding]:
                                            else ("small",)),
                               C.signal_shrinks_forward(ctx, group),
                               C.deep_plain_stack(ctx, group)) if c]
+        remedies = depth_remedies(ctx, group, causes)
+        blocked = C.dead_units_block(ctx, group)
+        if blocked is not None:
+            # Dead ReLU units pass no gradient at all: that, not the depth, is the cause.
+            cause, site = blocked
+            causes.insert(0, cause)
+            where = f"; the gradient stops at {site}, whose units are dead (see dying_relu)"
+            remedies = [remedy("leaky_relu", site=site, old="(nn.ReLU, nn.ReLU6)"),
+                        *remedies]
         summary = (f"{ctx.subject}Gradients vanish towards the input: "
                    f"{ctx.label(group.layers[0])} gets "
                    f"{fmt(median)} of the gradient norm of {ctx.label(group.layers[-1])}"
                    f"{where}, so the input-side layers barely learn.")
         findings.append(Finding(
             KIND, severity, int(steps[0]), int(steps[-1]), starved_layers or
-            [ctx.name(group.layers[0])], summary, evidence, causes,
-            depth_remedies(ctx, group, causes)))
+            [ctx.name(group.layers[0])], summary, evidence, causes, remedies))
     return findings

@@ -60,6 +60,34 @@ def _swap_code(p: dict[str, Any]) -> str:
             "# then re-initialise with Kaiming (nonlinearity=\"leaky_relu\")")
 
 
+
+def _model_var(p: dict[str, Any]) -> str:
+    """The model's variable name in the user's code when known, else ``model``."""
+    name = str(p.get("model", "model"))
+    return name if name.isidentifier() else "model"
+
+
+def _lstm_code(p: dict[str, Any]) -> str:
+    module = p.get("module", "rnn")
+    return ("def as_lstm(rnn):\n"
+            "    lstm = nn.LSTM(rnn.input_size, rnn.hidden_size, rnn.num_layers, bias=rnn.bias,\n"
+            "                   batch_first=rnn.batch_first, dropout=rnn.dropout,\n"
+            "                   bidirectional=rnn.bidirectional)\n"
+            "    with torch.no_grad():  # forget-gate bias 1 (gate order: input, forget, ...)\n"
+            "        for name, b in lstm.named_parameters():\n"
+            "            if name.startswith(\"bias_ih\"):\n"
+            "                b[rnn.hidden_size: 2 * rnn.hidden_size] = 1.0\n"
+            "    return lstm\n"
+            f"parent, _, attr = {module!r}.rpartition(\".\")\n"
+            "owner = model.get_submodule(parent)\n"
+            "if isinstance(model, nn.RNN):  # the model is the RNN itself\n"
+            "    model = as_lstm(model)\n"
+            "elif isinstance(getattr(owner, attr, None), nn.RNN):\n"
+            "    setattr(owner, attr, as_lstm(getattr(owner, attr)))\n"
+            "# an LSTM returns (output, (h_n, c_n)) where the RNN returned (output, h_n): unpack\n"
+            "# h_n accordingly in forward(), then re-create the optimizer")
+
+
 CATALOGUE: dict[str, RemedyEntry] = {e.id: e for e in [
     RemedyEntry(
         "kaiming_init",
@@ -74,9 +102,20 @@ CATALOGUE: dict[str, RemedyEntry] = {e.id: e for e in [
         _xavier_code),
     RemedyEntry(
         "leaky_relu",
-        lambda p: ("replace saturating activations with LeakyReLU: its derivative is 1 for "
+        lambda p: (f"replace ReLU at {p['site']} with LeakyReLU (or PReLU/ELU): a unit pushed "
+                   "below zero keeps a slope of 0.01, still gets gradient and can recover"
+                   if p.get("site") else
+                   "replace saturating activations with LeakyReLU: its derivative is 1 for "
                    "positive inputs and 0.01 (never 0) for negative ones"),
         _swap_code),
+    RemedyEntry(
+        "positive_bias_init",
+        lambda p: (f"re-initialise the bias of {p['layer']} at a small positive value "
+                   f"(0.01) instead of {p['bias']}, so that every unit starts active and "
+                   f"receives gradient"),
+        lambda p: ("with torch.no_grad():\n"
+                   f"    model.get_submodule(\"{p['layer']}\").bias.fill_(0.01)  # was "
+                   f"{p['bias']} on the dead units; before training, or to revive them")),
     RemedyEntry(
         "batch_norm",
         lambda p: ("normalise each layer's output (BatchNorm1d for MLPs, BatchNorm2d for "
@@ -145,6 +184,78 @@ CATALOGUE: dict[str, RemedyEntry] = {e.id: e for e in [
         lambda p: ("if torch.isfinite(loss):\n"
                    "    optimizer.step()\n"
                    "optimizer.zero_grad()")),
+    RemedyEntry(
+        "call_model_eval",
+        lambda p: (f"call {_model_var(p)}.eval() before evaluating and {_model_var(p)}.train() "
+                   "after: eval mode makes Dropout keep every unit and BatchNorm use (and stop "
+                   "updating) its running statistics; torch.no_grad() only stops gradient "
+                   "tracking, so evaluation needs both"),
+        lambda p: (f"{_model_var(p)}.eval()  # Dropout keeps every unit; BatchNorm uses its "
+                   "running statistics\n"
+                   "with torch.no_grad():\n"
+                   f"    val_out = {_model_var(p)}(x)  # your evaluation loop\n"
+                   f"{_model_var(p)}.train()  # back to training mode before the next "
+                   "training step")),
+    RemedyEntry(
+        "recompute_bn_statistics",
+        lambda p: ("the BatchNorm running statistics now hold evaluation batches: once the "
+                   "loop calls eval(), re-estimate them on training data before the model is "
+                   "saved or used (or train long enough for their momentum to wash those "
+                   "batches out)"),
+        lambda p: ("# re-estimate the BatchNorm running statistics on training batches\n"
+                   f"torch.optim.swa_utils.update_bn([x], {_model_var(p)})  "
+                   "# your training DataLoader instead of [x]")),
+    RemedyEntry(
+        "use_lstm_gru",
+        lambda p: (f"replace the plain nn.RNN {p['module']!r} by an nn.LSTM with forget-gate "
+                   f"bias 1: its cell state is updated additively, so the gradient through "
+                   f"time is scaled by the forget gate (learnable, near 1) instead of "
+                   f"weight_hh times the activation's slope (measured x{p['decay']} per step)"),
+        _lstm_code),
+    RemedyEntry(
+        "forget_gate_bias",
+        lambda p: (f"set the {p['gate']}-gate bias of {p['module']!r} to 1 (now {p['bias']}): "
+                   f"the gate then starts at sigmoid(1) = 73%, so the state, and the gradient "
+                   f"along it, decays much more slowly from the first step on"),
+        lambda p: (f"rnn = model.get_submodule({p['module']!r})  # an nn.LSTM or nn.GRU\n"
+                   "with torch.no_grad():\n"
+                   "    for name, p in rnn.named_parameters():\n"
+                   "        if name.startswith(\"bias_\"):\n"
+                   "            # 2nd gate block: LSTM (input, forget, cell, output), GRU "
+                   "(reset, update, new)\n"
+                   "            h = p.shape[0] // (4 if isinstance(rnn, nn.LSTM) else 3)\n"
+                   "            p[h: 2 * h] = 1.0 if name.startswith(\"bias_ih\") else 0.0"
+                   "  # sum 1")),
+    RemedyEntry(
+        "chrono_init",
+        lambda p: (f"chrono-initialise the gates of the LSTM {p['module']!r} for dependencies "
+                   f"up to {p['length']} steps (Tallec & Ollivier 2018): forget-gate biases "
+                   f"log(U(1, {p['length']} - 1)), input-gate biases their negative, so the "
+                   f"cells start with memories spread from 1 to {p['length']} steps instead of "
+                   f"all forgetting at the same rate"),
+        lambda p: (f"rnn = model.get_submodule({p['module']!r})\n"
+                   f"T = {p['length']}  # the longest dependency to learn: the sequence length\n"
+                   "if isinstance(rnn, nn.LSTM):\n"
+                   "    h = rnn.hidden_size\n"
+                   "    with torch.no_grad():\n"
+                   "        for name, b in rnn.named_parameters():\n"
+                   "            if name.startswith(\"bias_ih\"):  # gates: input, forget, ...\n"
+                   "                forget = torch.log(torch.empty(h).uniform_(1, T - 1))\n"
+                   "                b[h: 2 * h] = forget\n"
+                   "                b[:h] = -forget\n"
+                   "            elif name.startswith(\"bias_hh\"):\n"
+                   "                b[: 2 * h] = 0.0")),
+    RemedyEntry(
+        "orthogonal_recurrent_init",
+        lambda p: (f"initialise the recurrent weights of {p['module']!r} orthogonally: "
+                   f"spectral radius 1 (measured {p['radius']}), so repeated multiplication by "
+                   f"weight_hh neither shrinks nor grows the gradient through time"),
+        lambda p: (f"rnn = model.get_submodule({p['module']!r})\n"
+                   "with torch.no_grad():\n"
+                   "    for name, p in rnn.named_parameters():\n"
+                   "        if name.startswith(\"weight_hh\"):\n"
+                   "            for k in range(0, p.shape[0], p.shape[1]):  # each gate's block\n"
+                   "                nn.init.orthogonal_(p[k: k + p.shape[1]])")),
 ]}
 
 

@@ -100,6 +100,25 @@ def _column(values: np.ndarray) -> list[float | None]:
     return [None if not np.isfinite(v) else float(v) for v in values]
 
 
+def _site_series(ctx: Context) -> dict[str, Any]:
+    """Per activation site: dead fraction (ReLU family) or saturated fraction over time."""
+    frac = ctx.site_stat("fraction")
+    dead = {ctx.site_name(i): _column(frac[:, i]) for i in ctx.sites
+            if ctx.site(i).kind in ("relu", "relu6")}
+    saturated = {ctx.site_name(i): _column(frac[:, i]) for i in ctx.sites
+                 if ctx.site(i).kind not in ("relu", "relu6")}
+    return {"site_step": ctx.site_steps.tolist(), "dead_fraction": dead,
+            "saturated_fraction": saturated}
+
+
+def _site_facts(ctx: Context, i: int) -> dict[str, Any]:
+    site = ctx.site(i)
+    return {"name": ctx.site_name(i), "kind": site.kind, "module": site.module,
+            "functional": site.functional, "units": site.units,
+            "feeding_layer": ctx.name(site.layer) if site.layer is not None else None,
+            "final": site.final}
+
+
 def build_report(monitor: Any) -> Report:
     """Run the detectors over a monitor's history and assemble the contract's JSON."""
     history = monitor.history
@@ -127,8 +146,8 @@ def build_report(monitor: Any) -> Report:
         "activation_rms": {ctx.name(i): _column(detail.block("act_rms")[:, i]) for i in order},
         "nonfinite": {ctx.name(i): _column(history.steps.block("nonfinite")[:, i])
                       for i in order},
-        "dead_fraction": {},
         "stride": history.steps.stride,
+        **_site_series(ctx),
     }
     data = {
         "schema": SCHEMA,
@@ -143,6 +162,7 @@ def build_report(monitor: Any) -> Report:
         "layers": layers,
         "findings": [f.to_dict() for f in findings],
         "series": series,
-        "facts": jsonable({**history.facts, "layers": layer_facts}),
+        "facts": jsonable({**history.facts, "layers": layer_facts,
+                           "sites": [_site_facts(ctx, i) for i in ctx.sites]}),
     }
     return Report(jsonable(data))

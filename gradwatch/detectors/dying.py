@@ -1,0 +1,129 @@
+"""dying_relu: ReLU units that output 0 for every sample, persistently, per call site.
+
+A unit is dead on a batch when its pre-activation is <= 0 for every sample: it outputs 0
+and passes no gradient to the layer that feeds it, so nothing but a change elsewhere can
+revive it. Transient zeros are common in healthy nets; only units dead on
+``dying_persist_measurements`` consecutive measurements up to the end of the run count.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import causes as C
+from ..findings import Cause, Finding, Remedy
+from ..remedies import remedy
+from .advice import lower_lr
+from .context import Context, fmt
+
+KIND = "dying_relu"
+RELU_KINDS = ("relu", "relu6")
+
+
+def detect(ctx: Context) -> list[Finding]:
+    findings = []
+    for i in ctx.sites:
+        finding = _site_finding(ctx, i)
+        if finding is not None:
+            findings.append(finding)
+    return findings
+
+
+def _downstream_of_dead_site(ctx: Context, i: int) -> bool:
+    """Whether an earlier site of the same model is entirely dead: everything after it sees
+    a constant, so this site's dead units are a consequence, reported with that site."""
+    site = ctx.site(i)
+    for j in ctx.sites:
+        other = ctx.site(j)
+        units = other.final.get("units")
+        if other.root == site.root and other.order < site.order and \
+                other.kind in RELU_KINDS and units and other.final.get("dead_units") == units:
+            return True
+    return False
+
+
+def _site_finding(ctx: Context, i: int) -> Finding | None:
+    site = ctx.site(i)
+    if site.kind not in RELU_KINDS or not site.final:
+        return None
+    t = ctx.t
+    frac = ctx.site_stat("fraction")[:, i]
+    ok = np.isfinite(frac)
+    if ok.sum() < t.dying_persist_measurements:
+        return None
+    units, dead = site.final["units"], site.final["dead_units"]
+    share = dead / units if units else 0.0
+    if share < t.dying_fraction:
+        return None
+    steps = ctx.site_steps[ok]
+    if _downstream_of_dead_site(ctx, i):
+        return None
+    persistent = ctx.site_stat("persistent")[ok, i]
+    above = np.nonzero(persistent >= t.dying_fraction)[0]
+    since = int(site.final.get("dead_since_step_median", steps[0]))
+    first_step = min(since, int(steps[above[0]])) if above.size else since
+    name = ctx.site_name(i)
+    label = ctx.site_label(i)
+    feed = ctx.label(site.layer) if site.layer is not None else None
+    first_frac = float(frac[ok][0])
+
+    causes: list[Cause] = [c for c in (
+        C.negative_bias(ctx, i), C.dead_at_init(ctx, i),
+        None if first_frac >= t.dying_fraction else C.learning_rate_spike(ctx, since, site.layer),
+        C.learning_rate_too_high(ctx, until=since) if first_frac < t.dying_fraction else None,
+        C.unscaled_inputs(ctx)) if c]
+    ids = {c.id for c in causes}
+    # Units killed by training, or by a bias set far below zero, are the classic dying
+    # ReLU. Units that were dead from initialisation in a narrow layer, in a run where
+    # nothing else is wrong, are a fact about the model's capacity: reported as info.
+    grew = share - first_frac >= t.dying_fraction / 2
+    if dead == units:
+        severity = "error"
+    elif grew or "large_negative_bias" in ids:
+        severity = "error" if share >= t.dying_fraction_error else "warning"
+    else:
+        severity = "info"
+    remedies: list[Remedy] = [remedy("leaky_relu", site=name, old="(nn.ReLU, nn.ReLU6)")]
+    bias = site.final.get("bias_dead_mean")
+    if site.layer is not None and bias is not None and bias < 0:
+        remedies.append(remedy("positive_bias_init", layer=ctx.name(site.layer),
+                               bias=fmt(bias)))
+    if ids & {"learning_rate_spike", "learning_rate_too_high"}:
+        lr = lower_lr(ctx, until=since)
+        if lr is not None:
+            remedies.append(lr)
+    if "dead_at_init" in ids and "large_negative_bias" not in ids:
+        remedies.append(remedy("kaiming_init", nonlinearity="relu"))
+
+    where = f"fed by {feed}" if feed else "in the model's forward"
+    how = f"{'module' if not site.functional else 'functional call'}"
+    summary = (f"{ctx.subject}{dead} of {units} units at {label} ({how} {site.kind}, {where}) "
+               f"output 0 for every sample from step {since} to the end "
+               f"({fmt(100 * share)}% dead; {fmt(100 * first_frac)}% at the first "
+               f"measurement): they pass no gradient back, so they cannot recover by "
+               f"themselves.")
+    if severity == "info":
+        summary += (" They were dead from initialisation and training did not kill more: "
+                    "this costs capacity, but nothing shows it stops the model learning.")
+    pre_mean = ctx.site_stat("pre_mean")[ok, i]
+    pre_std = ctx.site_stat("pre_std")[ok, i]
+    dead_max = ctx.site_stat("dead_pre_max")[ok, i]
+    k = np.linspace(0, len(steps) - 1, min(len(steps), 32)).round().astype(int)
+    evidence = {
+        "site": name, "activation": site.kind, "functional": site.functional,
+        "module": site.module, "units": units, "dead_units": dead,
+        "dead_fraction": share, "dead_fraction_first_measurement": first_frac,
+        "dead_since_step": since, "dead_unit_indices": site.final.get("dead_indices", []),
+        "consecutive_dead_measurements": site.final.get("dead_measurements_median"),
+        "feeding_layer": ctx.name(site.layer) if site.layer is not None else None,
+        "bias_init_mean": site.bias_init, "bias_dead_mean": bias,
+        "bias_alive_mean": site.final.get("bias_alive_mean"),
+        "pre_activation_mean": {"first": float(pre_mean[0]), "last": float(pre_mean[-1])},
+        "pre_activation_std": {"first": float(pre_std[0]), "last": float(pre_std[-1])},
+        "dead_units_max_pre_activation": float(dead_max[-1]),
+        "dead_fraction_series": {"steps": steps[k].tolist(), "values": frac[ok][k].tolist()},
+    }
+    layers = [ctx.name(site.layer)] if site.layer is not None else []
+    return Finding(kind=KIND, severity=severity, first_step=first_step,
+                   last_step=int(steps[-1]), layers=[*layers, name], summary=summary,
+                   evidence=evidence, causes=causes, remedies=remedies)

@@ -1,0 +1,119 @@
+"""saturated_activation: sigmoid/tanh/hardtanh/softsign outputs stuck near their bounds.
+
+Measured per call site as the fraction of outputs within ``saturation_margin`` of the
+output range from a bound, where the slope is a few percent of its maximum. Reported when
+that fraction stays at or above ``saturation_fraction`` on ``persistence`` of the
+measurements: saturation at one step is not a finding. This is not the vanishing finding: a
+deep sigmoid net with small pre-activations vanishes without saturating, and a saturated
+layer near the output may not starve the layers before it; each is reported as measured.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import causes as C
+from ..findings import Cause, Finding, Remedy
+from ..remedies import remedy
+from .advice import lower_lr
+from .context import Context, fmt
+
+KIND = "saturated_activation"
+SATURATING = ("sigmoid", "tanh", "hardtanh", "softsign")
+MIN_MEASUREMENTS = 3
+
+
+def detect(ctx: Context) -> list[Finding]:
+    findings = []
+    for i in ctx.sites:
+        finding = _site_finding(ctx, i)
+        if finding is not None:
+            findings.append(finding)
+    return findings
+
+
+def _first_layer(ctx: Context, layer: int | None) -> bool:
+    """Whether ``layer`` is the first weight layer of its model (it sees the raw inputs)."""
+    if layer is None:
+        return False
+    group = next((g for g in ctx.groups if layer in g.layers), None)
+    return group is not None and group.layers[0] == layer
+
+
+def _site_finding(ctx: Context, i: int) -> Finding | None:
+    site = ctx.site(i)
+    if site.kind not in SATURATING:
+        return None
+    t = ctx.t
+    frac = ctx.site_stat("fraction")[:, i]
+    ok = np.isfinite(frac)
+    if ok.sum() < MIN_MEASUREMENTS:
+        return None
+    values, steps = frac[ok], ctx.site_steps[ok]
+    high = values >= t.saturation_fraction
+    if high.mean() < t.persistence or not high[-1]:
+        return None
+    typical = float(np.median(values))
+    severity = "error" if typical >= t.saturation_fraction_error else "warning"
+    name = ctx.site_name(i)
+    label = ctx.site_label(i)
+    first_step = int(steps[np.nonzero(high)[0][0]])
+
+    first_layer = _first_layer(ctx, site.layer)
+    inputs = C.unscaled_inputs(ctx) if first_layer else None
+    init = None
+    if site.layer is not None:
+        scale = ctx.init_scale(site.layer)
+        if scale and scale["ratio"] > t.init_scale_high:
+            init = Cause("init_too_large",
+                         f"{ctx.label(site.layer)} starts at {fmt(scale['ratio'])}x the "
+                         f"{scale['family'].capitalize()} std for the {site.kind} that "
+                         f"follows")
+    grew = C.weights_grew(ctx, site.layer)
+    causes: list[Cause] = [c for c in (C.large_preactivations(ctx, i), inputs, init, grew,
+                                       C.preactivation_offset(ctx, i)) if c]
+    ids = {c.id for c in causes}
+    remedies: list[Remedy] = []
+    if inputs is not None:
+        stats = C.input_stats(ctx)
+        if stats is not None:
+            remedies.append(remedy("standardize_inputs", mean=fmt(stats[1]),
+                                   std=fmt(stats[2])))
+    if "init_too_large" in ids or not remedies:
+        remedies.append(remedy("xavier_init", nonlinearity=site.kind
+                               if site.kind in ("sigmoid", "tanh") else "tanh"))
+    if "weights_grew" in ids:
+        lr = lower_lr(ctx)
+        if lr is not None:
+            remedies.append(lr)
+    remedies.append(remedy("batch_norm"))
+
+    pre_rms = ctx.site_stat("pre_rms")[ok, i]
+    pre_mean = ctx.site_stat("pre_mean")[ok, i]
+    stuck = ctx.site_stat("persistent")[ok, i]
+    where = f", fed by {ctx.label(site.layer)}" if site.layer is not None else ""
+    summary = (f"{ctx.subject}{fmt(100 * typical)}% of the outputs of {label} "
+               f"({'functional ' if site.functional else ''}{site.kind}{where}) sit within "
+               f"{fmt(100 * t.saturation_margin)}% of its bounds, on "
+               f"{fmt(100 * float(high.mean()))}% of {len(values)} measurements from step "
+               f"{first_step}: there its slope is nearly 0, so it passes almost no gradient "
+               f"(pre-activation RMS {fmt(float(np.median(pre_rms)))}).")
+    k = np.linspace(0, len(steps) - 1, min(len(steps), 32)).round().astype(int)
+    evidence = {
+        "site": name, "activation": site.kind, "functional": site.functional,
+        "module": site.module, "bounds": list(site.bounds) if site.bounds else None,
+        "saturated_fraction": typical,
+        "saturated_fraction_first": float(values[0]),
+        "saturated_fraction_last": float(values[-1]),
+        "measurements_saturated": int(high.sum()), "measurements": len(values),
+        "units_saturated_for_whole_batch": float(np.median(stuck)),
+        "pre_activation_rms": {"first": float(pre_rms[0]), "last": float(pre_rms[-1])},
+        "pre_activation_mean": {"first": float(pre_mean[0]), "last": float(pre_mean[-1])},
+        "feeding_layer": ctx.name(site.layer) if site.layer is not None else None,
+        "feeding_layer_is_first": first_layer,
+        "saturated_fraction_series": {"steps": steps[k].tolist(), "values": values[k].tolist()},
+    }
+    layers = [ctx.name(site.layer)] if site.layer is not None else []
+    return Finding(kind=KIND, severity=severity, first_step=first_step,
+                   last_step=int(steps[-1]), layers=[*layers, name], summary=summary,
+                   evidence=evidence, causes=causes, remedies=remedies)

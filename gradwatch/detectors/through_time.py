@@ -1,0 +1,362 @@
+"""vanishing_gradient / exploding_gradient *through time*, for nn.RNN, nn.LSTM and nn.GRU.
+
+The measure (``gradwatch/recurrent.py``): on detail steps, the L2 norm of the gradient of
+the loss with respect to each timestep's input, at 16 evenly spaced timesteps that include
+the first and the last. The ratio ``||dL/dx_0|| / ||dL/dx_{T-1}||`` says how much of the
+gradient that reaches the last timestep survives the trip back to the first.
+
+* Vanishing: the ratio below ``through_time_vanishing_ratio`` on ``persistence`` of the
+  measured steps and still at the end of the run. The model cannot learn dependencies
+  longer than the *effective memory*: the number of timesteps back from the last at which
+  the gradient falls below that ratio. If the loss nevertheless fell well (to
+  ``through_time_learning_loss`` of its start or less), the model learns from the
+  timesteps the gradient does reach: the finding is info, not a problem (the task may not
+  need longer memory: a healthy LSTM summing the last few inputs forgets on purpose).
+* Exploding: the ratio above ``through_time_exploding_ratio`` on ``persistence`` of the
+  measured steps, or on every finite measurement before the gradients turned non-finite.
+
+With a loss on every timestep each input also gets its own direct gradient, so a ratio
+near 1 does not prove that long-range gradients survive: it is never reported as healthy,
+only not as vanishing. Bidirectional modules are measured but not judged.
+
+Wired in by decorating the ``detect`` of ``vanishing.py`` and ``exploding.py`` with
+:func:`also`, so that each kind stays one registry entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .. import causes as C
+from ..findings import Finding, Remedy
+from ..recurrent import PROFILE_POINTS, sampled_timesteps
+from ..remedies import remedy
+from .advice import clip_threshold
+from .context import Context, fmt
+
+__all__ = ["Measured", "also", "detect", "measurements", "report_series"]
+
+VANISHING, EXPLODING = "vanishing_gradient", "exploding_gradient"
+
+
+@dataclasses.dataclass
+class Measured:
+    """The through-time measurements of one recurrent module on the steps of a view."""
+
+    rnn: dict[str, Any]  # the module's facts (``history.facts["recurrent"]``)
+    name: str  # display name (the layer's, as in the report)
+    steps: np.ndarray  # measured steps
+    lengths: np.ndarray  # sequence length per measured step
+    profile: np.ndarray  # (steps, PROFILE_POINTS) norms at sampled_timesteps(length)
+    mean: np.ndarray  # mean norm over all timesteps, per step
+
+    def last(self) -> np.ndarray:
+        """Norm at the last timestep, per step."""
+        idx = np.minimum(self.lengths, PROFILE_POINTS).astype(int) - 1
+        return self.profile[np.arange(len(self.steps)), idx]
+
+    def ratio(self) -> np.ndarray:
+        """First timestep's norm / last timestep's, per step (NaN where undefined)."""
+        last = self.last()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(np.isfinite(last) & (last > 0), self.profile[:, 0] / last, np.nan)
+
+    def decay(self, rows: np.ndarray) -> float | None:
+        """Geometric-mean factor per timestep, from the earliest timestep whose gradient is
+        not 0 (it can underflow even float32's smallest number) to the last; median."""
+        rates = []
+        for r in np.nonzero(rows)[0]:
+            length = int(self.lengths[r])
+            ts = sampled_timesteps(length)
+            g = self.profile[r, : len(ts)]
+            ok = np.nonzero(np.isfinite(g[:-1]) & (g[:-1] > 0))[0]
+            if not ok.size or not (np.isfinite(g[-1]) and g[-1] > 0):
+                continue
+            j = int(ok[0])
+            rates.append((g[j] / g[-1]) ** (1.0 / (ts[-1] - ts[j])))
+        return float(np.median(rates)) if rates else None
+
+    def relative_profile(self, rows: np.ndarray) -> tuple[int, np.ndarray, np.ndarray] | None:
+        """At the most common length among ``rows``: the length, the sampled timesteps and
+        the median of each one's norm relative to the last timestep's."""
+        lengths = self.lengths[rows]
+        if not lengths.size:
+            return None
+        values, counts = np.unique(lengths, return_counts=True)
+        length = int(values[np.argmax(counts)])
+        ts = sampled_timesteps(length)
+        sel = rows & (self.lengths == length)
+        g = self.profile[sel, : len(ts)]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rel = g / g[:, -1:]
+        return length, ts, np.nanmedian(rel, axis=0)
+
+
+def measurements(ctx: Context) -> list[Measured]:
+    """Every recurrent module of this view that was measured at least once."""
+    series = ctx.h.extra.get("through_time")
+    rnns = ctx.facts.get("recurrent") or []
+    if series is None or not rnns:
+        return []
+    steps = series.steps
+    in_view = np.isin(steps, ctx.steps) if ctx.root is not None else np.ones(len(steps), bool)
+    length, mean, profile = (series.block(k) for k in ("length", "mean", "profile"))
+    out = []
+    for rnn in rnns:
+        if ctx.root is not None and rnn.get("root") != ctx.root:
+            continue
+        k = int(rnn["column"])
+        if k >= length.shape[1]:
+            continue
+        rows = in_view & np.isfinite(length[:, k]) & (length[:, k] >= 2)
+        if not rows.any():
+            continue
+        name = ctx.name(rnn["layer"]) if rnn.get("layer") is not None else rnn["name"]
+        out.append(Measured(rnn, name, steps[rows], length[rows, k].astype(int),
+                            profile[rows, k * PROFILE_POINTS:(k + 1) * PROFILE_POINTS],
+                            mean[rows, k]))
+    return out
+
+
+def detect(ctx: Context, kind: str) -> list[Finding]:
+    """Through-time findings of ``kind`` (vanishing_gradient or exploding_gradient)."""
+    judge = _vanishing if kind == VANISHING else _exploding
+    findings = []
+    for m in measurements(ctx):
+        if m.rnn.get("bidirectional"):
+            continue  # the reverse direction reaches the first timestep directly
+        finding = judge(ctx, m)
+        if finding is not None:
+            findings.append(finding)
+    return findings
+
+
+def also(kind: str) -> Callable[[Callable[[Context], list[Finding]]],
+                                Callable[[Context], list[Finding]]]:
+    """Decorate a detector of ``kind`` so that it also returns the through-time findings."""
+
+    def decorate(detector: Callable[[Context], list[Finding]]
+                 ) -> Callable[[Context], list[Finding]]:
+        @functools.wraps(detector)
+        def wrapper(ctx: Context) -> list[Finding]:
+            return [*detector(ctx), *detect(ctx, kind)]
+
+        return wrapper
+
+    return decorate
+
+
+# --------------------------------------------------------------------------- judging
+def _active(m: Measured, ctx: Context) -> np.ndarray:
+    """Steps whose last-timestep gradient is finite, > 0 and not negligible against its
+    run maximum (a settled model's tiny gradients say nothing about the path)."""
+    last = m.last()
+    ok = np.isfinite(last) & (last > 0) & ~np.isnan(m.profile[:, 0])
+    if ok.any():
+        ok &= last >= ctx.t.active_grad_fraction * float(np.max(last[ok]))
+    return ok
+
+
+def _evidence(ctx: Context, m: Measured, rows: np.ndarray, ratio: np.ndarray,
+              limit: float) -> dict[str, Any]:
+    median = float(np.median(ratio[rows]))
+    evidence: dict[str, Any] = {
+        "axis": "time",
+        "module": m.name, "module_type": m.rnn["type"],
+        "grad_norm_ratio_first_to_last_timestep": median,
+        "grad_norm_ratio_at_first_step": float(ratio[rows][0]),
+        "sequence_length": int(np.median(m.lengths[rows])),  # the most common, below
+        "steps_checked": int(rows.sum()),
+        "threshold": limit,
+    }
+    with np.errstate(divide="ignore", invalid="ignore"):
+        first_to_mean = m.profile[rows, 0] / m.mean[rows]
+    if np.isfinite(first_to_mean).any():
+        evidence["grad_norm_ratio_first_to_mean"] = float(np.nanmedian(first_to_mean))
+    decay = m.decay(rows)
+    if decay is not None:
+        evidence["decay_per_timestep"] = decay
+    prof = m.relative_profile(rows)
+    if prof is not None:
+        length, ts, rel = prof
+        evidence["sequence_length"] = length
+        lengths = m.lengths[rows]
+        if lengths.min() != lengths.max():
+            evidence["sequence_lengths"] = [int(lengths.min()), int(lengths.max())]
+        sel = rows & (m.lengths == length)
+        evidence["per_timestep_grad_norm"] = {
+            int(t): float(v) for t, v in zip(ts, np.nanmedian(m.profile[sel, : len(ts)], axis=0),
+                                             strict=True)}
+        evidence["per_timestep_ratio_to_last"] = {int(t): float(v)
+                                                  for t, v in zip(ts, rel, strict=True)}
+    return evidence
+
+
+def effective_memory(ts: np.ndarray, rel: np.ndarray, limit: float) -> int | None:
+    """Timesteps back from the last at which the (median) gradient falls below ``limit`` of
+    the last one's, interpolated in log scale between sampled timesteps; None if never."""
+    below = np.nonzero(rel[:-1] < limit)[0]
+    if not below.size or not np.isfinite(rel[below[-1]:]).all():
+        return None
+    j = int(below[-1])  # the latest sampled timestep below the limit
+    hi = max(float(rel[j + 1]), limit)
+    lo = max(float(rel[j]), 1e-300)
+    frac = (math.log(hi) - math.log(limit)) / max(math.log(hi) - math.log(lo), 1e-12)
+    return round(float(ts[-1] - ts[j + 1]) + frac * float(ts[j + 1] - ts[j]))
+
+
+def _loss_fell(ctx: Context) -> tuple[float, float] | None:
+    """(first, last) loss, medians of ``baseline_steps`` steps each, if the loss fell to at
+    most ``through_time_learning_loss`` of its start; else None."""
+    _, loss = ctx.finite_loss()
+    n = ctx.t.baseline_steps
+    if loss.size < 2 * n:
+        return None
+    first, last = float(np.median(loss[:n])), float(np.median(loss[-n:]))
+    if first > 0 and 0 <= last <= ctx.t.through_time_learning_loss * first:
+        return first, last
+    return None
+
+
+def _vanishing(ctx: Context, m: Measured) -> Finding | None:
+    t = ctx.t
+    rows = _active(m, ctx)
+    ratio = m.ratio()
+    n = int(rows.sum())
+    if n < t.through_time_min_measurements:
+        return None
+    limit = t.through_time_vanishing_ratio
+    below = ratio[rows] < limit
+    tail = ratio[rows][-t.through_time_min_measurements:]
+    if below.mean() < t.persistence or float(np.median(tail)) >= limit:
+        return None
+    evidence = _evidence(ctx, m, rows, ratio, limit)
+    evidence["persistent_fraction"] = float(below.mean())
+    median = evidence["grad_norm_ratio_first_to_last_timestep"]
+    length = evidence["sequence_length"]
+    decay = evidence.get("decay_per_timestep")
+    prof = m.relative_profile(rows)
+    memory = effective_memory(prof[1], prof[2], limit) if prof is not None else None
+    if memory is None and decay is not None and 0 < decay < 1:
+        memory = round(math.log(limit) / math.log(decay))
+    if memory is not None:
+        evidence["effective_memory_timesteps"] = memory
+    fell = _loss_fell(ctx)
+    _, loss = ctx.finite_loss()
+    if loss.size:
+        evidence.update(loss_first=float(loss[0]), loss_last=float(loss[-1]))
+    severity = "info" if fell else "error" if median < t.through_time_vanishing_ratio_error \
+        else "warning"
+    per_step = f" (x{fmt(decay)} per step)" if decay is not None else ""
+    gets = (f"gets {fmt(median)} of the last one's gradient" if median > 0 else
+            "gets a gradient so small that it underflows to 0")
+    reach = f"longer than ~{memory} steps" if memory is not None else "across the sequence"
+    if fell:
+        tail_text = (f": the model learns only from about the last {memory or 'few'} steps; "
+                     f"the loss fell from {fmt(fell[0])} to {fmt(fell[1])}, so the task may "
+                     f"not need a longer memory")
+    else:
+        tail_text = f", so the model cannot learn dependencies {reach}"
+    summary = (f"{ctx.subject}Gradients vanish through time in {m.name}: the first of "
+               f"{length} timesteps {gets}{per_step}{tail_text}.")
+    rnn = m.rnn
+    causes = [c for c in (C.vanilla_rnn_long_sequence(ctx, rnn, length, decay),
+                          C.recurrent_weights(ctx, rnn, "small"),
+                          C.gate_bias_low(ctx, rnn, length, memory)) if c]
+    remedies = _remedies(ctx, m, causes, decay, length)
+    k = np.nonzero(rows)[0]
+    return Finding(VANISHING, severity, int(m.steps[k[0]]), int(m.steps[k[-1]]), [m.name],
+                   summary, evidence, causes, remedies)
+
+
+def _exploding(ctx: Context, m: Measured) -> Finding | None:
+    t = ctx.t
+    ratio = m.ratio()
+    last = m.last()
+    rows = np.isfinite(last) & (last > 0) & ~np.isnan(ratio)
+    n = int(rows.sum())
+    if n == 0:
+        return None
+    limit = t.through_time_exploding_ratio
+    above = ratio[rows] > limit
+    bad = ctx.h.events.first_nonfinite_grad
+    # An explosion through time that ends the run in NaN/Inf leaves few finite measurements.
+    ended = bad is not None and above.all() and int(m.steps[rows][-1]) < bad
+    if not ended and (n < t.through_time_min_measurements or above.mean() < t.persistence):
+        return None
+    evidence = _evidence(ctx, m, rows, ratio, limit)
+    evidence["persistent_fraction"] = float(above.mean())
+    if bad is not None:
+        evidence["first_nonfinite_grad_step"] = bad
+    median = evidence["grad_norm_ratio_first_to_last_timestep"]
+    length = evidence["sequence_length"]
+    decay = evidence.get("decay_per_timestep")
+    _, loss = ctx.finite_loss()
+    if loss.size:
+        evidence.update(loss_first=float(loss[0]), loss_last=float(loss[-1]),
+                        loss_max=float(loss.max()))
+    severity = "error" if median >= limit * t.exploding_error_factor or bad is not None \
+        else "warning"
+    per_step = f" (x{fmt(decay)} per step)" if decay is not None else ""
+    tail_text = (f"; the gradients turned NaN/Inf at step {bad}" if bad is not None else
+                 "; the longer the sequence, the larger and less stable each update")
+    summary = (f"{ctx.subject}Gradients explode through time in {m.name}: the first of "
+               f"{length} timesteps gets {fmt(median)}x the last one's gradient{per_step}"
+               f"{tail_text}.")
+    causes = [c for c in (C.recurrent_weights(ctx, m.rnn, "large"),) if c]
+    remedies = _remedies(ctx, m, causes, decay, length)
+    threshold = clip_threshold(ctx)
+    if threshold:
+        remedies.append(remedy("clip_grad_norm", max_norm=threshold))
+    k = np.nonzero(rows)[0]
+    return Finding(EXPLODING, severity, int(m.steps[k[0]]), int(m.steps[k[-1]]), [m.name],
+                   summary, evidence, causes, remedies)
+
+
+def _remedies(ctx: Context, m: Measured, causes: list[Any], decay: float | None,
+              length: int) -> list[Remedy]:
+    """Recurrent remedies that fit the causes found, with this module's numbers: a gated
+    module for a plain RNN, then the init of the recurrent weights or of the gate biases."""
+    ids = {c.id for c in causes}
+    rnn = m.rnn
+    path = rnn["name"]
+    out: list[Remedy] = []
+    initial = rnn.get("initial") or {}
+    if rnn["type"] == "RNN" and "recurrent_weights_large" not in ids:
+        out.append(remedy("use_lstm_gru", module=path,
+                          decay=fmt(decay) if decay is not None else "n/a"))
+    if "recurrent_weights_small" in ids or "recurrent_weights_large" in ids:
+        radius = (initial.get("spectral_radius") or [None])[0]
+        out.append(remedy("orthogonal_recurrent_init", module=path,
+                          radius=fmt(radius) if radius is not None else "n/a"))
+    if rnn["type"] == "RNN" and "recurrent_weights_large" in ids:
+        out.append(remedy("use_lstm_gru", module=path,
+                          decay=fmt(decay) if decay is not None else "n/a"))
+    if "forget_gate_bias_low" in ids:
+        gate = initial.get("forget_gate_bias") or initial.get("update_gate_bias") or [0.0]
+        bias = float(np.min(gate))
+        if bias < 1:
+            out.append(remedy("forget_gate_bias", module=path, bias=fmt(bias),
+                              gate="forget" if rnn["type"] == "LSTM" else "update"))
+        if rnn["type"] == "LSTM":
+            out.append(remedy("chrono_init", module=path, length=length))
+    return out
+
+
+def report_series(ctx: Context) -> dict[str, Any]:
+    """For the report's ``series``: per recurrent module, the measured steps and the ratio of
+    the first timestep's input gradient to the last one's."""
+    out: dict[str, Any] = {}
+    for m in measurements(ctx):
+        ratio = m.ratio()
+        out[m.name] = {"step": m.steps.tolist(),
+                       "ratio_first_to_last_timestep": [float(r) if np.isfinite(r) else None
+                                                        for r in ratio],
+                       "sequence_length": m.lengths.tolist()}
+    return out
