@@ -108,10 +108,39 @@ def small_cnn(classes: int = 10) -> nn.Sequential:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, classes))
 
 
+class SequenceClassifier(nn.Module):
+    """A 2-layer LSTM read at its last step: exercises the per-timestep gradient probe."""
+
+    def __init__(self, features: int = 32, hidden: int = 128, classes: int = 10) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(features, hidden, num_layers=2, batch_first=True)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+class TokenEncoder(nn.Module):
+    """A 2-layer Transformer encoder (functional ReLU and dropout inside), mean-pooled."""
+
+    def __init__(self, features: int = 32, dim: int = 64, classes: int = 10) -> None:
+        super().__init__()
+        self.proj = nn.Linear(features, dim)
+        layer = nn.TransformerEncoderLayer(dim, nhead=4, dim_feedforward=128, dropout=0.1,
+                                           batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.proj(x)).mean(1))
+
+
 CASES = {
     "mlp-1m": Case("mlp-1m", lambda: mlp(256, 512, 4), (256,), 256),
     "mlp-10m": Case("mlp-10m", lambda: mlp(1024, 1664, 4), (1024,), 256),
     "cnn": Case("cnn", small_cnn, (3, 32, 32), 128),
+    "lstm": Case("lstm", SequenceClassifier, (50, 32), 64),
+    "transformer": Case("transformer", TokenEncoder, (32, 32), 64),
 }
 
 VARIANTS: dict[str, dict[str, Any]] = {

@@ -40,14 +40,17 @@ __all__ = ["SITE_STATS", "ActivationSites", "activation_kind"]
 
 _RELU = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu",
          torch.Tensor.relu: "relu", torch.Tensor.relu_: "relu", F.relu6: "relu6"}
-_SATURATING = {torch.sigmoid: "sigmoid", torch.Tensor.sigmoid: "sigmoid",
+_SATURATING = {torch.sigmoid: "sigmoid", torch.sigmoid_: "sigmoid",
+               torch.Tensor.sigmoid: "sigmoid",
                torch.Tensor.sigmoid_: "sigmoid", F.sigmoid: "sigmoid",
                torch.special.expit: "sigmoid", torch.tanh: "tanh", torch.Tensor.tanh: "tanh",
-               torch.Tensor.tanh_: "tanh", F.tanh: "tanh", F.hardtanh: "hardtanh",
+               torch.Tensor.tanh_: "tanh", torch.tanh_: "tanh", F.tanh: "tanh",
+               F.hardtanh: "hardtanh", F.hardsigmoid: "hardsigmoid",
                F.hardtanh_: "hardtanh", F.softsign: "softsign"}
 _KIND: dict[Any, str] = {**_RELU, **_SATURATING}
-_BOUNDS = {"sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0), "softsign": (-1.0, 1.0)}
-_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Softsign)
+_BOUNDS = {"sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0), "softsign": (-1.0, 1.0),
+           "hardsigmoid": (0.0, 1.0)}
+_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Softsign, nn.Hardsigmoid)
 RELU_KINDS = ("relu", "relu6")
 _CHANNEL_NORMS = ("BatchNorm1d", "GroupNorm", "InstanceNorm1d", "SyncBatchNorm")
 """Layers whose 3-D output is (N, C, L), like a Conv1d's: units are its channels."""

@@ -408,7 +408,7 @@ def dead_at_init(ctx: Context, i: int) -> Cause | None:
                  f"pass (step 0), before any update: the initialisation put them there{how}")
 
 
-_SATURATES_AT = {"sigmoid": 4.6, "tanh": 2.3, "softsign": 49.0}
+_SATURATES_AT = {"sigmoid": 4.6, "tanh": 2.3, "softsign": 49.0, "hardsigmoid": 3.0}
 """|pre-activation| beyond which the activation is within 1% of its range from a bound."""
 
 

@@ -155,7 +155,8 @@ def cmd_check(argv: list[str]) -> int:
     parser.add_argument("--text", metavar="PATH", help="write the text summary here")
     parser.add_argument("--quiet", action="store_true", help="no summary on stdout")
     parser.add_argument("--threshold", action="append", default=[], metavar="NAME=VALUE",
-                        help="override a threshold (see docs/thresholds.md); repeatable")
+                        help="override a threshold (docs/thresholds.md: the gradient-flow and "
+                        "activation ones, and the preflight_* ones); repeatable")
     ns = parser.parse_args(argv)
     module_part, sep, factory_name = ns.target.rpartition(":")
     if not sep or not module_part or not factory_name:
@@ -173,10 +174,8 @@ def cmd_check(argv: list[str]) -> int:
             _check_writable(parser, out)
     from .thresholds import resolve_thresholds
 
-    try:  # _parse_thresholds exits with status 1, which here means "problems found"
+    try:
         thresholds = resolve_thresholds(None, _parse_thresholds(ns.threshold))
-    except SystemExit as exc:
-        parser.error(str(exc).removeprefix("gradwatch: "))
     except (TypeError, ValueError) as exc:
         parser.error(str(exc))
 
@@ -212,7 +211,7 @@ COMMANDS = {"run": cmd_run, "demo": cmd_demo, "check": cmd_check}
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    usage = ("usage: gradwatch {run,demo} ...\n\n"
+    usage = (f"usage: gradwatch {{{','.join(COMMANDS)}}} ...\n\n"
              "  run   SCRIPT [ARGS]  run a training script unmodified and report on it\n"
              "  check MODULE:FACTORY predict vanishing/exploding/dead/saturated layers at init\n"
              "  demo                 the seed experiments of vanishing/exploding gradients\n\n"

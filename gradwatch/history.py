@@ -131,7 +131,7 @@ class SiteInfo:
     """
 
     name: str
-    kind: str  # "relu" | "relu6" | "sigmoid" | "tanh" | "hardtanh" | "softsign"
+    kind: str  # "relu" | "relu6" | "sigmoid" | "tanh" | "hardtanh" | "softsign" | "hardsigmoid"
     module: str  # path of the module whose forward makes the call ("" = the root)
     root: int
     functional: bool

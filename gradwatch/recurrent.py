@@ -39,6 +39,7 @@ measured but not judged (their reverse direction gives the first timestep a dire
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -145,7 +146,8 @@ class RecurrentGradients(Extension):
             entry.initial = _weights(module)
         return entry
 
-    def _hook(self, key: str, step: int, time_dim: int, length: int) -> Any:
+    def _hook(self, key: str, step: int, time_dim: int, length: int
+              ) -> Callable[[torch.Tensor], None]:
         m = self.monitor
 
         def hook(grad: torch.Tensor) -> None:
@@ -165,6 +167,8 @@ class RecurrentGradients(Extension):
                 m.buffer(key)[m.row()].copy_(row, non_blocking=True)
             except Exception as exc:  # measuring must never break the user's backward
                 m.fail(exc)
+                if m.options.strict:  # unless the user asked for exactly that
+                    raise
 
         return hook
 

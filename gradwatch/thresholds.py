@@ -158,7 +158,25 @@ class Thresholds:
     forget_bias_low: float = 0.5
     """LSTM forget-gate / GRU update-gate bias (bias_ih + bias_hh, mean over units) below
     this at the first forward: the gate starts near or below one half and the state decays
-    fast (cause ``forget_gate_bias_low``; the usual fix is 1)."""
+    fast (cause ``forget_gate_bias_low``; the usual fix is 1). A higher bias is still named
+    as the cause when the measured effective memory is shorter than the sequence."""
+
+    # --- preflight: one forward/backward at init (gradwatch.preflight, gradwatch check) ----
+    # Dead units and saturation at init are judged with dying_fraction(_error),
+    # saturation_margin and saturation_fraction(_error) above; these are its own.
+    preflight_dead_min_values: int = 8
+    """A ReLU unit is judged dead at init only with at least this many values in the example
+    batch (samples x positions): a healthy unit is 0 on all of n values with probability
+    about 2^-n."""
+    preflight_forward_growth: float = 1e3
+    """Largest layer-output RMS / model-input RMS at init above this: the forward signal
+    explodes (exploding_gradient; error above this times ``exploding_error_factor``)."""
+    preflight_bias_revive_fraction: float = 0.5
+    """A negative bias is the cause of a site's dead units at init (``large_negative_bias``)
+    only if a zero bias would revive at least this fraction of the dead units, or of the
+    units that would then be active, on the same batch (and the bias on the dead units is
+    more negative than both the pre-activation spread and PyTorch's default bias init,
+    1/sqrt(fan_in))."""
 
     def replace(self, **overrides: float) -> Thresholds:
         """Return a copy with some fields changed; unknown names raise a clear error."""

@@ -12,7 +12,7 @@ import numpy as np
 from .. import causes as C
 from ..findings import Cause, Finding
 from ..remedies import remedy
-from . import vanishing
+from . import through_time, vanishing
 from .advice import depth_remedies
 from .context import Context, fmt
 
@@ -81,6 +81,16 @@ def detect(ctx: Context) -> list[Finding]:
             signs.append(Cause("gradient_vanishes",
                                f"{ctx.label(g.layers[0])} gets {fmt(float(np.median(hit[1])))} "
                                f"of the output layer's gradient (see vanishing_gradient)"))
+    recurrent_remedies = []
+    for found in through_time.detect(ctx, "vanishing_gradient"):
+        if found.severity != "info":
+            ratio = found.evidence["grad_norm_ratio_first_to_last_timestep"]
+            starved_layers.append(found.layers[0])
+            signs.append(Cause("gradient_vanishes",
+                               f"through time: the first timestep's input of "
+                               f"{found.layers[0]} gets {fmt(ratio)} of the last one's "
+                               f"gradient (see vanishing_gradient)"))
+            recurrent_remedies += found.remedies
     if not signs:
         return [Finding(KIND, "info", first_step, int(steps[-1]), [],
                         f"{ctx.subject}The loss has been flat at about {fmt(final)} since "
@@ -104,6 +114,8 @@ def detect(ctx: Context) -> list[Finding]:
                                C.signal_shrinks_forward(ctx, group),
                                C.deep_plain_stack(ctx, group)) if c]
     remedies = depth_remedies(ctx, group, causes) if group else []
+    remedies = recurrent_remedies + [r for r in remedies
+                                     if r.id not in {x.id for x in recurrent_remedies}]
     sgd = any(o["type"] == "SGD" for o in ctx.facts.get("optimizers", []))
     if sgd and not frozen:
         remedies.append(remedy("adaptive_optimizer"))

@@ -19,7 +19,7 @@ from .advice import lower_lr
 from .context import Context, fmt
 
 KIND = "saturated_activation"
-SATURATING = ("sigmoid", "tanh", "hardtanh", "softsign")
+SATURATING = ("sigmoid", "tanh", "hardtanh", "softsign", "hardsigmoid")
 MIN_MEASUREMENTS = 3
 
 

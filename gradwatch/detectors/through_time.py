@@ -330,14 +330,16 @@ def _remedies(ctx: Context, m: Measured, causes: list[Any], decay: float | None,
     initial = rnn.get("initial") or {}
     if rnn["type"] == "RNN" and "recurrent_weights_large" not in ids:
         out.append(remedy("use_lstm_gru", module=path,
-                          decay=fmt(decay) if decay is not None else "n/a"))
+                          decay=fmt(decay) if decay is not None else "n/a",
+                          length=length))
     if "recurrent_weights_small" in ids or "recurrent_weights_large" in ids:
         radius = (initial.get("spectral_radius") or [None])[0]
         out.append(remedy("orthogonal_recurrent_init", module=path,
                           radius=fmt(radius) if radius is not None else "n/a"))
     if rnn["type"] == "RNN" and "recurrent_weights_large" in ids:
         out.append(remedy("use_lstm_gru", module=path,
-                          decay=fmt(decay) if decay is not None else "n/a"))
+                          decay=fmt(decay) if decay is not None else "n/a",
+                          length=length))
     if "forget_gate_bias_low" in ids:
         gate = initial.get("forget_gate_bias") or initial.get("update_gate_bias") or [0.0]
         bias = float(np.min(gate))

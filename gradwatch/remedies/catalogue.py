@@ -68,25 +68,30 @@ def _model_var(p: dict[str, Any]) -> str:
 
 
 def _lstm_code(p: dict[str, Any]) -> str:
-    module = p.get("module", "rnn")
-    return ("def as_lstm(rnn):\n"
+    module, length = p.get("module", "rnn"), p.get("length", 100)
+    return ("def as_lstm(rnn, T):\n"
             "    lstm = nn.LSTM(rnn.input_size, rnn.hidden_size, rnn.num_layers, bias=rnn.bias,\n"
             "                   batch_first=rnn.batch_first, dropout=rnn.dropout,\n"
             "                   bidirectional=rnn.bidirectional)\n"
-            "    with torch.no_grad():  # forget-gate bias 1 (gate order: input, forget, ...)\n"
+            "    h = rnn.hidden_size\n"
+            "    with torch.no_grad():  # chrono init: forget-gate memories from 1 to T steps\n"
             "        for name, b in lstm.named_parameters():\n"
-            "            if name.startswith(\"bias_ih\"):\n"
-            "                b[rnn.hidden_size: 2 * rnn.hidden_size] = 1.0\n"
+            "            if name.startswith(\"bias_ih\"):  # gates: input, forget, cell, output\n"
+            "                forget = torch.log(torch.empty(h).uniform_(1, max(T - 1, 2)))\n"
+            "                b[h: 2 * h] = forget\n"
+            "                b[:h] = -forget\n"
+            "            elif name.startswith(\"bias_hh\"):\n"
+            "                b[: 2 * h] = 0.0\n"
             "    return lstm\n"
+            f"T = {length}  # the longest dependency to learn: the sequence length\n"
             f"parent, _, attr = {module!r}.rpartition(\".\")\n"
             "owner = model.get_submodule(parent)\n"
             "if isinstance(model, nn.RNN):  # the model is the RNN itself\n"
-            "    model = as_lstm(model)\n"
+            "    model = as_lstm(model, T)\n"
             "elif isinstance(getattr(owner, attr, None), nn.RNN):\n"
-            "    setattr(owner, attr, as_lstm(getattr(owner, attr)))\n"
+            "    setattr(owner, attr, as_lstm(getattr(owner, attr), T))\n"
             "# an LSTM returns (output, (h_n, c_n)) where the RNN returned (output, h_n): unpack\n"
             "# h_n accordingly in forward(), then re-create the optimizer")
-
 
 CATALOGUE: dict[str, RemedyEntry] = {e.id: e for e in [
     RemedyEntry(
@@ -207,10 +212,12 @@ CATALOGUE: dict[str, RemedyEntry] = {e.id: e for e in [
                    "# your training DataLoader instead of [x]")),
     RemedyEntry(
         "use_lstm_gru",
-        lambda p: (f"replace the plain nn.RNN {p['module']!r} by an nn.LSTM with forget-gate "
-                   f"bias 1: its cell state is updated additively, so the gradient through "
-                   f"time is scaled by the forget gate (learnable, near 1) instead of "
-                   f"weight_hh times the activation's slope (measured x{p['decay']} per step)"),
+        lambda p: (f"replace the plain nn.RNN {p['module']!r} by an nn.LSTM: its cell state is "
+                   f"updated additively, so the gradient through time is scaled by the forget "
+                   f"gate (learnable, near 1) instead of weight_hh times the activation's "
+                   f"slope (measured x{p['decay']} per step); its forget gates chrono-"
+                   f"initialised for {p['length']} steps, since at that length even a forget "
+                   f"bias of 1 loses most of the gradient at the start"),
         _lstm_code),
     RemedyEntry(
         "forget_gate_bias",
@@ -240,7 +247,7 @@ CATALOGUE: dict[str, RemedyEntry] = {e.id: e for e in [
                    "    with torch.no_grad():\n"
                    "        for name, b in rnn.named_parameters():\n"
                    "            if name.startswith(\"bias_ih\"):  # gates: input, forget, ...\n"
-                   "                forget = torch.log(torch.empty(h).uniform_(1, T - 1))\n"
+                   "                forget = torch.log(torch.empty(h).uniform_(1, max(T - 1, 2)))\n"
                    "                b[h: 2 * h] = forget\n"
                    "                b[:h] = -forget\n"
                    "            elif name.startswith(\"bias_hh\"):\n"

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from .._version import __version__
-from ..detectors import run_detectors
+from ..detectors import run_detectors, through_time
 from ..detectors.context import Context
 from ..findings import Finding, jsonable
 from .atomic import write_text_atomic
@@ -148,6 +148,7 @@ def build_report(monitor: Any) -> Report:
                       for i in order},
         "stride": history.steps.stride,
         **_site_series(ctx),
+        "through_time": through_time.report_series(ctx),
     }
     data = {
         "schema": SCHEMA,
