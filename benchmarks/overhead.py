@@ -149,6 +149,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "detail_every=64": {"detail_every": 64},
     "detail_every=4": {"detail_every": 4},
     "sync_every=16": {"sync_every": 16},
+    # The same watch without its forward-side extensions (activation sites, recurrent
+    # gradients through time, eval-mode checks): the difference to "default" is their cost.
+    "no_forward_side": {"forward_side": False},
 }
 
 
@@ -202,6 +205,8 @@ def run_case(case: Case, variant: str, options: dict[str, Any], steps: int, repe
     watched = copy.deepcopy(bare)
     bare_opt, watched_opt = make_optimizer(optimizer, bare), make_optimizer(optimizer, watched)
     batches = make_batches(case)
+    options = dict(options)
+    forward_side = options.pop("forward_side", True)
     period = cadence(options)
     cycles = -(-steps // period)  # whole cadences per repeat: every position sampled alike
     shape = (repeats * cycles, period)  # row: one cadence; column: position in the cadence
@@ -219,6 +224,8 @@ def run_case(case: Case, variant: str, options: dict[str, Any], steps: int, repe
         watched_step(k)
     started = time.perf_counter()
     with gradwatch.watch(watched, watched_opt, **options) as gw:
+        if not forward_side:
+            gw.monitor.extensions.clear()
         attach = time.perf_counter() - started
         for k in range(WARMUP_STEPS):
             bare_step(k)

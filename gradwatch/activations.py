@@ -36,7 +36,7 @@ from torch.overrides import TorchFunctionMode
 from .history import SITE_STATS, SiteInfo
 from .monitor import Extension
 
-__all__ = ["SITE_STATS", "ActivationSites", "activation_kind"]
+__all__ = ["SITE_STATS", "ActivationMode", "ActivationSites", "activation_kind"]
 
 _RELU = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu",
          torch.Tensor.relu: "relu", torch.Tensor.relu_: "relu", F.relu6: "relu6"}
@@ -48,11 +48,14 @@ _SATURATING = {torch.sigmoid: "sigmoid", torch.sigmoid_: "sigmoid",
                F.hardtanh: "hardtanh", F.hardsigmoid: "hardsigmoid",
                F.hardtanh_: "hardtanh", F.softsign: "softsign"}
 _KIND: dict[Any, str] = {**_RELU, **_SATURATING}
-_BOUNDS = {"sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0), "softsign": (-1.0, 1.0),
-           "hardsigmoid": (0.0, 1.0)}
-_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Softsign, nn.Hardsigmoid)
+BOUNDS = {"sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0), "softsign": (-1.0, 1.0),
+          "hardsigmoid": (0.0, 1.0)}
+"""Output range of each saturating activation (hardtanh's comes from its arguments)."""
+ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Softsign,
+                      nn.Hardsigmoid)
+"""Activation modules: a site in one is named by the module's path, not a call count."""
 RELU_KINDS = ("relu", "relu6")
-_CHANNEL_NORMS = ("BatchNorm1d", "GroupNorm", "InstanceNorm1d", "SyncBatchNorm")
+CHANNEL_NORMS = ("BatchNorm1d", "GroupNorm", "InstanceNorm1d", "SyncBatchNorm")
 """Layers whose 3-D output is (N, C, L), like a Conv1d's: units are its channels."""
 
 
@@ -64,18 +67,15 @@ def activation_kind(func: Any) -> str | None:
         return None
 
 
-def _hardtanh_bounds(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[float, float]:
+def hardtanh_bounds(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[float, float]:
     lo = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
     hi = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
     return float(lo), float(hi)
 
 
-class _SiteMode(TorchFunctionMode):
-    """Passes every torch call through; activation calls are measured on the way."""
-
-    def __init__(self, sites: ActivationSites) -> None:
-        super().__init__()
-        self.sites = sites
+class ActivationMode(TorchFunctionMode):
+    """A ``TorchFunctionMode`` that passes every torch call through and hands activation
+    calls (module or functional) to :meth:`activation`, which runs and measures them."""
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
@@ -83,8 +83,25 @@ class _SiteMode(TorchFunctionMode):
         kind = activation_kind(func)
         if kind is None:
             return func(*args, **kwargs)
-        if kind == "hardtanh" and _hardtanh_bounds(args, kwargs)[0] == 0.0:
+        if kind == "hardtanh" and hardtanh_bounds(args, kwargs)[0] == 0.0:
             kind = "relu6"  # nn.ReLU6 calls hardtanh(x, 0, 6): a ReLU whose units can die
+        return self.activation(func, kind, args, kwargs)
+
+    def activation(self, func: Any, kind: str, args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> Any:
+        """Run one activation call (``func(*args, **kwargs)``) and return its result."""
+        return func(*args, **kwargs)
+
+
+class _SiteMode(ActivationMode):
+    """The training-time mode: each activation call is measured as a site."""
+
+    def __init__(self, sites: ActivationSites) -> None:
+        super().__init__()
+        self.sites = sites
+
+    def activation(self, func: Any, kind: str, args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> Any:
         return self.sites.call(func, kind, args, kwargs)
 
 
@@ -165,7 +182,7 @@ class ActivationSites(Extension):
         feeding = m.last_layer if m.last_layer >= 0 else None
         layer_type = m.history.layers[feeding].type if feeding is not None else ""
         # Channels of a conv output (N, C, ...), features of anything else (..., F).
-        conv_like = layer_type.startswith("Conv") or layer_type in _CHANNEL_NORMS
+        conv_like = layer_type.startswith("Conv") or layer_type in CHANNEL_NORMS
         unit_dim = 1 if x.dim() >= 4 or (x.dim() == 3 and conv_like) else x.dim() - 1
         red = tuple(d for d in range(x.dim()) if d != unit_dim)
         site = self._sites.get(key)
@@ -182,7 +199,7 @@ class ActivationSites(Extension):
                   args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Site:
         m = self.monitor
         path = m.module_name(module) if module is not None else None
-        functional = not isinstance(module, _MODULES)
+        functional = not isinstance(module, ACTIVATION_MODULES)
         if module is None:
             name = f"{kind}@{key[2]}"
         elif functional:
@@ -193,9 +210,9 @@ class ActivationSites(Extension):
             if key[2] > 1:
                 name = f"{name}@{key[2]}"
         root = self._root
-        bounds = _BOUNDS.get(kind)
+        bounds = BOUNDS.get(kind)
         if kind == "hardtanh":
-            bounds = _hardtanh_bounds(args, kwargs)
+            bounds = hardtanh_bounds(args, kwargs)
         info = SiteInfo(name=name, kind=kind, module=path or "", root=root,
                         functional=functional, order=len(m.history.sites),
                         units=int(x.shape[unit_dim]), unit_dim=unit_dim, layer=feeding,
@@ -242,8 +259,12 @@ class ActivationSites(Extension):
     def _pre_stats(kind: str, x: torch.Tensor, red: tuple[int, ...]) -> dict[str, torch.Tensor]:
         """Pre-activation statistics, taken before an in-place call overwrites the input."""
         xf = x.float()
-        out = {"mean": xf.mean(), "std": xf.std() if xf.numel() > 1 else xf.new_zeros(()),
-               "rms": xf.square().mean().sqrt()}
+        # Two one-pass reductions (a two-pass std costs 3x more on CPU); the std follows
+        # from them. Precise enough for a diagnosis of scale, which is all it is used for.
+        mean, square = xf.mean(), xf.square().mean()
+        n = xf.numel()
+        var = (square - mean * mean).clamp(min=0) * (n / max(n - 1, 1))
+        out = {"mean": mean, "std": var.sqrt(), "rms": square.sqrt()}
         if kind in RELU_KINDS:
             # relu(x) == 0 exactly where x <= 0: a unit whose largest input over the batch
             # is <= 0 is dead for this batch (NaN inputs count as alive).

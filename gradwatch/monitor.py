@@ -175,6 +175,9 @@ class Monitor:
         self._module_names: dict[int, str] = {}  # every module of every root -> its path
         self.last_layer = -1  # the layer whose forward ran last (feeds the next activation)
         self.suspended = 0  # > 0 while gradwatch itself runs the model: hooks do nothing
+        # ids of tensors gradwatch made this step (input probes): never adopted as bare
+        # parameters when the graph is read; cleared at each step boundary
+        self.own_tensors: set[int] = set()
         self.extensions: list[Extension] = []
         # forward-side extensions (they import this module)
         from . import activations, evalmode, recurrent
@@ -210,7 +213,8 @@ class Monitor:
     def add_tensors(self, tensors: Iterable[torch.Tensor]) -> None:
         """Track parameters that no tracked module owns (bare tensors, optimizer-only)."""
         for t in tensors:
-            if not t.requires_grad or id(t) in self._param_index or nn.parameter.is_lazy(t):
+            if not t.requires_grad or id(t) in self._param_index or \
+                    id(t) in self.own_tensors or nn.parameter.is_lazy(t):
                 continue
             name = self.namer(t) or f"tensor{len(self._params)}"
             self._add_layer(name, "Tensor", -1, [("", t)], None)
@@ -627,6 +631,7 @@ class Monitor:
         self._snapshot = None
         self._losses, self._step_losses = [], []
         self._grads_taken = False
+        self.own_tensors.clear()
         self.step += 1
         if self.step - self._buf_start >= self.options.sync_every:
             self.flush()

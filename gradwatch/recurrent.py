@@ -133,6 +133,7 @@ class RecurrentGradients(Extension):
             watched = x.view_as(x)
         elif any(p.requires_grad for p in module.parameters()):
             watched = x.detach().requires_grad_()
+            self.monitor.own_tensors.add(id(watched))  # a probe, not a parameter to adopt
         else:
             return None  # a frozen module on data: no gradient flows through it at all
         watched.register_hook(self._hook(entry.key, m.step, time_dim, length))

@@ -474,6 +474,8 @@ def test_gradwatch_run_finds_vanishing_through_time_in_a_script(
     f = only(report, "vanishing_gradient")
     assert f.evidence["axis"] == "time" and f.layers == ["rnn"]
     assert f.evidence["grad_norm_ratio_first_to_last_timestep"] < 1e-15
+    # The input probe that measures it is not mistaken for a bare parameter of the script.
+    assert [layer["name"] for layer in report.layers] == ["rnn", "head"]
 
 
 # --------------------------------------------------------------------------- synthetic

@@ -23,17 +23,30 @@ def _ratio(causes: list[Cause], cause_id: str) -> bool:
     return any(c.id == cause_id for c in causes)
 
 
+RELU_LIKE = ("relu", "leaky_relu", "elu", "gelu", "silu", "prelu", "mish", "hardswish")
+
+
 def depth_remedies(ctx: Context, group: Group | None, causes: list[Cause]) -> list[Remedy]:
     """Init, activation, normalisation and skip remedies for depth-related problems."""
+    if group is None:
+        return remedies_for_depth([], causes, None, 10)
+    return remedies_for_depth([ctx.act_after(i) for i in group.layers], causes,
+                              ctx.layer(group.layers[len(group.layers) // 2]).fan_in,
+                              len(group.layers))
+
+
+def remedies_for_depth(acts: list[str], causes: list[Cause], width: int | None, depth: int,
+                       init_ratio: float | None = None) -> list[Remedy]:
+    """The init (and activation, normalisation, skip) remedies that fit depth-related causes,
+    given the activation after each weight layer (training runs and preflight alike)."""
     out: list[Remedy] = []
-    acts = [ctx.act_after(i) for i in group.layers] if group else []
     saturating = _ratio(causes, "sigmoid_in_deep_stack") or _ratio(causes, "tanh_in_deep_stack")
-    relu_like = sum(a in ("relu", "leaky_relu", "elu", "gelu", "silu") for a in acts) >= \
-        max(1, len(acts) // 2)
+    relu_like = sum(a in RELU_LIKE for a in acts) >= max(1, len(acts) // 2)
     init_bad = _ratio(causes, "init_too_small") or _ratio(causes, "init_too_large") or \
         _ratio(causes, "signal_shrinks_forward") or _ratio(causes, "forward_overflow")
     if relu_like and init_bad:
-        out.append(remedy("kaiming_init", nonlinearity="relu"))
+        out.append(remedy("kaiming_init", nonlinearity="relu",
+                          **({"ratio": init_ratio} if init_ratio else {})))
     if saturating:
         out.append(remedy("leaky_relu", old="(nn.Sigmoid, nn.Tanh)"))
         out.append(remedy("kaiming_init", nonlinearity="leaky_relu"))
@@ -42,9 +55,8 @@ def depth_remedies(ctx: Context, group: Group | None, causes: list[Cause]) -> li
         out.append(remedy("xavier_init", nonlinearity=act))
     if _ratio(causes, "deep_plain_stack"):
         out.append(remedy("batch_norm"))
-        width = ctx.layer(group.layers[len(group.layers) // 2]).fan_in if group else None
         out.append(remedy("residual_connections", width=width or "width",
-                          depth=max(1, len(group.layers) - 2) if group else 8))
+                          depth=max(1, depth - 2)))
     # de-duplicate by id, keep order
     seen: set[str] = set()
     return [r for r in out if not (r.id in seen or seen.add(r.id))]  # type: ignore[func-returns-value]

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from functools import cached_property
 from typing import Any
 
 import numpy as np
 
+from ..findings import Finding
 from ..history import SITE_STATS, History, LayerInfo, SiteInfo
 from ..thresholds import Thresholds
 
@@ -199,6 +201,10 @@ class Context:
         """Activation call sites of this view's model(s), in first-call order."""
         return [i for i, site in enumerate(self.h.sites)
                 if self.root is None or site.root == self.root]
+
+    def per_site(self, judge: Callable[[Context, int], Finding | None]) -> list[Finding]:
+        """The findings ``judge`` returns for each activation site of this view."""
+        return [f for f in (judge(self, i) for i in self.sites) if f is not None]
 
     def site(self, i: int) -> SiteInfo:
         return self.h.sites[i]

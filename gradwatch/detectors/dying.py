@@ -21,12 +21,7 @@ RELU_KINDS = ("relu", "relu6")
 
 
 def detect(ctx: Context) -> list[Finding]:
-    findings = []
-    for i in ctx.sites:
-        finding = _site_finding(ctx, i)
-        if finding is not None:
-            findings.append(finding)
-    return findings
+    return ctx.per_site(_site_finding)
 
 
 def _downstream_of_dead_site(ctx: Context, i: int) -> bool:

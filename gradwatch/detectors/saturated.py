@@ -24,12 +24,7 @@ MIN_MEASUREMENTS = 3
 
 
 def detect(ctx: Context) -> list[Finding]:
-    findings = []
-    for i in ctx.sites:
-        finding = _site_finding(ctx, i)
-        if finding is not None:
-            findings.append(finding)
-    return findings
+    return ctx.per_site(_site_finding)
 
 
 def _first_layer(ctx: Context, layer: int | None) -> bool:

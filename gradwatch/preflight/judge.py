@@ -13,13 +13,12 @@ from typing import Any
 
 import numpy as np
 
+from ..detectors.advice import remedies_for_depth
 from ..detectors.context import fmt
 from ..findings import Cause, Remedy
-from ..remedies import remedy
 from ..thresholds import Thresholds
 from .tables import finite
 
-RELU_LIKE = ("relu", "leaky_relu", "elu", "gelu", "silu", "prelu", "mish", "hardswish")
 """Activations for which Kaiming init is the right scale."""
 SEVERITY_RANK = {"error": 0, "warning": 1, "info": 2}
 """Findings sort by this, most severe first."""
@@ -149,27 +148,9 @@ def init_ratio(rows: list[dict[str, Any]]) -> str | None:
 def depth_remedies(m: Measured, rows: list[dict[str, Any]],
                    causes: list[Cause]) -> list[Remedy]:
     """The init (and activation, normalisation, skip) that fits the causes found."""
-    out: list[Remedy] = []
-    acts = [r["activation"] for r in rows]
-    relu_like = sum(a in RELU_LIKE for a in acts) >= max(1, len(acts) // 2)
-    init_bad = has(causes, "init_too_small", "init_too_large", "signal_shrinks_forward",
-                    "forward_overflow")
-    scale = init_ratio(rows)
-    if relu_like and init_bad:
-        out.append(remedy("kaiming_init", nonlinearity="relu",
-                          **({"ratio": scale} if scale else {})))
-    if has(causes, "sigmoid_in_deep_stack", "tanh_in_deep_stack"):
-        out.append(remedy("leaky_relu", old="(nn.Sigmoid, nn.Tanh)"))
-        out.append(remedy("kaiming_init", nonlinearity="leaky_relu"))
-    elif init_bad and not relu_like:
-        act = next((a for a in acts if a in ("tanh", "sigmoid")), "linear")
-        out.append(remedy("xavier_init", nonlinearity=act))
-    if has(causes, "deep_plain_stack"):
-        out.append(remedy("batch_norm"))
-        width = rows[len(rows) // 2]["fan_in"] or "width"
-        out.append(remedy("residual_connections", width=width, depth=max(1, len(rows) - 2)))
-    seen: set[str] = set()
-    return [r for r in out if not (r.id in seen or seen.add(r.id))]  # type: ignore[func-returns-value]
+    return remedies_for_depth([r["activation"] for r in rows], causes,
+                              rows[len(rows) // 2]["fan_in"] if rows else None, len(rows),
+                              init_ratio(rows))  # type: ignore[arg-type]
 
 
 def ordered(m: Measured, names: list[str]) -> list[str]:

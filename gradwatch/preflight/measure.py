@@ -18,16 +18,15 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from .. import stats
 from ..activations import (
-    _BOUNDS,
-    _CHANNEL_NORMS,
-    _MODULES,
+    ACTIVATION_MODULES,
+    BOUNDS,
+    CHANNEL_NORMS,
     RELU_KINDS,
-    _hardtanh_bounds,
-    activation_kind,
+    ActivationMode,
+    hardtanh_bounds,
 )
 from ..structure import walk_graph
 from .batch import call, describe, first_float, tensors
@@ -70,7 +69,7 @@ class Site:
     masks: dict[str, torch.Tensor]
 
 
-class Probe(TorchFunctionMode):
+class Probe(ActivationMode):
     """Hooks for one forward/backward: a module stack, layer outputs, activation sites.
 
     Module hooks are attached for the whole preflight (:meth:`attached`); as a
@@ -143,15 +142,6 @@ class Probe(TorchFunctionMode):
             self.handles.append(out.register_hook(grad_hook))
 
     # --------------------------------------------------------------------- activations
-    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
-                           kwargs: dict[str, Any] | None = None) -> Any:
-        """Run one torch call of the forward; measure it if it is an activation."""
-        kwargs = kwargs or {}
-        kind = activation_kind(func)
-        if kind is None:
-            return func(*args, **kwargs)
-        return self.activation(func, kind, args, kwargs)
-
     def activation(self, func: Any, kind: str, args: tuple[Any, ...],
                    kwargs: dict[str, Any]) -> Any:
         """Run an activation call; record its site's dead units or saturated outputs."""
@@ -159,16 +149,16 @@ class Probe(TorchFunctionMode):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2 \
                 or x.numel() == 0:
             return func(*args, **kwargs)
-        bounds = _BOUNDS.get(kind)
+        bounds = BOUNDS.get(kind)
         if kind == "hardtanh":
-            bounds = _hardtanh_bounds(args, kwargs)
+            bounds = hardtanh_bounds(args, kwargs)
             if bounds[0] == 0.0:  # nn.ReLU6 calls hardtanh(x, 0, 6): a ReLU whose units die
                 kind = "relu6"
         module = self.stack[-1] if self.stack else None
         feeding = self.last_layer
         ftype = type(self.layers[feeding].module).__name__ if feeding is not None else ""
         # Channels of a conv output (N, C, ...), features of anything else (..., F).
-        channels = ftype.startswith("Conv") or ftype in _CHANNEL_NORMS
+        channels = ftype.startswith("Conv") or ftype in CHANNEL_NORMS
         unit_dim = 1 if x.dim() >= 4 or (x.dim() == 3 and channels) else x.dim() - 1
         units = int(x.shape[unit_dim])
         st, masks = self._pre_stats(kind, x, unit_dim, feeding)
@@ -182,7 +172,7 @@ class Probe(TorchFunctionMode):
         key = (id(module), kind)
         k = self.counts[key] = self.counts.get(key, 0) + 1
         path = self.names.get(id(module), "") if module is not None else ""
-        functional = not isinstance(module, _MODULES)
+        functional = not isinstance(module, ACTIVATION_MODULES)
         name = f"{path}.{kind}@{k}" if functional else path
         if module is None:
             name = f"{kind}@{k}"

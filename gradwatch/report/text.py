@@ -29,6 +29,15 @@ def _layers(names: list[str]) -> str:
     return f"{_label(names[0])} .. {_label(names[-1])} ({len(names)} layers)"
 
 
+def _rates(optimizer: dict[str, Any], lr_series: list[float | None]) -> str:
+    """An optimizer's learning rates, or the range a schedule moved them through."""
+    used = [v for v in lr_series if v is not None]
+    if len(optimizer["groups"]) == 1 and used and min(used) != max(used):
+        return f"{min(used):.3g} to {max(used):.3g} over the run"
+    return ", ".join(f"{g['lr']:.3g}" if isinstance(g["lr"], (int, float)) else str(g["lr"])
+                     for g in optimizer["groups"])
+
+
 def render_text(data: dict[str, Any], width: int = 100) -> str:
     run, findings, layers = data["run"], data["findings"], data["layers"]
     counts = Counter(f["severity"] for f in findings)
@@ -39,7 +48,8 @@ def render_text(data: dict[str, Any], width: int = 100) -> str:
     types = Counter(layer["type"] for layer in layers)
     opt = data.get("facts", {}).get("optimizers", [])
     model = ", ".join(f"{t} x{n}" if n > 1 else t for t, n in types.most_common())
-    opts = ", ".join(f"{o['type']} (lr {', '.join(str(g['lr']) for g in o['groups'])})"
+    lr_series = data["series"].get("lr", []) if len(opt) == 1 else []
+    opts = ", ".join(f"{o['type']} (lr {_rates(o, lr_series)})"
                      for o in opt) or "none seen"
     lines.append(f"model: {len(layers)} layers with parameters ({model}); optimizer: {opts}")
     if run.get("error"):
