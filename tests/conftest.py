@@ -53,6 +53,36 @@ def train_full_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: flo
     return gw.report()
 
 
+def kaiming_relu_mlp(n_in: int = 8, width: int = 64, hidden: int = 3) -> nn.Sequential:
+    """A healthy ReLU MLP: Kaiming-normal weights, zero biases, a linear head to 1 output."""
+    layers: list[nn.Module] = []
+    for i in range(hidden):
+        lin = nn.Linear(n_in if i == 0 else width, width)
+        nn.init.kaiming_normal_(lin.weight, nonlinearity="relu")
+        nn.init.zeros_(lin.bias)
+        layers += [lin, nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(width, 1))
+
+
+class PreNormBlock(nn.Module):
+    """x + MLP(LayerNorm(x)): the residual block of modern deep nets."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.norm(x))
+
+
+def residual_layernorm_mlp(n_in: int = 16, width: int = 32, blocks: int = 6,
+                           n_out: int = 2) -> nn.Sequential:
+    """Thirteen linear layers deep, with skips and LayerNorm: a healthy deep net."""
+    return nn.Sequential(nn.Linear(n_in, width), *[PreNormBlock(width) for _ in range(blocks)],
+                         nn.LayerNorm(width), nn.Linear(width, n_out))
+
+
 # tests/scripts/ holds training scripts that `gradwatch run` executes in a subprocess;
 # --doctest-modules must not import (and so run) them.
 collect_ignore = ["scripts"]

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import gradwatch
+from tests.conftest import kaiming_relu_mlp, residual_layernorm_mlp
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -57,29 +58,11 @@ def test_kaiming_relu_mlp_with_adam() -> None:
     g = generator(0)
     x = torch.randn(512, 8, generator=g)
     y = torch.sin(x @ torch.randn(8, 1, generator=g)) + 0.1 * x[:, :1] ** 2
-    layers: list[nn.Module] = []
-    for n_in in (8, 64, 64):
-        lin = nn.Linear(n_in, 64)
-        nn.init.kaiming_normal_(lin.weight, nonlinearity="relu")
-        nn.init.zeros_(lin.bias)
-        layers += [lin, nn.ReLU()]
-    model = nn.Sequential(*layers, nn.Linear(64, 1))
+    model = kaiming_relu_mlp()
     report, losses = fit(model, torch.optim.Adam(model.parameters(), lr=1e-3),
                          minibatches(x, y, 64), nn.functional.mse_loss, 300)
     assert_healthy(report, losses, drop=5)
     assert [layer["name"] for layer in report.layers] == ["0", "2", "4", "6"]
-
-
-class PreNormBlock(nn.Module):
-    """x + MLP(LayerNorm(x)): the residual block of modern deep nets."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.mlp(self.norm(x))
 
 
 def test_deep_residual_mlp_with_layernorm() -> None:
@@ -87,8 +70,7 @@ def test_deep_residual_mlp_with_layernorm() -> None:
     g = generator(1)
     x = torch.randn(512, 16, generator=g)
     y = (x[:, 0] * x[:, 1] > 0).long()  # XOR-like: needs the depth
-    model = nn.Sequential(nn.Linear(16, 32), *[PreNormBlock(32) for _ in range(6)],
-                          nn.LayerNorm(32), nn.Linear(32, 2))
+    model = residual_layernorm_mlp()
     report, losses = fit(model, torch.optim.Adam(model.parameters(), lr=1e-3),
                          minibatches(x, y, 64), nn.functional.cross_entropy, 300)
     assert_healthy(report, losses, drop=20)

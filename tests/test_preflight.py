@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import only
+from conftest import kaiming_relu_mlp, only, residual_layernorm_mlp
 from torch import nn
 
 import gradwatch
@@ -47,28 +47,11 @@ class Net(nn.Module):
 
 
 def kaiming_mlp() -> tuple[nn.Module, torch.Tensor]:
-    layers: list[nn.Module] = []
-    for n_in in (8, 64, 64):
-        lin = nn.Linear(n_in, 64)
-        nn.init.kaiming_normal_(lin.weight, nonlinearity="relu")
-        nn.init.zeros_(lin.bias)
-        layers += [lin, nn.ReLU()]
-    return nn.Sequential(*layers, nn.Linear(64, 1)), torch.randn(64, 8)
-
-
-class PreNormBlock(nn.Module):
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.mlp(self.norm(x))
+    return kaiming_relu_mlp(), torch.randn(64, 8)
 
 
 def residual_layernorm() -> tuple[nn.Module, torch.Tensor]:
-    return (nn.Sequential(nn.Linear(16, 32), *[PreNormBlock(32) for _ in range(6)],
-                          nn.LayerNorm(32), nn.Linear(32, 2)), torch.randn(64, 16))
+    return residual_layernorm_mlp(), torch.randn(64, 16)
 
 
 def batchnorm_cnn() -> tuple[nn.Module, torch.Tensor]:
