@@ -343,7 +343,11 @@ def negative_bias(ctx: Context, i: int) -> Cause | None:
     spread = _site_first_last(ctx, i, "pre_std")
     if b_dead is None or spread is None or site.layer is None or b_dead >= 0:
         return None
-    if -b_dead < spread[0]:
+    fan_in = ctx.layer(site.layer).fan_in
+    default = 1 / math.sqrt(fan_in) if fan_in else 0.0
+    # Both beyond the spread of the pre-activations and beyond anything PyTorch's default
+    # init draws (U(-1/sqrt(fan_in), 1/sqrt(fan_in))): a bias someone or something set.
+    if -b_dead < spread[0] or -b_dead <= default:
         return None
     alive = site.final.get("bias_alive_mean")
     origin = ("it was set so at initialisation" if site.bias_init is not None
@@ -472,7 +476,7 @@ def weights_grew(ctx: Context, layer: int | None) -> Cause | None:
 def dead_units_block(ctx: Context, group: Group) -> tuple[Cause, str] | None:
     """A ReLU site inside the stack whose units are (nearly) all dead: no gradient passes it.
 
-    Returns the cause and the site's name.
+    Returns the cause and a phrase naming the site and how many of its units are dead.
     """
     for i in ctx.sites:
         site = ctx.site(i)
@@ -486,7 +490,8 @@ def dead_units_block(ctx: Context, group: Group) -> tuple[Cause, str] | None:
                       f"{dead} of {units} units at {name} (after {ctx.label(site.layer)}) "
                       f"output 0 for every sample: they pass no gradient back, so the "
                       f"layers before them get {'none' if dead == units else 'little'}"),
-                name)
+                f"{name}, where {'all ' if dead == units else ''}{dead} of {units} units are "
+                f"dead")
     return None
 
 

@@ -209,3 +209,21 @@ def test_site_measurement_does_not_change_the_training() -> None:
             assert len(gw.report().to_dict()["facts"]["sites"]) == 4
         losses.append(run)
     assert losses[0] == losses[1]
+
+
+def test_units_dead_from_init_in_a_stalled_net_are_one_warning() -> None:
+    """SEEDS.md section 7: the default-init ReLU stack stalls with 20-80% of its units dead
+    from step 0. One finding sums the sites up, with the init as the cause, next to the
+    vanishing finding; the Kaiming-init net's narrow dead layers are only info."""
+    from gradwatch.lab import seed002
+
+    report = seed002.relu_default_init(0).report
+    finding = only(report, "dying_relu")
+    assert finding.severity == "warning"
+    assert finding.evidence["gradient_vanishes"] is True
+    assert len(finding.evidence["sites"]) >= 5
+    assert finding.remedies[0].id == "kaiming_init"
+    assert "init_too_small" in [c.id for c in finding.causes]
+    assert "where 7 of 10 units are dead" in only(report, "vanishing_gradient").summary
+    healthy = seed002.kaiming_uniform_relu(0).report
+    assert [f.severity for f in healthy.findings if f.kind == "dying_relu"] == ["info"]

@@ -13,15 +13,69 @@ import numpy as np
 from .. import causes as C
 from ..findings import Cause, Finding, Remedy
 from ..remedies import remedy
+from . import vanishing
 from .advice import lower_lr
-from .context import Context, fmt
+from .context import Context, Group, fmt
 
 KIND = "dying_relu"
 RELU_KINDS = ("relu", "relu6")
 
 
 def detect(ctx: Context) -> list[Finding]:
-    return ctx.per_site(_site_finding)
+    """One finding per site with a defect; the sites whose units were merely dead from
+    initialisation are summed up in one finding, so that ten narrow layers do not make ten."""
+    found = ctx.per_site(_site_finding)
+    defects = [f for f in found if f.severity != "info"]
+    from_init = [f for f in found if f.severity == "info"]
+    if len(from_init) > 1 or (from_init and _starved(ctx)):
+        return [*defects, _combined(ctx, from_init)]
+    return defects + from_init
+
+
+def _starved(ctx: Context) -> Group | None:
+    """The model (its depth-ordered layers) whose gradient vanishes towards the input."""
+    for group in ctx.groups:
+        if vanishing.starved(ctx, group) is not None:
+            return group
+    return None
+
+
+def _combined(ctx: Context, found: list[Finding]) -> Finding:
+    """Sites with units dead since initialisation, as one finding (warning when the model's
+    gradient vanishes too: the dead units are then part of why it stalls)."""
+    group = _starved(ctx)
+    shares = [f.evidence["dead_fraction"] for f in found]
+    names = [f.evidence["site"] for f in found]
+    listed = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    summary = (f"{ctx.subject}Units dead since initialisation at {len(found)} ReLU "
+               f"site{'s' if len(found) > 1 else ''} ({listed}): {fmt(100 * min(shares))}-"
+               f"{fmt(100 * max(shares))}% of each site's units output 0 for every sample from "
+               f"the first step on, and training did not revive them.")
+    causes: list[Cause] = []
+    seen: set[str] = set()
+    for f in found:
+        for c in f.causes:
+            if c.id not in seen:
+                seen.add(c.id)
+                causes.append(c)
+    remedies = [remedy("leaky_relu", site=names[0], old="(nn.ReLU, nn.ReLU6)")]
+    if group is not None:
+        summary += (" The gradient also vanishes towards the input (see "
+                    "vanishing_gradient): these units are part of why the model stalls.")
+        scale = C.init_scale(ctx, group, ("small",))
+        if scale is not None and scale.id not in seen:
+            causes.append(scale)
+        remedies.insert(0, remedy("kaiming_init", nonlinearity="relu"))
+    else:
+        summary += " This costs capacity, but nothing shows it stops the model learning."
+    layers = ctx.in_forward_order({layer for f in found for layer in f.layers
+                                   if layer not in names}) + names
+    evidence = {"sites": [f.evidence for f in found], "dead_fraction_min": min(shares),
+                "dead_fraction_max": max(shares), "gradient_vanishes": group is not None}
+    return Finding(kind=KIND, severity="warning" if group is not None else "info",
+                   first_step=min(f.first_step for f in found),
+                   last_step=max(f.last_step for f in found), layers=layers, summary=summary,
+                   evidence=evidence, causes=causes, remedies=remedies)
 
 
 def _downstream_of_dead_site(ctx: Context, i: int) -> bool:
@@ -98,8 +152,7 @@ def _site_finding(ctx: Context, i: int) -> Finding | None:
                f"measurement): they pass no gradient back, so they cannot recover by "
                f"themselves.")
     if severity == "info":
-        summary += (" They were dead from initialisation and training did not kill more: "
-                    "this costs capacity, but nothing shows it stops the model learning.")
+        summary += " They were dead from initialisation and training did not kill more."
     pre_mean = ctx.site_stat("pre_mean")[ok, i]
     pre_std = ctx.site_stat("pre_std")[ok, i]
     dead_max = ctx.site_stat("dead_pre_max")[ok, i]

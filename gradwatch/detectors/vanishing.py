@@ -98,8 +98,9 @@ def detect(ctx: Context) -> list[Finding]:
             # Dead ReLU units pass no gradient at all: that, not the depth, is the cause.
             cause, site = blocked
             causes.insert(0, cause)
-            where = f"; the gradient stops at {site}, whose units are dead (see dying_relu)"
-            remedies = [remedy("leaky_relu", site=site, old="(nn.ReLU, nn.ReLU6)"),
+            where = f"; it is cut at {site} (see dying_relu)"
+            remedies = [remedy("leaky_relu", site=site.split(",")[0],
+                               old="(nn.ReLU, nn.ReLU6)"),
                         *remedies]
         summary = (f"{ctx.subject}Gradients vanish towards the input: "
                    f"{ctx.label(group.layers[0])} gets "
