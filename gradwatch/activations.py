@@ -112,6 +112,7 @@ class _Site:
         self.index, self.key = index, key
         self.streak: torch.Tensor | None = None  # consecutive dead measurements per unit
         self.since: torch.Tensor | None = None  # step at which each unit's streak began
+        self.step = -1  # the step of the last measurement
 
 
 class ActivationSites(Extension):
@@ -132,7 +133,10 @@ class ActivationSites(Extension):
         if self._mode is not None:
             self._depth += 1
             return
-        if not torch.is_grad_enabled() or not m.is_detail_step() or m.suspended:
+        # Training forwards only: a prediction made with gradients on, in eval mode or
+        # after the last step, says nothing about the units during training.
+        if not torch.is_grad_enabled() or not m.is_detail_step() or m.suspended or \
+                not module.training:
             return
         self._counts = {}
         self._root = m.root_of_module(module) or 0
@@ -282,8 +286,14 @@ class ActivationSites(Extension):
             if site.streak is None or site.streak.shape != dead.shape:
                 site.streak = torch.zeros_like(deadf)
                 site.since = torch.full_like(deadf, float(m.step))
-            site.streak = (site.streak + 1.0) * deadf
-            site.since = torch.where(site.streak == 1.0, float(m.step), site.since)
+            if site.step == m.step:
+                # Another forward in the same step (gradient accumulation): a unit stays
+                # dead only if it is dead in every micro-batch; no second count.
+                site.streak = site.streak * deadf
+            else:
+                site.streak = (site.streak + 1.0) * deadf
+                site.since = torch.where(site.streak == 1.0, float(m.step), site.since)
+            site.step = m.step
             k = float(m.thresholds.dying_persist_measurements)
             fraction, persistent = deadf.mean(), (site.streak >= k).float().mean()
             n_dead = deadf.sum()

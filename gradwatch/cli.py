@@ -126,10 +126,17 @@ def _check_writable(parser: argparse.ArgumentParser, path: str) -> None:
 
 
 def cmd_demo(argv: list[str]) -> int:
-    """Run the seed experiments under gradwatch and write their reports."""
-    from .lab.demo import main as demo_main
+    """Every lab experiment with the default seeds: the README's main job."""
+    from .lab.main import main as lab_main
 
-    return demo_main(argv)
+    return lab_main(argv, command="demo")
+
+
+def cmd_lab(argv: list[str]) -> int:
+    """Chosen lab experiments over chosen seeds."""
+    from .lab.main import main as lab_main
+
+    return lab_main(argv, command="lab")
 
 
 def cmd_check(argv: list[str]) -> int:
@@ -206,7 +213,7 @@ def cmd_check(argv: list[str]) -> int:
     return 1 if report.problems else 0
 
 
-COMMANDS = {"run": cmd_run, "demo": cmd_demo, "check": cmd_check}
+COMMANDS = {"run": cmd_run, "demo": cmd_demo, "lab": cmd_lab, "check": cmd_check}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -214,7 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     usage = (f"usage: gradwatch {{{','.join(COMMANDS)}}} ...\n\n"
              "  run   SCRIPT [ARGS]  run a training script unmodified and report on it\n"
              "  check MODULE:FACTORY predict vanishing/exploding/dead/saturated layers at init\n"
-             "  demo                 the seed experiments of vanishing/exploding gradients\n\n"
+             "  demo                 every lab experiment, 3 seeds: verdicts and a page of plots\n"
+             "  lab   [NAME ...]     chosen lab experiments (--list, --seeds K, --out DIR)\n\n"
              "gradwatch COMMAND --help for a command's options; gradwatch --version")
     if not args or args[0] in ("-h", "--help"):
         print(usage)

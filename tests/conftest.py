@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -81,6 +89,62 @@ def residual_layernorm_mlp(n_in: int = 16, width: int = 32, blocks: int = 6,
     """Thirteen linear layers deep, with skips and LayerNorm: a healthy deep net."""
     return nn.Sequential(nn.Linear(n_in, width), *[PreNormBlock(width) for _ in range(blocks)],
                          nn.LayerNorm(width), nn.Linear(width, n_out))
+
+
+# --------------------------------------------------------------------------- the demo
+# `gradwatch demo` (every lab experiment, 3 seeds) is the README's main job; several test
+# files read its output. It runs once per session, in a subprocess started as soon as
+# collection shows a test that needs it, so that it uses the second core while the other
+# tests run on the first.
+DEMO_TESTS = ("test_demo.py", "test_html_render.py")
+
+
+class DemoRun:
+    """One `gradwatch demo` subprocess and, once it has finished, what it produced."""
+
+    def __init__(self) -> None:
+        out = Path(tempfile.mkdtemp(prefix="gradwatch-demo-test-")) / "demo"
+        self.out = out
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gradwatch", "demo", "--out", str(out)],
+            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+        self.code: int | None = None
+        self.stdout = self.stderr = ""
+        self.lab: dict[str, Any] | None = None
+
+    def wait(self) -> DemoRun:
+        if self.code is None:
+            self.stdout, self.stderr = self.proc.communicate(timeout=900)
+            self.code = self.proc.returncode
+            lab = self.out / "lab.json"
+            self.lab = json.loads(lab.read_text(encoding="utf-8")) if lab.exists() else None
+        return self
+
+
+_DEMO: list[DemoRun] = []
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
+                                  items: list[pytest.Item]) -> None:
+    if not _DEMO and any(item.path.name in DEMO_TESTS for item in items):
+        _DEMO.append(DemoRun())
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    for run in _DEMO:
+        if run.proc.poll() is None:  # the session ended early: do not leave it running
+            run.proc.kill()
+            run.proc.communicate()
+        shutil.rmtree(run.out.parent, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def demo_run() -> DemoRun:
+    """The session's `gradwatch demo` run, finished."""
+    if not _DEMO:
+        _DEMO.append(DemoRun())
+    return _DEMO[0].wait()
 
 
 # tests/scripts/ holds training scripts that `gradwatch run` executes in a subprocess;

@@ -227,3 +227,24 @@ def test_units_dead_from_init_in_a_stalled_net_are_one_warning() -> None:
     assert "where 7 of 10 units are dead" in only(report, "vanishing_gradient").summary
     healthy = seed002.kaiming_uniform_relu(0).report
     assert [f.severity for f in healthy.findings if f.kind == "dying_relu"] == ["info"]
+
+
+def test_predictions_after_training_are_not_measured_as_training_activations() -> None:
+    """Forwards in eval mode (gradients left on) after the last step do not count: four
+    predictions on one sample once made 20 healthy units look dead."""
+    x = torch.randn(256, 4)
+    y = x.sum(1, keepdim=True).sin()
+    model = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with gradwatch.watch(model, opt) as gw:
+        for _ in range(64):
+            opt.zero_grad()
+            F.mse_loss(model(x), y).backward()
+            opt.step()
+        model.eval()
+        sample = torch.randn(1, 4)
+        for _ in range(4):
+            model(sample)
+    report = gw.report()
+    assert [f.kind for f in report.findings if f.kind == "dying_relu"] == []
+    assert report.series["dead_fraction"]["1"][-1] < 0.25

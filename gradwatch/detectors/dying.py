@@ -134,13 +134,16 @@ def _site_finding(ctx: Context, i: int) -> Finding | None:
         severity = "info"
     remedies: list[Remedy] = [remedy("leaky_relu", site=name, old="(nn.ReLU, nn.ReLU6)")]
     bias = site.final.get("bias_dead_mean")
-    if site.layer is not None and bias is not None and bias < 0:
+    # A bias re-init helps where the bias was set negative; where updates drove a positive
+    # one negative, a new positive start is pushed down again.
+    if site.layer is not None and bias is not None and bias < 0 and \
+            site.bias_init is not None and site.bias_init < 0:
         remedies.append(remedy("positive_bias_init", layer=ctx.name(site.layer),
                                bias=fmt(bias)))
     if ids & {"learning_rate_spike", "learning_rate_too_high"}:
         lr = lower_lr(ctx, until=since)
         if lr is not None:
-            remedies.append(lr)
+            remedies.insert(0, lr)  # the updates killed them: smaller updates first
     if "dead_at_init" in ids and "large_negative_bias" not in ids:
         remedies.append(remedy("kaiming_init", nonlinearity="relu"))
 

@@ -17,7 +17,7 @@ gradwatch measures; SEEDS.md section 7 says which of them do not hold.
 
 from __future__ import annotations
 
-import dataclasses
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -25,14 +25,13 @@ import torch
 from torch import nn
 
 import gradwatch
-from gradwatch.report import Report
+
+from .core import Arm, ArmResults, Experiment, RunResult, Verdict, depth_ratio, spread
 
 __all__ = [
+    "CONSTANT_PREDICTION_LOSS",
     "EXPERIMENTS",
-    "RUNS",
     "DeepNet",
-    "RunResult",
-    "Variant",
     "kaiming_uniform_relu",
     "large_init_clip",
     "large_init_no_clip",
@@ -45,29 +44,6 @@ __all__ = [
 INPUT_SIZE = 1
 HIDDEN_SIZE = 10
 NUM_LAYERS = 10
-
-
-@dataclasses.dataclass(frozen=True)
-class RunResult:
-    """One watched training run of a seed experiment."""
-
-    experiment: str
-    variant: str
-    claim: str
-    final_loss: float  # the last epoch's loss, as the seed records it (before that step)
-    losses: list[float]
-    report: Report
-
-
-@dataclasses.dataclass(frozen=True)
-class Variant:
-    """One arm of an experiment: its names, the seed's claim, and how to run it."""
-
-    experiment: str
-    name: str
-    claim: str
-    description: str
-    run: Callable[[int], RunResult]
 
 
 def seed_data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,46 +174,183 @@ def kaiming_uniform_relu(seed: int = 0) -> RunResult:
     return _train(EXP3, "kaiming", CLAIM_KAIMING, model, lr=0.01, epochs=500)
 
 
+def kaiming_small_lr(seed: int = 0) -> RunResult:
+    """Repair of experiment 2: Kaiming-uniform instead of N(0, 10), lr 0.01, 50 epochs."""
+    torch.manual_seed(seed)
+    model = DeepNet(nn.ReLU, init=nn.init.kaiming_uniform_)
+    return _train(EXP2, "kaiming_lr0.01", "", model, lr=0.01, epochs=50)
+
+
+def _kaiming_repair_arm(experiment: str) -> Callable[[int], RunResult]:
+    def run(seed: int = 0) -> RunResult:
+        result = kaiming_uniform_relu(seed)
+        return RunResult(experiment, "relu_kaiming", "", result.final_loss, result.losses,
+                         result.report)
+    run.__doc__ = "The ReLU arm with Kaiming-uniform init (experiment 3's), as the repair."
+    return run
+
+
+CONSTANT_PREDICTION_LOSS = float(seed_data()[1].var(unbiased=False))
+"""MSE of predicting the mean of y for every input (9.76): the loss of a stalled net."""
+
+
+def _stalled(losses: list[float]) -> list[bool]:
+    """Runs that ended at (within 5% of) the loss of a constant prediction."""
+    return [abs(v - CONSTANT_PREDICTION_LOSS) < 0.05 * CONSTANT_PREDICTION_LOSS
+            for v in losses]
+
+
+def _first_ratio(results: ArmResults, arm: str) -> str:
+    f = results.finding(arm, "vanishing_gradient")
+    if f is None:
+        return "no vanishing finding"
+    ratio = f.evidence.get("grad_norm_ratio_first_to_last")
+    return f"the first layer gets {ratio:.1e} of the last layer's gradient (seed 0)" \
+        if ratio is not None else "vanishing"
+
+
+def _judge_sigmoid_vs_relu(r: ArmResults) -> Verdict:
+    sig, relu, fix = r.losses("sigmoid"), r.losses("relu"), r.losses("relu_kaiming")
+    sig_stalls, relu_stalls = all(_stalled(sig)), all(_stalled(relu))
+    relu_learns = not any(_stalled(relu))
+    verdict = "holds" if sig_stalls and relu_learns else \
+        "partly" if sig_stalls or relu_learns else "does not hold"
+    dead = r.finding("relu", "dying_relu")
+    dead_text = (f"; {dead.evidence['dead_fraction_min'] * 100:.0f}-"
+                 f"{dead.evidence['dead_fraction_max'] * 100:.0f}% of the units of each ReLU "
+                 f"layer are dead from step 0" if dead is not None and
+                 "dead_fraction_min" in dead.evidence else "")
+    return Verdict(
+        verdict,
+        f"sigmoid ends at loss {spread(sig)}, ReLU at {spread(relu)}; "
+        f"{CONSTANT_PREDICTION_LOSS:.2f} is the loss of predicting the mean of y, so "
+        f"{'both nets stall' if sig_stalls and relu_stalls else 'see the numbers'}.",
+        f"both gradients vanish towards the input (sigmoid: {_first_ratio(r, 'sigmoid')}; "
+        f"ReLU: {_first_ratio(r, 'relu')}). PyTorch's default Linear init draws weights at "
+        f"about 0.4x the Kaiming std, so every layer shrinks the signal; with ReLU that is "
+        f"not compensated{dead_text}. The activation alone does not decide it: the init does.",
+        f"the same ReLU net with Kaiming-uniform init learns: loss {spread(fix)} after the same "
+        f"500 epochs.")
+
+
+def _forward_gain(result: RunResult) -> float:
+    """Geometric-mean growth of the layers' output RMS per layer at the first step."""
+    acts = result.report.to_dict()["series"].get("activation_rms", {})
+    first = [v[0] for v in acts.values() if v and v[0] is not None and v[0] > 0]
+    if len(first) < 2:
+        return math.nan
+    return float((first[-1] / first[0]) ** (1 / (len(first) - 1)))
+
+
+def _judge_large_init(r: ArmResults) -> Verdict:
+    no_clip, clip, fix = r.losses("no_clip"), r.losses("clip10"), r.losses("kaiming_lr0.01")
+    exploded = all(math.isnan(v) for v in no_clip)
+    first = [run.losses[0] for run in r["clip10"]]
+    frozen = all(math.isfinite(v) and abs(v - f0) <= 1e-6 * abs(f0)
+                 for v, f0 in zip(clip, first, strict=True))
+    clip_helps = all(math.isfinite(v) and v < 0.5 * f0 for v, f0 in zip(clip, first, strict=True))
+    verdict = "holds" if exploded and clip_helps else \
+        "partly" if exploded or clip_helps else "does not hold"
+    plateau = r.finding("clip10", "loss_plateau")
+    zeroed = plateau is not None and any(c.id == "clipping_on_infinite_norm"
+                                         for c in plateau.causes)
+    return Verdict(
+        verdict,
+        f"without clipping the loss starts at {spread(first)} and is NaN from step 1 "
+        f"({'every seed' if exploded else 'not every seed'}); with clip_grad_norm_(10) it "
+        f"stays at {spread(clip)}: {'frozen, not decreasing' if frozen else 'see the numbers'}.",
+        f"the very first forward pass already overflows: N(0, 10) weights multiply the "
+        f"signal's RMS by {spread([_forward_gain(run) for run in r['no_clip']], 2)} per layer "
+        f"(measured at step 0), so the loss is astronomical before any update. "
+        + ("The total gradient norm is infinite, so clip_grad_norm_ scales every gradient by "
+           "max_norm / inf = 0 and no weight ever moves (gradwatch: loss_plateau with cause "
+           "clipping_on_infinite_norm). " if zeroed else "")
+        + "Clipping cannot repair a forward pass that has already overflowed.",
+        f"re-initialising with Kaiming-uniform (lr 0.01, no clipping) trains: loss "
+        f"{spread(fix)} after the same 50 epochs.")
+
+
+def _judge_xavier_kaiming(r: ArmResults) -> Verdict:
+    xav, kai = r.losses("xavier"), r.losses("kaiming")
+    ratios = {arm: [depth_ratio(run.report) for run in r[arm]] for arm in ("xavier", "kaiming")}
+    learn = [v < 0.1 * CONSTANT_PREDICTION_LOSS for v in xav + kai]
+    problems = {k for arm in ("xavier", "kaiming") for kinds in r.kinds(arm) for k in kinds}
+    verdict = "holds" if all(learn) and not problems else "partly" if any(learn) \
+        else "does not hold"
+    return Verdict(
+        verdict,
+        f"Xavier-uniform ends at loss {spread(xav)}, Kaiming-uniform at {spread(kai)} "
+        f"(from about 17-23); gradwatch finds "
+        f"{'no warning or error in either' if not problems else ', '.join(sorted(problems))}.",
+        f"both keep the signal's scale through the 10 ReLU layers: the first layer gets "
+        f"{spread(ratios['xavier'], 2)} (Xavier) and {spread(ratios['kaiming'], 2)} (Kaiming) "
+        f"of the last layer's gradient norm (median over the run), against 2e-4 with the "
+        f"default init. Kaiming's std is sqrt(2) times Xavier's for these 10x10 layers, which "
+        f"ReLU's halving of the variance calls for.",
+        "no repair needed; Kaiming-uniform is the init to use with ReLU.")
+
+
 _ARCH = ("10 x (Linear(., 10) + {act}) + Linear(10, 1), full-batch MSE on y = 3x + 2 + "
          "0.5 noise (100 points, numpy seed 0), SGD")
 
-RUNS: tuple[Variant, ...] = (
-    Variant(EXP1, "sigmoid", CLAIM_SIGMOID,
-            _ARCH.format(act="Sigmoid") + " lr 0.01, 500 epochs; PyTorch's default init.",
-            sigmoid_default_init),
-    Variant(EXP1, "relu", CLAIM_RELU,
-            _ARCH.format(act="ReLU") + " lr 0.01, 500 epochs; PyTorch's default init.",
-            relu_default_init),
-    Variant(EXP2, "no_clip", CLAIM_NO_CLIP,
-            _ARCH.format(act="ReLU") + " lr 0.1, 50 epochs; every Linear weight "
-            "nn.init.normal_(w, mean=0, std=10), biases default; no clipping.",
-            large_init_no_clip),
-    Variant(EXP2, "clip10", CLAIM_CLIP,
-            _ARCH.format(act="ReLU") + " lr 0.1, 50 epochs; every Linear weight "
-            "nn.init.normal_(w, mean=0, std=10), biases default; "
-            "clip_grad_norm_(model.parameters(), max_norm=10) before each step. Unlike the "
-            "seed, which builds this model after the unclipped one, both arms start from "
-            "the same weights for a given seed.",
-            large_init_clip),
-    Variant(EXP3, "xavier", CLAIM_XAVIER,
-            _ARCH.format(act="ReLU") + " lr 0.01, 500 epochs; nn.init.xavier_uniform_ on "
-            "every Linear weight. The seed's code is cut off after the Kaiming arm's "
-            "backward: both arms are completed the obvious way (step, record the loss), "
-            "and the claim comes from the seed's text on Xavier init.",
-            xavier_uniform_relu),
-    Variant(EXP3, "kaiming", CLAIM_KAIMING,
-            _ARCH.format(act="ReLU") + " lr 0.01, 500 epochs; nn.init.kaiming_uniform_ "
-            "(defaults: fan_in, gain sqrt(2)) on every Linear weight. The seed's code is cut "
-            "off in this arm's loop (at loss.backward): it is completed the obvious way "
-            "(step, record the loss), and the claim comes from the seed's text on Kaiming "
-            "init.",
-            kaiming_uniform_relu),
-)
-"""Every arm of every experiment, in the seed's order."""
+def _arms() -> dict[str, Arm]:
+    relu_default = _ARCH.format(act="ReLU") + " lr 0.01, 500 epochs; PyTorch's default init."
+    return {
+        "sigmoid": Arm("sigmoid", CLAIM_SIGMOID, _ARCH.format(act="Sigmoid")
+                       + " lr 0.01, 500 epochs; PyTorch's default init.", sigmoid_default_init),
+        "relu": Arm("relu", CLAIM_RELU, relu_default, relu_default_init),
+        "relu_kaiming": Arm("relu_kaiming", "", relu_default.replace(
+            "PyTorch's default init.", "nn.init.kaiming_uniform_ on every Linear weight."),
+            _kaiming_repair_arm(EXP1), role="repair"),
+        "no_clip": Arm("no_clip", CLAIM_NO_CLIP, _ARCH.format(act="ReLU")
+                       + " lr 0.1, 50 epochs; every Linear weight nn.init.normal_(w, mean=0, "
+                       "std=10), biases default; no clipping.", large_init_no_clip),
+        "clip10": Arm("clip10", CLAIM_CLIP, _ARCH.format(act="ReLU")
+                      + " lr 0.1, 50 epochs; every Linear weight nn.init.normal_(w, mean=0, "
+                      "std=10), biases default; clip_grad_norm_(model.parameters(), "
+                      "max_norm=10) before each step. Unlike the seed, which builds this model "
+                      "after the unclipped one, both arms start from the same weights for a "
+                      "given seed.", large_init_clip),
+        "kaiming_lr0.01": Arm("kaiming_lr0.01", "", _ARCH.format(act="ReLU")
+                              + " lr 0.01, 50 epochs; nn.init.kaiming_uniform_ instead of "
+                              "N(0, 10); no clipping. (With the seed's lr 0.1 even the "
+                              "Kaiming-init net diverges.)", kaiming_small_lr, role="repair"),
+        "xavier": Arm("xavier", CLAIM_XAVIER, _ARCH.format(act="ReLU")
+                      + " lr 0.01, 500 epochs; nn.init.xavier_uniform_ on every Linear "
+                      "weight.", xavier_uniform_relu),
+        "kaiming": Arm("kaiming", CLAIM_KAIMING, _ARCH.format(act="ReLU")
+                       + " lr 0.01, 500 epochs; nn.init.kaiming_uniform_ (defaults: fan_in, "
+                       "gain sqrt(2)) on every Linear weight.", kaiming_uniform_relu),
+    }
 
-EXPERIMENTS: dict[str, str] = {
-    EXP1: "Vanishing gradients: sigmoid vs ReLU with PyTorch's default init",
-    EXP2: "Exploding gradients: N(0, 10) weights without vs with gradient clipping",
-    EXP3: "Initialisation: Xavier-uniform vs Kaiming-uniform with ReLU",
-}
-"""Experiment id -> title, in the seed's order."""
+
+_A = _arms()
+EXPERIMENTS: tuple[Experiment, ...] = (
+    Experiment(EXP1, "seed 002 #1", "Vanishing gradients: sigmoid vs ReLU, default init",
+               "a 10-layer sigmoid network suffers from vanishing gradients and its loss "
+               "falls slowly, while the same network with ReLU avoids them and learns fast",
+               "The seed's code exactly (data, layers, PyTorch's default init, SGD lr 0.01, "
+               "500 full-batch epochs); the repair arm adds Kaiming-uniform init.",
+               (_A["sigmoid"], _A["relu"], _A["relu_kaiming"]), _judge_sigmoid_vs_relu,
+               cost_s=4.0),
+    Experiment(EXP2, "seed 002 #2", "Exploding gradients: N(0, 10) weights, with and without "
+               "clipping",
+               "with every weight drawn from N(0, 10) the gradients explode and the loss grows "
+               "fast without clipping; clip_grad_norm_(max_norm=10) keeps training stable and "
+               "the loss decreases gradually",
+               "The seed's code exactly (N(0, 10) weights, ReLU, SGD lr 0.1, 50 epochs); both "
+               "arms start from the same weights for a given seed. The repair arm re-initialises "
+               "with Kaiming-uniform and uses lr 0.01.",
+               (_A["no_clip"], _A["clip10"], _A["kaiming_lr0.01"]), _judge_large_init,
+               cost_s=1.0),
+    Experiment(EXP3, "seed 002 #3", "Initialisation: Xavier-uniform vs Kaiming-uniform with "
+               "ReLU",
+               "Xavier init keeps the variance the same forward and backward so training is "
+               "stable; Kaiming init, made for ReLU, keeps the variance after each ReLU and "
+               "eases vanishing gradients in deep networks",
+               "The seed's code is cut off inside the Kaiming arm's loop (at loss.backward()): "
+               "both arms are completed the obvious way (optimizer.step(), record the loss); "
+               "ReLU, SGD lr 0.01, 500 epochs.",
+               (_A["xavier"], _A["kaiming"]), _judge_xavier_kaiming, cost_s=3.0),
+)
+"""Seed 002's three experiments, in the seed's order."""

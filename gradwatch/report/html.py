@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Sequence
 from html import escape
 from typing import Any
 
-__all__ = ["render_html"]
+from . import plots
 
-_CSS = """
-body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
+__all__ = ["CSS", "figures", "render_html"]
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;
+max-width:1100px;color:#222;padding:0 1em;line-height:1.4}
 h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.6em}
 table{border-collapse:collapse;width:100%;font-size:.9em}
 td,th{border:1px solid #ddd;padding:.3em .5em;text-align:left;vertical-align:top}
@@ -18,6 +23,11 @@ td,th{border:1px solid #ddd;padding:.3em .5em;text-align:left;vertical-align:top
 .finding{padding:.5em 1em;margin:1em 0;background:#fafafa}
 pre{background:#f0f0f0;padding:.6em;overflow-x:auto}
 .sev{font-weight:bold;text-transform:uppercase}
+.gw-figs{display:grid;grid-template-columns:repeat(auto-fit,minmax(460px,1fr));gap:1.2em 1.6em}
+.gw-figure{margin:0;min-width:0}
+.gw-figure figcaption{font-size:.82em;color:#555;margin-top:.3em}
+.gw-figure svg{width:100%;height:auto;border:1px solid #eee}
+.glance li{margin:.2em 0}
 """
 
 
@@ -25,24 +35,146 @@ def _e(x: Any) -> str:
     return escape(str(x), quote=True)
 
 
+def _finite(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
+def _wants_log(values: Sequence[Any]) -> bool:
+    """A log axis when every value is > 0 and they span more than two decades."""
+    finite = [v for v in map(_finite, values) if v is not None]
+    return bool(finite) and min(finite) > 0 and max(finite) / min(finite) > 100
+
+
+def _layer_order(data: dict[str, Any], names: Sequence[str]) -> list[str]:
+    """The report's layers in forward order (input side first), then any others."""
+    ordered = [layer["name"] for layer in data.get("layers", []) if layer["name"] in names]
+    return ordered + [n for n in names if n not in ordered]
+
+
+def _profile_steps(steps: Sequence[Any], grad: dict[str, Sequence[Any]]) -> list[int]:
+    """Indices of the first, middle and last steps where some layer has a finite norm."""
+    measured = [i for i in range(len(steps))
+                if any(i < len(v) and _finite(v[i]) is not None for v in grad.values())]
+    if not measured:
+        return []
+    picks = [measured[0], measured[len(measured) // 2], measured[-1]]
+    return sorted(set(picks))
+
+
+def figures(data: dict[str, Any]) -> list[str]:
+    """The report's plots as SVG figures: loss, gradient flow, profiles, sites, through time."""
+    series = data.get("series") or {}
+    steps = list(series.get("step") or [])
+    grad = series.get("grad_norm") or {}
+    layers = _layer_order(data, list(grad))
+    preflight = (data.get("run") or {}).get("mode") == "preflight"
+    out: list[str] = []
+
+    if preflight:
+        # one forward/backward at init: a curve over steps says nothing, the profile does
+        rms = series.get("activation_rms") or {}
+        out.append(plots.profile_chart(
+            layers, {"at init": [(grad.get(n) or [None])[0] for n in layers]},
+            "Gradient norm per layer at initialisation", notes=[
+                "Input side left. A line falling steeply towards the left means the "
+                "gradient vanishes before it reaches the first layers."]))
+        if rms:
+            order = _layer_order(data, list(rms))
+            out.append(plots.profile_chart(
+                order, {"at init": [(rms.get(n) or [None])[0] for n in order]},
+                "Output RMS per layer at initialisation", "output RMS",
+                kind="activation-profile"))
+        return out
+
+    loss = list(series.get("loss") or [])
+    log_loss = _wants_log(loss)
+    out.append(plots.line_chart(
+        {"loss": (steps, loss)}, "Loss", "step", "loss (log scale)" if log_loss else "loss",
+        log_y=log_loss, kind="loss"))
+
+    nonfinite = series.get("nonfinite") or {}
+    out.append(plots.heatmap(
+        layers, steps, [grad[n] for n in layers],
+        nonfinite=[nonfinite.get(n) or [] for n in layers], notes=[
+            "Each row is a layer, input side at the bottom; each column a step. Dark rows at "
+            "the bottom mean the first layers get little gradient (vanishing); bright or red "
+            "cells spreading down mean exploding or non-finite gradients."]))
+
+    picks = _profile_steps(steps, grad)
+    if picks:
+        out.append(plots.profile_chart(
+            layers, {f"step {steps[i]}": [grad[n][i] if i < len(grad[n]) else None
+                                          for n in layers] for i in picks},
+            "Gradient norm per layer at chosen steps", notes=[
+                "First, middle and last measured steps. Input side left: a line that falls "
+                "towards the left means the gradient shrinks on its way back to the input."]))
+
+    site_steps = list(series.get("site_step") or [])
+    kinds = {s.get("name"): s.get("kind") for s in (data.get("facts") or {}).get("sites") or []}
+
+    for key, kind, title, what in (
+            ("dead_fraction", "dead-fraction", "Dead ReLU units over time",
+             "Fraction of each ReLU site's units that output 0 for every sample of the batch."),
+            ("saturated_fraction", "saturated-fraction", "Saturated units over time",
+             "Fraction of each sigmoid/tanh site's units in the flat part of the curve.")):
+        sites = series.get(key) or {}
+        if sites and site_steps:
+            seen = {v for values in sites.values() for v in map(_finite, values) if v is not None}
+            notes = [what]
+            if len(sites) > 1 and len(seen) == 1:
+                notes.append(f"Every site stays at {seen.pop():g} throughout: the lines lie on "
+                             f"top of each other.")
+            out.append(plots.line_chart(
+                {f"{name} ({kinds[name]})" if kinds.get(name) else name: (site_steps, values)
+                 for name, values in sites.items()}, title, "step",
+                "fraction of units", kind=kind, y_range=(0.0, 1.0), notes=notes))
+
+    through = series.get("through_time") or {}
+    if through:
+        out.append(plots.line_chart(
+            {name: (m.get("step") or [], m.get("ratio_first_to_last_timestep") or [])
+             for name, m in through.items()},
+            "Gradient through time: first timestep / last timestep", "step",
+            "ratio (log scale)", log_y=True, kind="through-time", notes=[
+                "How much of the gradient at the last timestep of the sequence reaches the "
+                "first one; far below 1 means the recurrent layer forgets early inputs."]))
+    return out
+
+
+def _glance(findings: Sequence[dict[str, Any]]) -> list[str]:
+    if not findings:
+        return []
+    items = [f"<li><a href='#finding-{i}'><span class='sev'>{_e(f['severity'])}</span></a> "
+             f"<code>{_e(f['kind'])}</code>: {_e(f['summary'])}</li>"
+             for i, f in enumerate(findings)]
+    return ["<ul class='glance'>", *items, "</ul>"]
+
+
 def render_html(data: dict[str, Any]) -> str:
+    """The report as one self-contained HTML page: summary, plots, findings, layers."""
     run = data["run"]
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         "<meta name='viewport' content='width=device-width, initial-scale=1'>",
-        f"<title>gradwatch report</title><style>{_CSS}</style></head><body>",
+        f"<title>gradwatch report</title><style>{CSS}</style></head><body>",
         f"<h1>gradwatch report</h1><p>{_e(run['steps'])} steps, run {_e(run['status'])} in "
         f"{_e(run['duration_s'])} s; gradwatch {_e(data['tool']['version'])}.</p>",
     ]
     if run.get("error"):
         parts.append(f"<p><b>The run ended with:</b> {_e(run['error'])}</p>")
     problems = [f for f in data["findings"] if f["severity"] != "info"]
+    parts += _glance(data["findings"])
+    figs = figures(data)
+    if figs:
+        parts.append("<h2>Plots</h2><div class='gw-figs'>")
+        parts += figs
+        parts.append("</div>")
     parts.append(f"<h2>Findings ({len(problems)} problem{'s' if len(problems) != 1 else ''})"
                  f"</h2>")
     if not data["findings"]:
         parts.append("<p>No problems found.</p>")
-    for f in data["findings"]:
-        parts.append(f"<div class='finding {_e(f['severity'])}'>")
+    for i, f in enumerate(data["findings"]):
+        parts.append(f"<div class='finding {_e(f['severity'])}' id='finding-{i}'>")
         parts.append(f"<p><span class='sev'>{_e(f['severity'])}</span> <code>{_e(f['kind'])}"
                      f"</code>, steps {_e(f['first_step'])}-{_e(f['last_step'])}, layers: "
                      f"{_e(', '.join(f['layers']) or 'whole model')}</p>")
