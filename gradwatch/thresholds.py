@@ -91,6 +91,10 @@ class Thresholds:
     """Update / weight norm a suggested learning rate aims at (a common rule of thumb)."""
     max_lr_reduction: float = 1e4
     """A suggested learning rate is never below the current one divided by this."""
+    explosion_lr_reduction: float = 10.0
+    """... and, against an explosion or divergence, never below the current one divided by
+    this: updates measured while gradients explode are sized by the gradients, not by the
+    rate (a 0.35 -> 1e-4 suggestion froze a run that learns at 0.05)."""
     forward_shrink_per_layer: float = 0.7
     """Activation RMS falling by more than this factor per layer at the first step: the
     forward signal (and with it the backward one) shrinks with depth."""

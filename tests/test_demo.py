@@ -152,3 +152,28 @@ def test_lab_lists_experiments_and_refuses_bad_arguments(tmp_path: Path) -> None
     assert target.read_text() == "not a folder"
     assert _main(["--seeds", "abc"])[0] == 2
     assert _main(["--help"])[0] == 0
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_line_shows_experiment_arm_seed_and_time_left_only_on_a_terminal() -> None:
+    from gradwatch.lab.runner import Progress
+
+    tty = _Terminal()
+    bar = Progress(10.0, stream=tty)
+    bar.show("sigmoid_vs_relu (seed 002 #1) · relu · seed 1")
+    bar.advance(5.0)
+    bar.show("sigmoid_vs_relu (seed 002 #1) · relu · seed 2")
+    bar.clear()
+    text = tty.getvalue()
+    assert "relu · seed 2" in text and "s left" in text
+    assert text.endswith("\r")  # the line is wiped, the verdicts print on a clean line
+    piped = io.StringIO()
+    Progress(10.0, stream=piped).show("anything")
+    assert piped.getvalue() == ""
+    quiet = _Terminal()
+    Progress(10.0, stream=quiet, enabled=False).show("anything")
+    assert quiet.getvalue() == ""

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import deep_net, only, seed_data
+from conftest import deep_net, only, seed_data, train_full_batch
 from torch import nn
 
 import gradwatch
@@ -263,3 +263,18 @@ def test_synthetic_forward_shrink_cause_boundary() -> None:
         rms = factor ** np.arange(n)
         f = detect(history(geometric(1e-5, n), act_rms=rms))[0]
         assert ("signal_shrinks_forward" in {c.id for c in f.causes}) is listed, factor
+
+
+def test_deep_sigmoid_net_that_collapses_within_a_few_steps_still_vanishes() -> None:
+    """With SGD lr 0.05 the 20-layer sigmoid net's output-side gradient falls 1e7x in six
+    steps: only three steps keep an active gradient, each with a ratio below 1e-10."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 16, generator=g)
+    y = torch.sin(2 * x @ (torch.randn(16, 1, generator=g) / 4))
+    layers: list[nn.Module] = []
+    for i in range(19):
+        layers += [nn.Linear(16 if i == 0 else 32, 32), nn.Sigmoid()]
+    model = nn.Sequential(*layers, nn.Linear(32, 1))
+    report = train_full_batch(model, x, y, lr=0.05, steps=40)
+    finding = only(report, "vanishing_gradient")
+    assert finding.severity == "error"

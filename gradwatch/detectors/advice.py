@@ -85,10 +85,15 @@ def clip_threshold(ctx: Context) -> float | None:
     return round_sig(float(np.median(early)), 2)
 
 
-def lower_lr(ctx: Context, since: int | None = None, until: int | None = None) -> Remedy | None:
+def lower_lr(ctx: Context, since: int | None = None, until: int | None = None,
+             blow_up: bool = False) -> Remedy | None:
     """A learning rate scaled so that the update ratio measured in ``[since, until]`` (median
     over sampled steps) meets the target; offered only where that ratio is too large
-    (``large_update_ratio``, the same test as the learning_rate_too_high cause)."""
+    (``large_update_ratio``, the same test as the learning_rate_too_high cause).
+
+    ``blow_up``: the window is an explosion or divergence, whose updates are sized by the
+    exploding gradients rather than by the rate, so the reduction is capped at
+    ``explosion_lr_reduction``."""
     per_step = ctx.step_update_ratio[ctx.detail_window(since, until)]
     per_step = per_step[np.isfinite(per_step)]
     rates = ctx.learning_rates_between(since, until)
@@ -101,6 +106,8 @@ def lower_lr(ctx: Context, since: int | None = None, until: int | None = None) -
         return None
     # The code scales the optimizer's own learning rate, whatever it is by then (a
     # schedule may have moved it since it was recorded).
-    factor = round_sig(max(target / measured, 1 / ctx.t.max_lr_reduction))
+    floor = 1 / (ctx.t.explosion_lr_reduction if blow_up else ctx.t.max_lr_reduction)
+    factor = round_sig(max(target / measured, floor))
     return remedy("lower_learning_rate", old_lr=fmt(old), lr=round_sig(old * factor),
-                  factor=factor, measured=fmt(measured), target=fmt(target))
+                  factor=factor, measured=fmt(measured), target=fmt(target),
+                  capped=blow_up and factor == round_sig(floor))

@@ -156,7 +156,7 @@ def detect(ctx: Context) -> list[Finding]:
     if any(c.id == "unscaled_inputs" for c in causes) and inputs is not None:
         remedies.insert(0, remedy("standardize_inputs", mean=fmt(inputs[1]),
                                   std=fmt(inputs[2])))
-    lr = None if overflow else lower_lr(ctx, since=start)
+    lr = None if overflow else lower_lr(ctx, since=start, blow_up=True)
     if lr:
         remedies.append(lr)
     if overflow is None:

@@ -54,7 +54,7 @@ def detect(ctx: Context) -> list[Finding]:
     causes = [c for c in (C.learning_rate_too_high(ctx, since=since),
                           C.unscaled_inputs(ctx, since=since)) if c]
     remedies = []
-    lr = lower_lr(ctx, since=since)
+    lr = lower_lr(ctx, since=since, blow_up=True)
     if lr:
         remedies.append(lr)
     if (threshold := clip_threshold(ctx)):

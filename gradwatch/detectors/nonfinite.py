@@ -81,7 +81,7 @@ def detect(ctx: Context) -> list[Finding]:
                                C.learning_rate_too_high(ctx, since=since, until=step - 1),
                                C.unscaled_inputs(ctx, since=since)) if c]
         remedies += depth_remedies(ctx, group, causes) if group else []
-        if (lr := lower_lr(ctx, since=since, until=step - 1)) is not None:
+        if (lr := lower_lr(ctx, since=since, until=step - 1, blow_up=True)) is not None:
             remedies.append(lr)
         if (threshold := clip_threshold(ctx)) is not None:
             remedies.append(remedy("clip_grad_norm", max_norm=threshold))

@@ -158,6 +158,12 @@ def _active(m: Measured, ctx: Context) -> np.ndarray:
     run maximum (a settled model's tiny gradients say nothing about the path)."""
     last = m.last()
     ok = np.isfinite(last) & (last > 0) & ~np.isnan(m.profile[:, 0])
+    # After the run blew up, saturated units give ratios of 0 that say nothing about the
+    # path the gradient takes while training works: only steps before the first NaN/Inf.
+    ev = ctx.h.events
+    blown = [s for s in (ev.first_nonfinite_loss, ev.first_nonfinite_grad) if s is not None]
+    if blown:
+        ok &= m.steps < min(blown)
     if ok.any():
         ok &= last >= ctx.t.active_grad_fraction * float(np.max(last[ok]))
     return ok
@@ -212,13 +218,18 @@ def effective_memory(ts: np.ndarray, rel: np.ndarray, limit: float) -> int | Non
 
 
 def _loss_fell(ctx: Context) -> tuple[float, float] | None:
-    """(first, last) loss, medians of ``baseline_steps`` steps each, if the loss fell to at
-    most ``through_time_learning_loss`` of its start; else None."""
+    """(first, last) loss, medians of ``baseline_steps`` steps each (the best loss for a run
+    that ended NaN/Inf), if the loss fell to at most ``through_time_learning_loss`` of its
+    start; else None."""
     _, loss = ctx.finite_loss()
     n = ctx.t.baseline_steps
     if loss.size < 2 * n:
         return None
     first, last = float(np.median(loss[:n])), float(np.median(loss[-n:]))
+    ev = ctx.h.events
+    if ev.first_nonfinite_loss is not None or ev.first_nonfinite_grad is not None:
+        # A run that learned and then blew up did learn: its best loss, not its last.
+        last = float(np.min(loss))
     if first > 0 and 0 <= last <= ctx.t.through_time_learning_loss * first:
         return first, last
     return None

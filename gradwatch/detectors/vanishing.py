@@ -42,6 +42,12 @@ def starved(ctx: Context,
     starts_run = valid.any() and steps[0] == ctx.steps[valid][0]
     if starts_run and from_start >= enough:
         return steps[:from_start], ratio[:from_start], ratio
+    # A net that settles within a few steps leaves few steps with an active gradient; if
+    # every one of them (at least 3, from the start) is below the error limit, that is
+    # vanishing too, however short.
+    if starts_run and below.all() and steps.size >= 3 and \
+            bool(np.all(ratio < ctx.t.vanishing_ratio_error)):
+        return steps, ratio, ratio
     return None
 
 

@@ -153,9 +153,12 @@ CATALOGUE: dict[str, RemedyEntry] = {e.id: e for e in [
                    "  # after loss.backward(), before optimizer.step()")),
     RemedyEntry(
         "lower_learning_rate",
-        lambda p: (f"lower the learning rate from {p['old_lr']} to {p['lr']}: that brings the "
-                   f"measured update size ({p['measured']} of the weights) near "
-                   f"{p['target']} per step"),
+        lambda p: (f"lower the learning rate from {p['old_lr']} to {p['lr']}"
+                   + (f" ({p['factor']}x: the updates measured while the gradients blew up, "
+                      f"{p['measured']} of the weights, are sized by the gradients, so the "
+                      f"rate is cut by a fixed step, not to match them)" if p.get("capped")
+                      else f": that brings the measured update size ({p['measured']} of the "
+                      f"weights) near {p['target']} per step")),
         lambda p: ("for group in optimizer.param_groups:\n"
                    f"    group[\"lr\"] *= {p['factor']}  # {p['old_lr']} -> {p['lr']}")),
     RemedyEntry(
