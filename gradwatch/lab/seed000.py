@@ -29,7 +29,17 @@ from torch import nn
 
 import gradwatch
 
-from .core import Arm, ArmResults, Experiment, RunResult, Verdict, spread
+from .core import (
+    Arm,
+    ArmResults,
+    Experiment,
+    RunResult,
+    Verdict,
+    deviating,
+    most_seeds,
+    percent,
+    spread,
+)
 
 __all__ = ["EXPERIMENTS", "ReluMLP", "task_data", "train_arm"]
 
@@ -176,20 +186,6 @@ def _desc(act: str = "relu", lr: float = LR, bias: str = "") -> str:
     return _SETUP.format(act=NAMES[act]) + f", lr {lr:g}" + (f"; {bias}" if bias else "") + "."
 
 
-def _pct(values: list[float]) -> str:
-    return spread([100 * v for v in values], 3) + "%"
-
-
-def _most(flags: list[bool]) -> bool:
-    """True on every seed, or on all but one when there are more than two."""
-    return sum(flags) >= (len(flags) - 1 if len(flags) > 2 else len(flags))
-
-
-def _deviating(flags: list[bool]) -> str:
-    bad = [str(i) for i, ok in enumerate(flags) if not ok]
-    return f" (not on seed {', '.join(bad)})" if bad else ""
-
-
 def _dying_text(r: ArmResults, arm: str) -> str:
     """What gradwatch said about the dead units of one run (seed 0), from its evidence."""
     f = r.finding(arm, "dying_relu")
@@ -212,9 +208,9 @@ def _gradwatch_agrees(r: ArmResults, arm: str) -> str:
     """Whether gradwatch's last dead fraction matches the direct count on every seed."""
     own, gw = r.metric(arm, "dead_fraction"), r.metric(arm, "gradwatch_dead_fraction")
     same = all(abs(a - b) <= 0.1 for a, b in zip(own, gw, strict=True))
-    return (f"gradwatch's last measured dead fraction, {_pct(gw)}, "
+    return (f"gradwatch's last measured dead fraction, {percent(gw)}, "
             + ("agrees with the direct count" if same else
-               f"differs from the direct count ({_pct(own)})"))
+               f"differs from the direct count ({percent(own)})"))
 
 
 def _findings_count(r: ArmResults, arm: str, kind: str) -> int:
@@ -228,13 +224,13 @@ def _repairs(r: ArmResults, arms: list[str], reference: list[float], broken: lis
     works, helps, fails, lines = [], [], [], []
     for arm in arms:
         loss = r.losses(arm)
-        reach = _most([math.isfinite(v) and v <= 2 * ref
+        reach = most_seeds([math.isfinite(v) and v <= 2 * ref
                        for v, ref in zip(loss, reference, strict=True)])
-        better = _most([math.isfinite(v) and v < 0.5 * b
+        better = most_seeds([math.isfinite(v) and v < 0.5 * b
                         for v, b in zip(loss, broken, strict=True)])
         (works if reach else helps if better else fails).append(arm)
         neg = r.metric(arm, "negative_fraction")
-        lines.append(f"{arm}: loss {spread(loss)}, units <= 0 on every sample {_pct(neg)}")
+        lines.append(f"{arm}: loss {spread(loss)}, units <= 0 on every sample {percent(neg)}")
     return works, helps, fails, "; ".join(lines)
 
 
@@ -263,7 +259,7 @@ def _revival(r: ArmResults, arm: str) -> tuple[list[bool], str]:
     never = [v <= 0.1 * max(d, 1) for v, d in zip(revived, dead, strict=True)]
     return never, (f"units dead for {REVIVE_AFTER}+ steps in a row that were alive again at "
                    f"the end: {spread(revived)} per run, against {spread(dead)} dead at the end"
-                   f"{_deviating(never)}")
+                   f"{deviating(never)}")
 
 
 def _judge_high_lr(r: ArmResults) -> Verdict:
@@ -273,7 +269,7 @@ def _judge_high_lr(r: ArmResults) -> Verdict:
     kills = [d >= DEAD_SHARE and d >= dc + 0.2 for d, dc in zip(dead, dead_ctrl, strict=True)]
     worse = [not math.isfinite(h) or h > 2 * c for h, c in zip(high, ctrl, strict=True)]
     never, revival = _revival(r, "relu_lr0.3")
-    verdict = _verdict(_most(kills), _most(worse), _most(never))
+    verdict = _verdict(most_seeds(kills), most_seeds(worse), most_seeds(never))
     repairs = [a for a in HIGH_LR_REPAIRS if a != "relu_lr0.01"]
     works, helps, fails, lines = _repairs(r, repairs, ctrl, high)
     n = len(high)
@@ -281,11 +277,11 @@ def _judge_high_lr(r: ArmResults) -> Verdict:
     jumpy = [a for a in repairs if a.split("_lr")[0] in ACTIVATIONS and jumps[a]]
     return Verdict(
         verdict,
-        f"at lr {LR_HIGH:g} the ReLU net ends with {_pct(dead)} of a hidden layer's units dead "
+        f"at lr {LR_HIGH:g} the ReLU net ends with {percent(dead)} of a hidden layer's units dead "
         f"(the worse of the two layers; peak during training "
-        f"{_pct(r.metric('relu_lr0.3', 'peak_dead_fraction'))}) against {_pct(dead_ctrl)} at "
-        f"lr {LR:g}{_deviating(kills)}; its loss ends at {spread(high)} against {spread(ctrl)}"
-        f"{_deviating(worse)}; {revival}.",
+        f"{percent(r.metric('relu_lr0.3', 'peak_dead_fraction'))}) against {percent(dead_ctrl)} at "
+        f"lr {LR:g}{deviating(kills)}; its loss ends at {spread(high)} against {spread(ctrl)}"
+        f"{deviating(worse)}; {revival}.",
         f"Adam's first updates at lr {LR_HIGH:g} move each weight by about {LR_HIGH:g}, more "
         f"than the weights' own scale (default init bound 1/sqrt(fan_in) = "
         f"{1 / math.sqrt(HIDDEN):.2f} for the second layer): the loss jumps (gradwatch: "
@@ -297,7 +293,7 @@ def _judge_high_lr(r: ArmResults) -> Verdict:
            "the same oversized steps remain (loss_divergence: "
            + ", ".join(f"{a} {jumps[a]}/{n}" for a in jumpy) + ")." if jumpy else ""),
         f"the lower learning rate (lr {LR:g}) removes the cause: loss {spread(ctrl)}, "
-        f"{_pct(dead_ctrl)} dead. At lr {LR_HIGH:g}: "
+        f"{percent(dead_ctrl)} dead. At lr {LR_HIGH:g}: "
         + (f"{_they(works, 'reaches', 'reach')} that loss; " if works else "no other repair "
            "reaches that loss; ")
         + (f"{_they(helps, 'improves', 'improve')} on the ReLU net but "
@@ -333,17 +329,17 @@ def _judge_negative_bias(r: ArmResults) -> Verdict:
               < 0.05 * CONSTANT_PREDICTION_LOSS for v in broken]
     worse = [not math.isfinite(b) or b > 2 * h for b, h in zip(broken, healthy, strict=True)]
     never, revival = _revival(r, "relu_bias-3")
-    verdict = _verdict(_most(kills), _most(worse), _most(never))
+    verdict = _verdict(most_seeds(kills), most_seeds(worse), most_seeds(never))
     repairs = [a for a in NEG_BIAS_REPAIRS if a != "relu_bias+0.1"]
     works, helps, fails, lines = _repairs(r, repairs, healthy, broken)
     low_lr = r.metric("relu_bias-3_lr0.001", "dead_fraction")
     return Verdict(
         verdict,
-        f"with bias {NEGATIVE_BIAS:g} on the second hidden layer {_pct(dead)} of a layer's "
-        f"units are dead at the end{_deviating(kills)}; the loss ends at {spread(broken)}"
+        f"with bias {NEGATIVE_BIAS:g} on the second hidden layer {percent(dead)} of a layer's "
+        f"units are dead at the end{deviating(kills)}; the loss ends at {spread(broken)}"
         + (f", the loss of predicting the mean of y ({CONSTANT_PREDICTION_LOSS:.2f})"
-           if _most(stalls) else "")
-        + f", against {spread(healthy)} with bias +{POSITIVE_BIAS:g}{_deviating(worse)}; "
+           if most_seeds(stalls) else "")
+        + f", against {spread(healthy)} with bias +{POSITIVE_BIAS:g}{deviating(worse)}; "
         f"{revival}.",
         f"that layer's pre-activation is its bias plus a weighted sum of the first layer's "
         f"non-negative outputs, whose spread ({_pre_activation_spread(r, 'relu_bias-3')}) is "
@@ -360,7 +356,7 @@ def _judge_negative_bias(r: ArmResults) -> Verdict:
            f"well above it; " if helps else "")
         + (f"{_they(fails, 'does', 'do')} not help" if fails else "")
         + (f" (a lower learning rate cannot revive a unit that gets no gradient: "
-           f"{_pct(low_lr)} dead)" if "relu_bias-3_lr0.001" in fails else "")
+           f"{percent(low_lr)} dead)" if "relu_bias-3_lr0.001" in fails else "")
         + f". {lines}.")
 
 

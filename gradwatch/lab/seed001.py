@@ -33,7 +33,17 @@ from torch import nn
 
 import gradwatch
 
-from .core import Arm, ArmResults, Experiment, RunResult, Verdict, spread
+from .core import (
+    Arm,
+    ArmResults,
+    Experiment,
+    RunResult,
+    Verdict,
+    deviating,
+    most_seeds,
+    percent,
+    spread,
+)
 
 __all__ = ["EXPERIMENTS", "MODES", "DropoutBNNet", "evaluate", "task_data"]
 
@@ -222,20 +232,6 @@ CLAIMS = {
 }
 
 
-def _pct(values: list[float]) -> str:
-    return spread([100 * v for v in values], 3) + "%"
-
-
-def _most(flags: list[bool]) -> bool:
-    """True on every seed, or on all but one when there are more than two."""
-    return sum(flags) >= (len(flags) - 1 if len(flags) > 2 else len(flags))
-
-
-def _deviating(flags: list[bool]) -> str:
-    bad = [str(i) for i, ok in enumerate(flags) if not ok]
-    return f" (not on seed {', '.join(bad)})" if bad else ""
-
-
 def _gradwatch_text(r: ArmResults) -> str:
     """gradwatch's eval_mode finding on the mistake, and whether the repairs are clean."""
     f = r.finding("no_grad_only", "eval_mode")
@@ -272,9 +268,9 @@ def _judge(r: ArmResults) -> Verdict:
         r.metric(bad, "batch2_max_abs_output"), r.metric(bad, "eval_max_abs_output"),
         strict=True)]
     blows_up = [v > 10 for v in ratio]
-    core = [_most(differs), all(stable), _most(jitter), _most(stats_moved), all(stats_kept),
-            all(same_outputs), all(memory)]
-    verdict = "holds" if all(core) and _most(blows_up) else \
+    core = [most_seeds(differs), all(stable), most_seeds(jitter), most_seeds(stats_moved),
+            all(stats_kept), all(same_outputs), all(memory)]
+    verdict = "holds" if all(core) and most_seeds(blows_up) else \
         "partly" if any(core) else "does not hold"
     acc_bad, acc_ref = r.metric(bad, "val_accuracy"), r.metric(bad, "eval_accuracy")
     range_bad = [hi - lo for hi, lo in zip(r.metric(bad, "val_accuracy_max"),
@@ -282,30 +278,30 @@ def _judge(r: ArmResults) -> Verdict:
     kib = [v / 1024 for v in r.metric(graph, "saved_bytes")]
     batch1 = sum(v == 1.0 for v in r.metric(bad, "batch1_error"))
     n = len(acc_bad)
-    summary = ("every part of the claim measured holds" if all(core) and _most(blows_up) else
+    summary = ("every part of the claim measured holds" if all(core) and most_seeds(blows_up) else
                "Dropout's and BatchNorm's effects and no_grad's role hold as claimed; the "
                "blow-up does not happen" if all(core) else "see the numbers")
     return Verdict(
         verdict,
         f"{summary}. Dropout: without model.eval() two evaluations of the same {N_VAL} "
-        f"held-out inputs differ by {_pct(r.metric(bad, 'output_rel_diff'))} (relative L2)"
-        f"{_deviating(differs)}; "
-        f"with model.eval() they are identical{_deviating(stable)}. The same trained model "
-        f"scores {_pct(acc_bad)} accuracy without model.eval() and {_pct(acc_ref)} with it, "
+        f"held-out inputs differ by {percent(r.metric(bad, 'output_rel_diff'))} (relative L2)"
+        f"{deviating(differs)}; "
+        f"with model.eval() they are identical{deviating(stable)}. The same trained model "
+        f"scores {percent(acc_bad)} accuracy without model.eval() and {percent(acc_ref)} with it, "
         f"and over {REPEATS} evaluations without it the accuracy moves by "
         f"{spread([100 * v for v in range_bad])} points. BatchNorm: with Dropout off, the "
         f"same inputs in another batch order differ by "
-        f"{_pct(r.metric(bad, 'bn_batch_order_rel_diff'))}{_deviating(jitter)}; in batches of "
-        f"2 they differ from eval mode by {_pct(r.metric(bad, 'batch2_bn_rel_diff_from_eval'))} "
-        f"(accuracy with Dropout on: {_pct(r.metric(bad, 'batch2_accuracy'))}); a batch of 1 "
+        f"{percent(r.metric(bad, 'bn_batch_order_rel_diff'))}{deviating(jitter)}; in batches of "
+        f"2 they differ from eval mode by {percent(r.metric(bad, 'batch2_bn_rel_diff_from_eval'))} "
+        f"(accuracy with Dropout on: {percent(r.metric(bad, 'batch2_accuracy'))}); a batch of 1 "
         f"raises ValueError on {batch1} of {n} seeds; one evaluation pass moves the running "
-        f"statistics by {_pct(r.metric(bad, 'bn_running_stats_change'))} (0 with "
-        f"model.eval(){_deviating(stats_kept)}). Blow-up: the largest |output| in batches of 2 "
+        f"statistics by {percent(r.metric(bad, 'bn_running_stats_change'))} (0 with "
+        f"model.eval(){deviating(stats_kept)}). Blow-up: the largest |output| in batches of 2 "
         f"is {spread(ratio)} times eval mode's: "
-        f"{'a blow-up' + _deviating(blows_up) if _most(blows_up) else 'none'}. no_grad: "
+        f"{'a blow-up' + deviating(blows_up) if most_seeds(blows_up) else 'none'}. no_grad: "
         f"model.eval() alone gives the same outputs as with torch.no_grad()"
-        f"{_deviating(same_outputs)}, but autograd keeps {spread(kib)} KiB per evaluation pass "
-        f"for a backward that never comes (0 under no_grad{_deviating(memory)}).",
+        f"{deviating(same_outputs)}, but autograd keeps {spread(kib)} KiB per evaluation pass "
+        f"for a backward that never comes (0 under no_grad{deviating(memory)}).",
         f"in training mode each Dropout(p={DROPOUT}) zeroes a fresh random {DROPOUT:.0%} of its "
         f"inputs on every call and scales the rest by 1/(1-p), and each BatchNorm normalises "
         f"with the mean and variance of the batch it is given, then mixes them into its "
@@ -316,7 +312,7 @@ def _judge(r: ArmResults) -> Verdict:
         f"a batch of 1 is refused, not blown up. {_gradwatch_text(r)}.",
         f"model.eval() before evaluating and model.train() after, with torch.no_grad() "
         f"around it: identical outputs on every evaluation, accuracy "
-        f"{_pct(r.metric(good, 'val_accuracy'))}, running statistics untouched, no graph kept "
+        f"{percent(r.metric(good, 'val_accuracy'))}, running statistics untouched, no graph kept "
         f"(0 bytes saved for backward).")
 
 
