@@ -27,7 +27,7 @@ from torch import nn
 import gradwatch
 from gradwatch.thresholds import Thresholds
 
-from .core import Arm, ArmResults, Experiment, RunResult, Verdict, spread
+from .core import Arm, ArmResults, Experiment, RunResult, Verdict, fit, spread
 from .seed003 import LastStepRNN
 
 __all__ = [
@@ -127,15 +127,7 @@ def _train_depth(variant: str, claim: str, seed: int) -> RunResult:
     model = deep_net(variant)
     x, y = depth_data()
     optimizer = torch.optim.Adam(model.parameters(), lr=DEPTH_LR)
-    losses: list[float] = []
-    with gradwatch.watch(model, optimizer) as gw:
-        for _ in range(DEPTH_STEPS):
-            optimizer.zero_grad()
-            loss = nn.functional.mse_loss(model(x), y)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-    report = gw.report()
+    losses, report = fit(model, optimizer, x, y, DEPTH_STEPS)
     ratios = _depth_ratios(report)
     finding = _vanishing(report, None)
     metrics = {
@@ -189,16 +181,8 @@ def _train_time(variant: str, claim: str, seed: int) -> RunResult:
     model = LastStepRNN(_recurrent(variant))
     x, y = recall_data()
     optimizer = torch.optim.Adam(model.parameters(), lr=TIME_LR)
-    losses: list[float] = []
     # Through-time ratios are measured on detail steps: every 4th, so 30 steps give ~14.
-    with gradwatch.watch(model, optimizer, detail_every=4) as gw:
-        for _ in range(TIME_STEPS):
-            optimizer.zero_grad()
-            loss = nn.functional.mse_loss(model(x), y)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-    report = gw.report()
+    losses, report = fit(model, optimizer, x, y, TIME_STEPS, detail_every=4)
     series = report.series["through_time"].get("rnn", {})
     ratios = np.array([np.nan if v is None else v
                        for v in series.get("ratio_first_to_last_timestep", [])], dtype=float)

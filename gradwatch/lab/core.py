@@ -18,11 +18,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
 
+import gradwatch
 from gradwatch.report import Report
 
 __all__ = ["Arm", "ArmResults", "Experiment", "RunResult", "Verdict", "depth_ratio",
-           "deviating", "most_seeds", "percent", "spread", "stat"]
+           "deviating", "fit", "most_seeds", "percent", "spread", "stat"]
 
 VERDICTS = ("holds", "does not hold", "partly")
 
@@ -111,6 +114,27 @@ class Experiment:
 
     def arm(self, name: str) -> Arm:
         return next(a for a in self.arms if a.name == name)
+
+
+def fit(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+        steps: int, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        before_step: Callable[[int], None] | None = None,
+        **watch_options: Any) -> tuple[list[float], Report]:
+    """The lab's full-batch loop under ``gradwatch.watch``: zero_grad, loss, backward,
+    ``before_step(step)`` (clipping, when an arm clips), step; every step's loss recorded
+    with ``loss.item()`` as the seeds' loops do. Returns the losses and the report."""
+    loss_fn = loss_fn or nn.functional.mse_loss
+    losses: list[float] = []
+    with gradwatch.watch(model, optimizer, **watch_options) as gw:
+        for step in range(steps):
+            optimizer.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            if before_step is not None:
+                before_step(step)
+            optimizer.step()
+            losses.append(loss.item())
+    return losses, gw.report()
 
 
 def depth_ratio(report: Report) -> float:

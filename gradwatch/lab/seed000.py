@@ -36,6 +36,7 @@ from .core import (
     RunResult,
     Verdict,
     deviating,
+    fit,
     most_seeds,
     percent,
     spread,
@@ -132,16 +133,8 @@ def train_arm(experiment: str, variant: str, claim: str, seed: int, activation: 
         return hook
 
     handles = [layer.register_forward_hook(recorder(k)) for k, layer in enumerate(model.feeding)]
-    losses: list[float] = []
     try:
-        with gradwatch.watch(model, optimizer) as gw:
-            for _ in range(STEPS):
-                optimizer.zero_grad()
-                loss = nn.functional.mse_loss(model(x), y)
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-        report = gw.report()
+        losses, report = fit(model, optimizer, x, y, STEPS)
         with torch.no_grad():  # the state after the last update, on the whole data set
             model(x)
     finally:

@@ -24,9 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-import gradwatch
-
-from .core import Arm, ArmResults, Experiment, RunResult, Verdict, depth_ratio, spread
+from .core import Arm, ArmResults, Experiment, RunResult, Verdict, depth_ratio, fit, spread
 
 __all__ = [
     "CONSTANT_PREDICTION_LOSS",
@@ -90,19 +88,14 @@ def _train(experiment: str, variant: str, claim: str, model: nn.Module, lr: floa
            epochs: int, max_norm: float | None = None) -> RunResult:
     """The seed's loop (full batch, MSE, SGD) under gradwatch.watch."""
     x, y = seed_data()
-    criterion = nn.MSELoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    losses: list[float] = []
-    with gradwatch.watch(model, optimizer) as gw:
-        for _ in range(epochs):
-            optimizer.zero_grad()
-            loss = criterion(model(x), y)
-            loss.backward()
-            if max_norm is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=max_norm)
-            optimizer.step()
-            losses.append(loss.item())  # the seed records every epoch's loss this way
-    return RunResult(experiment, variant, claim, losses[-1], losses, gw.report())
+
+    def clip(_step: int) -> None:
+        if max_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=max_norm)
+
+    losses, report = fit(model, optimizer, x, y, epochs, nn.MSELoss(), clip)
+    return RunResult(experiment, variant, claim, losses[-1], losses, report)
 
 
 def _normal_std10(w: torch.Tensor) -> None:

@@ -27,7 +27,7 @@ from torch import nn
 import gradwatch
 from gradwatch.thresholds import Thresholds
 
-from .core import Arm, ArmResults, Experiment, RunResult, Verdict, spread
+from .core import Arm, ArmResults, Experiment, RunResult, Verdict, fit, spread
 
 __all__ = [
     "CONSTANT_PREDICTION_LOSS",
@@ -111,25 +111,22 @@ def _train(experiment: str, variant: str, claim: str, model: nn.Module, lr: floa
     """
     x, y = sequence_data()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    losses: list[float] = []
     early: list[float] = []
     clipped = 0
-    with gradwatch.watch(model, optimizer, detail_every=detail_every) as gw:
-        for step in range(STEPS):
-            optimizer.zero_grad()
-            loss = nn.functional.mse_loss(model(x), y)
-            loss.backward()
-            threshold = max_norm
-            if early_median:
-                if step < BASELINE_STEPS:
-                    early.append(_total_norm(model))
-                threshold = float(np.median(early)) if step >= BASELINE_STEPS else None
-            if threshold is not None:
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=threshold)
-                clipped += int(not float(norm) <= threshold)  # NaN/Inf norms count too
-            optimizer.step()
-            losses.append(loss.item())
-    report = gw.report()
+
+    def clip(step: int) -> None:
+        nonlocal clipped
+        threshold = max_norm
+        if early_median:
+            if step < BASELINE_STEPS:
+                early.append(_total_norm(model))
+            threshold = float(np.median(early)) if step >= BASELINE_STEPS else None
+        if threshold is not None:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=threshold)
+            clipped += int(not float(norm) <= threshold)  # NaN/Inf norms count too
+
+    losses, report = fit(model, optimizer, x, y, STEPS, before_step=clip,
+                         detail_every=detail_every)
     metrics = _metrics(report, losses)
     if max_norm is not None or early_median:
         metrics["clipped_steps"] = clipped
