@@ -12,7 +12,10 @@ __all__ = ["main"]
 
 # Options of `gradwatch run` that may also follow the script path (before any `--`).
 _RUN_FLAGS = {"--json": 1, "--html": 1, "--text": 1, "--quiet": 0, "--strict": 0,
-              "--sync-every": 1, "--detail-every": 1, "--threshold": 1}
+              "--sync-every": 1, "--detail-every": 1, "--threshold": 1, "--verify": 0,
+              "--budget": 1, "--verify-time": 1, "--repeats": 1, "--verify-remedies": 1}
+# Hidden options of a `--verify` re-run; gradwatch passes them before the script only.
+_CHILD_FLAGS = {"--apply-remedy": 1, "--apply-params": 1, "--max-steps": 1}
 
 
 def _split_run_args(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
@@ -36,7 +39,7 @@ def _split_run_args(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
             rest.extend(argv[i + 1:])
             break
         if name in _RUN_FLAGS or (script is None and a.startswith("-")):
-            n = 0 if "=" in a else _RUN_FLAGS.get(name, 0)
+            n = 0 if "=" in a else _RUN_FLAGS.get(name, _CHILD_FLAGS.get(name, 0))
             ours.extend(argv[i: i + 1 + n])
             i += 1 + n
             continue
@@ -78,9 +81,29 @@ def cmd_run(argv: list[str]) -> int:
     parser.add_argument("--detail-every", type=int, default=None, metavar="N")
     parser.add_argument("--threshold", action="append", default=[], metavar="NAME=VALUE",
                         help="override a threshold (see docs/thresholds.md); repeatable")
+    parser.add_argument("--verify", action="store_true",
+                        help="then re-run the script with each remedy of each problem found, "
+                        "for --budget steps, and record in the report what each one changed")
+    parser.add_argument("--budget", type=int, default=200, metavar="STEPS",
+                        help="optimizer steps per --verify re-run (default 200, at most the "
+                        "first run's)")
+    parser.add_argument("--verify-time", type=float, default=600.0, metavar="SECONDS",
+                        help="time for the whole --verify pass (default 600); what does not "
+                        "finish is reported as not_finished")
+    parser.add_argument("--repeats", type=int, default=3, metavar="K",
+                        help="re-runs per remedy when the script is not deterministic "
+                        "(default 3)")
+    parser.add_argument("--verify-remedies", metavar="ID,ID", default=None,
+                        help="verify only these remedy ids (default: every remedy offered)")
+    parser.add_argument("--apply-remedy", help=argparse.SUPPRESS)
+    parser.add_argument("--apply-params", default="{}", help=argparse.SUPPRESS)
+    parser.add_argument("--max-steps", type=int, default=None, help=argparse.SUPPRESS)
     ns = parser.parse_args(ours)
     if script is None:
         parser.error("no training script given")
+    if ns.budget < 1 or ns.repeats < 1 or ns.verify_time <= 0:
+        parser.error("--budget and --repeats take a positive integer, --verify-time a "
+                     "positive number of seconds")
     # torch is imported only now, so that usage errors answer at once.
     from .monitor import Options
     from .runner import run_script
@@ -96,11 +119,27 @@ def cmd_run(argv: list[str]) -> int:
     for out in (ns.json, ns.html, ns.text):
         if out:
             _check_writable(parser, out)
+    control = None
+    if ns.apply_remedy is not None or ns.max_steps is not None:
+        import json
+
+        from .verify import ChildControl
+
+        control = ChildControl(ns.apply_remedy, json.loads(ns.apply_params), ns.max_steps)
     try:
-        result = run_script(script, rest, options, thresholds)
+        result = run_script(script, rest, options, thresholds, control)
     except FileNotFoundError as exc:
         print(f"gradwatch: {exc}", file=sys.stderr)
         return 2
+    if ns.verify:
+        from .verify import VerifySettings, verify_report
+
+        only = frozenset(r.strip() for r in ns.verify_remedies.split(",") if r.strip()) \
+            if ns.verify_remedies else None
+        settings = VerifySettings(budget=ns.budget, time_s=ns.verify_time,
+                                  repeats=ns.repeats, only=only)
+        say = None if ns.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+        result.report = verify_report(result.report, script, rest, settings, say)
     for out in (ns.json, ns.html, ns.text):
         if out:
             try:

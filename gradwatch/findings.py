@@ -52,12 +52,24 @@ class Remedy:
     text: str
     code: str
     verified: dict[str, Any] | None = None
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The measured parameters the detector passed (a threshold, a layer's path...): what
+    :meth:`apply` applies."""
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.id, "text": self.text, "code": self.code}
+        if self.params:
+            out["params"] = jsonable(self.params)
         if self.verified is not None:
             out["verified"] = jsonable(self.verified)
         return out
+
+    def apply(self, model: Any, optimizer: Any = None) -> Any:
+        """Apply this remedy to a live model (and optimizer) in place, with its measured
+        parameters; returns a :class:`gradwatch.remedies.apply.Application`."""
+        from .remedies.apply import apply
+
+        return apply(model, optimizer, self.id, **self.params)
 
 
 @dataclasses.dataclass

@@ -14,6 +14,7 @@ from .monitor import Monitor, Options
 from .probes import INTERCEPTOR, GlobalProbes, Handles
 from .report import Report, build_report
 from .thresholds import Thresholds
+from .verify import ChildControl, StopRun
 
 __all__ = ["RunResult", "run_script"]
 
@@ -54,11 +55,14 @@ def _main_namer() -> Any:
 
 def run_script(script: str | os.PathLike[str], args: Sequence[str] = (),
                options: Options | None = None,
-               thresholds: Thresholds | None = None) -> RunResult:
+               thresholds: Thresholds | None = None,
+               control: ChildControl | None = None) -> RunResult:
     """Run ``script`` with ``args`` as ``__main__``, watching every model and optimizer.
 
     Returns the script's own exit status (0, its ``sys.exit`` code, 1 when it raised,
-    130 on KeyboardInterrupt) and the report, which exists in every case.
+    130 on KeyboardInterrupt) and the report, which exists in every case. ``control``
+    (a ``--verify`` re-run) applies a remedy and may stop the script early: that run
+    counts as completed, and its report says what was applied under ``"applied"``.
     """
     path = Path(script)
     if not path.is_file():
@@ -69,11 +73,17 @@ def run_script(script: str | os.PathLike[str], args: Sequence[str] = (),
     saved_argv, saved_path = sys.argv[:], sys.path[:]
     status, error, code = "completed", None, 0
     try:
+        if control is not None:
+            control.attach_first(handles)  # before GlobalProbes: change, then adopt
         GlobalProbes(monitor, handles, monitor.namer)
+        if control is not None:
+            control.attach_last(handles)  # after GlobalProbes: the last step is committed
         handles.add(INTERCEPTOR.register(monitor))
         sys.argv = [str(path), *args]
         sys.path.insert(0, str(path.resolve().parent))
         runpy.run_path(str(path), run_name="__main__")
+    except StopRun:
+        pass  # a --verify re-run reached its step budget (or its remedy could not apply)
     except SystemExit as exc:
         code = _exit_code(exc.code)
         if code:
@@ -87,7 +97,10 @@ def run_script(script: str | os.PathLike[str], args: Sequence[str] = (),
         sys.argv[:], sys.path[:] = saved_argv, saved_path
         handles.remove()
         monitor.close(status, error)
-    return RunResult(code, build_report(monitor))
+    report = build_report(monitor)
+    if control is not None:
+        report = Report({**report.to_dict(), "applied": control.summary()})
+    return RunResult(code, report)
 
 
 def _exit_code(code: Any) -> int:

@@ -27,7 +27,7 @@ class RemedyEntry:
     code: Callable[[dict[str, Any]], str]
 
     def describe(self, **params: Any) -> Remedy:
-        return Remedy(self.id, self.text(params), self.code(params))
+        return Remedy(self.id, self.text(params), self.code(params), params=dict(params))
 
 
 def _kaiming_code(p: dict[str, Any]) -> str:

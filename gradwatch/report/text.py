@@ -38,6 +38,36 @@ def _rates(optimizer: dict[str, Any], lr_series: list[float | None]) -> str:
                      for g in optimizer["groups"])
 
 
+def _loss(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, (int, float)) else "not finite"
+
+
+def _verified_lines(remedies: list[dict[str, Any]], width: int) -> list[str]:
+    """What ``gradwatch run --verify`` measured: the best remedy, the ones that made things
+    worse, and the ones the time budget left untried (remedies arrive ordered by effect)."""
+    tried = [r for r in remedies if r.get("verified")]
+    if not tried:
+        return []
+    lines: list[str] = []
+    best = tried[0]["verified"]
+    if best.get("status") == "better":
+        gone = ", finding gone" if best.get("finding_gone") else ", finding remains"
+        lines += _wrap(f"verified best: {tried[0]['id']}, loss {_loss(best['loss_before'])} -> "
+                       f"{_loss(best['loss_after'])} in {best['steps']} steps{gone}",
+                       width, "  = ", "    ")
+    else:
+        lines += _wrap("verified: no remedy gradwatch could apply helped within the budget",
+                       width, "  = ", "    ")
+    for status, label in (("worse", "verified worse"), ("no_effect", "no effect"),
+                          ("failed", "re-run failed"), ("not_finished", "not verified in time")):
+        ids = [r["id"] + (f" (loss {_loss(r['verified']['loss_before'])} -> "
+                          f"{_loss(r['verified']['loss_after'])})" if status == "worse" else "")
+               for r in tried if r["verified"].get("status") == status]
+        if ids:
+            lines += _wrap(f"{label}: {', '.join(ids)}", width, "  = ", "    ")
+    return lines
+
+
 def render_text(data: dict[str, Any], width: int = 100) -> str:
     run, findings, layers = data["run"], data["findings"], data["layers"]
     counts = Counter(f["severity"] for f in findings)
@@ -75,6 +105,7 @@ def render_text(data: dict[str, Any], width: int = 100) -> str:
             others = [r["id"] for r in f["remedies"][1:]]
             if others:
                 lines.append(f"  also: {', '.join(others)}")
+            lines += _verified_lines(f["remedies"], width)
     internal = run.get("internal_errors") or []
     if internal:
         lines.append("")
