@@ -108,11 +108,16 @@ class _SiteMode(ActivationMode):
 class _Site:
     """Device-side state of one site: its buffer key and the per-unit dead streak."""
 
-    def __init__(self, index: int, key: str) -> None:
-        self.index, self.key = index, key
+    def __init__(self, index: int) -> None:
+        self.index = index
         self.streak: torch.Tensor | None = None  # consecutive dead measurements per unit
         self.since: torch.Tensor | None = None  # step at which each unit's streak began
         self.step = -1  # the step of the last measurement
+
+    @property
+    def key(self) -> str:
+        """The monitor buffer holding this site's rows."""
+        return f"site{self.index}"
 
 
 class ActivationSites(Extension):
@@ -123,7 +128,6 @@ class ActivationSites(Extension):
         self._depth = 0  # nested root forwards while the mode is active
         self._counts: dict[tuple[int, str], int] = {}
         self._sites: dict[tuple[int, str, int], _Site] = {}
-        self._state: list[_Site] = []
         self._root = 0  # the watched model whose forward is running
 
     # ------------------------------------------------------------------ scope
@@ -222,9 +226,8 @@ class ActivationSites(Extension):
                         units=int(x.shape[unit_dim]), unit_dim=unit_dim, layer=feeding,
                         bounds=bounds, bias_init=self._bias_mean(feeding))
         m.history.sites.append(info)
-        site = _Site(len(m.history.sites) - 1, f"site{len(m.history.sites) - 1}")
+        site = _Site(len(m.history.sites) - 1)
         self._sites[key] = site
-        self._state.append(site)
         m.add_buffer(site.key, (len(SITE_STATS),))
         return site
 
@@ -316,12 +319,12 @@ class ActivationSites(Extension):
 
     # ------------------------------------------------------------------ host side
     def on_flush(self, steps: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
-        if not self._state:
+        if not self._sites:
             return
         m = self.monitor
         n = len(m.history.sites)
         rows = np.full((len(steps), n, len(SITE_STATS)), np.nan)
-        for site in self._state:
+        for site in self._sites.values():
             a = arrays.get(site.key)
             if a is not None:
                 rows[:, site.index, :] = a
@@ -338,7 +341,7 @@ class ActivationSites(Extension):
             mode, self._mode = self._mode, None
             mode.__exit__(None, None, None)
         m = self.monitor
-        for site in self._state:
+        for site in self._sites.values():
             info = m.history.sites[site.index]
             if site.streak is None:
                 continue
@@ -368,4 +371,4 @@ class ActivationSites(Extension):
         for info in m.history.sites:
             if not info.functional and uses[(info.module, info.root)] > 1 and "@" not in info.name:
                 info.name = f"{info.name}@1"
-        self._state, self._sites = [], {}
+        self._sites = {}
