@@ -473,10 +473,10 @@ def weights_grew(ctx: Context, layer: int | None) -> Cause | None:
                  f"pre-activations up with them")
 
 
-def dead_units_block(ctx: Context, group: Group) -> tuple[Cause, str] | None:
+def dead_units_block(ctx: Context, group: Group) -> tuple[Cause, str, str] | None:
     """A ReLU site inside the stack whose units are (nearly) all dead: no gradient passes it.
 
-    Returns the cause and a phrase naming the site and how many of its units are dead.
+    Returns the cause, the site's name and a phrase saying how many of its units are dead.
     """
     for i in ctx.sites:
         site = ctx.site(i)
@@ -490,8 +490,8 @@ def dead_units_block(ctx: Context, group: Group) -> tuple[Cause, str] | None:
                       f"{dead} of {units} units at {name} (after {ctx.label(site.layer)}) "
                       f"output 0 for every sample: they pass no gradient back, so the "
                       f"layers before them get {'none' if dead == units else 'little'}"),
-                f"{name}, where {'all ' if dead == units else ''}{dead} of {units} units are "
-                f"dead")
+                name, f"{name}, where {'all ' if dead == units else ''}{dead} of {units} "
+                f"units are dead")
     return None
 
 

@@ -102,11 +102,10 @@ def detect(ctx: Context) -> list[Finding]:
         blocked = C.dead_units_block(ctx, group)
         if blocked is not None:
             # Dead ReLU units pass no gradient at all: that, not the depth, is the cause.
-            cause, site = blocked
+            cause, site, how = blocked
             causes.insert(0, cause)
-            where = f"; it is cut at {site} (see dying_relu)"
-            remedies = [remedy("leaky_relu", site=site.split(",")[0],
-                               old="(nn.ReLU, nn.ReLU6)"),
+            where = f"; it is cut at {how} (see dying_relu)"
+            remedies = [remedy("leaky_relu", site=site, old="(nn.ReLU, nn.ReLU6)"),
                         *remedies]
         summary = (f"{ctx.subject}Gradients vanish towards the input: "
                    f"{ctx.label(group.layers[0])} gets "
