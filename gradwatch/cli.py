@@ -125,7 +125,12 @@ def cmd_run(argv: list[str]) -> int:
 
         from .verify import ChildControl
 
-        control = ChildControl(ns.apply_remedy, json.loads(ns.apply_params), ns.max_steps)
+        ids = ns.apply_remedy.split("+") if ns.apply_remedy else []
+        params = json.loads(ns.apply_params)
+        params = params if isinstance(params, list) else [params] * len(ids)
+        if len(params) != len(ids) or not all(isinstance(p, dict) for p in params):
+            parser.error("--apply-params takes one JSON object per remedy of --apply-remedy")
+        control = ChildControl(list(zip(ids, params, strict=True)), ns.max_steps)
     try:
         result = run_script(script, rest, options, thresholds, control)
     except FileNotFoundError as exc:

@@ -178,6 +178,9 @@ class Monitor:
         # ids of tensors gradwatch made this step (input probes): never adopted as bare
         # parameters when the graph is read; cleared at each step boundary
         self.own_tensors: set[int] = set()
+        #: Called with the monitor after each step is closed (``--verify`` re-runs stop a
+        #: script there after their step budget).
+        self.step_listeners: list[Callable[[Monitor], None]] = []
         self.extensions: list[Extension] = []
         # forward-side extensions (they import this module)
         from . import activations, evalmode, recurrent
@@ -635,6 +638,8 @@ class Monitor:
         self.step += 1
         if self.step - self._buf_start >= self.options.sync_every:
             self.flush()
+        for listener in self.step_listeners:
+            listener(self)
 
     def flush(self) -> None:
         """Copy the committed rows to the host in one transfer and append them to History."""

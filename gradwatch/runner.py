@@ -74,7 +74,7 @@ def run_script(script: str | os.PathLike[str], args: Sequence[str] = (),
     status, error, code = "completed", None, 0
     try:
         if control is not None:
-            control.attach_first(handles)  # before GlobalProbes: change, then adopt
+            control.attach_first(handles, monitor)  # before GlobalProbes: change, then adopt
         GlobalProbes(monitor, handles, monitor.namer)
         if control is not None:
             control.attach_last(handles)  # after GlobalProbes: the last step is committed

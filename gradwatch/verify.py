@@ -59,41 +59,64 @@ class StopRun(BaseException):
 
 # ---------------------------------------------------------------------------- child side
 class ChildControl:
-    """Apply one remedy to an unmodified script and stop it after ``max_steps`` steps.
+    """Apply remedies to an unmodified script and stop it after ``max_steps`` steps.
 
-    Global hooks, like :class:`~gradwatch.probes.GlobalProbes`: :meth:`attach_first` is
-    called before GlobalProbes registers (so that the model is changed before gradwatch
-    adopts it, and the optimizer before gradwatch reads its learning rate), :meth:`attach_last`
-    after (so that the stopping step is committed to the report first).
+    ``remedies`` are ``(id, params)`` pairs applied in order: usually one, two when a
+    combination is verified (a re-initialisation and a lower learning rate). Global hooks,
+    like :class:`~gradwatch.probes.GlobalProbes`: :meth:`attach_first` is called before
+    GlobalProbes registers (so that the model is changed before gradwatch adopts it, and the
+    optimizer before gradwatch reads its learning rate), :meth:`attach_last` after (so that
+    the stopping step is committed to the report first).
     """
 
-    def __init__(self, remedy_id: str | None, params: dict[str, Any] | None,
+    def __init__(self, remedies: Sequence[tuple[str, dict[str, Any]]],
                  max_steps: int | None) -> None:
-        self.remedy_id, self.params, self.max_steps = remedy_id, dict(params or {}), max_steps
+        self.remedies = [(rid, dict(params or {})) for rid, params in remedies]
+        self.max_steps = max_steps
         self.changes: list[str] = []
-        self.status = "not_reached" if remedy_id else "none"
+        self.status = "not_reached" if self.remedies else "none"
         self.error: str | None = None
         self.steps = 0
         self._depth = 0
+        self._monitor: Any = None
         self._model: nn.Module | None = None
         self._model_done = False
         self._optimizers: set[int] = set()
-        self._applier: Any = None
-        if remedy_id:
+        self._deferred: list[tuple[Any, dict[str, Any], torch.optim.Optimizer]] = []
+        self._appliers: list[tuple[Any, dict[str, Any]]] = []
+        self._done: set[str] = set()  # ids of the remedies that changed something
+        if self.remedies:
             from .remedies.apply import APPLIERS
 
-            self._applier = APPLIERS.get(remedy_id)
-            if self._applier is None:
-                self.status, self.error = "not_applicable", \
-                    f"gradwatch cannot apply {remedy_id!r} itself"
+            for rid, params in self.remedies:
+                applier = APPLIERS.get(rid)
+                if applier is None:
+                    self.status, self.error = "not_applicable", \
+                        f"gradwatch cannot apply {rid!r} itself"
+                    self._appliers = []
+                    break
+                self._appliers.append((applier, params))
 
-    def attach_first(self, handles: Any) -> None:
+    @property
+    def remedy_id(self) -> str | None:
+        """The remedies' ids joined by "+" (None without a remedy)."""
+        return "+".join(rid for rid, _ in self.remedies) or None
+
+    def attach_first(self, handles: Any, monitor: Any = None) -> None:
+        """Register the hooks that change the model and optimizer; ``monitor`` counts the
+        steps of a script that updates its weights by hand."""
+        self._monitor = monitor
+        if monitor is not None:
+            monitor.step_listeners.append(self._committed)
         handles.add(module_hooks.register_module_forward_pre_hook(self._pre))
         handles.add(module_hooks.register_module_forward_hook(self._post, always_call=True))
         handles.add(optimizer_hooks.register_optimizer_step_pre_hook(self._step_pre))
 
     def attach_last(self, handles: Any) -> None:
         handles.add(optimizer_hooks.register_optimizer_step_post_hook(self._step_post))
+
+    def _live(self) -> bool:
+        return bool(self._appliers) and self.status in ("not_reached", "applied")
 
     def _fail(self, exc: BaseException) -> None:
         from .remedies.apply import NotApplicable
@@ -109,21 +132,26 @@ class ChildControl:
             return None
         module = unwrap_compiled(module)
         depth, self._depth = self._depth, self._depth + 1
-        if depth or self._model_done or self._applier is None or \
-                self.status not in ("not_reached", "applied"):
+        if depth or self._model_done or not self._live():
             return None
         if not any(p.requires_grad for p in module.parameters()):
             return None
         # The script's first model with trainable parameters, called from outside any other
         # module: the one GlobalProbes adopts as a root right after this hook.
         self._model_done, self._model = True, module
-        if self._applier.to_model is None:
-            return None
         before = set(module._forward_pre_hooks)
-        try:
-            self._applier.to_model(module, self.params, self.changes)
-        except Exception as exc:
-            self._fail(exc)
+        touched = False
+        for applier, params in self._appliers:
+            if applier.to_model is None:
+                continue
+            try:
+                applier.to_model(module, params, self.changes)
+            except Exception as exc:
+                self._depth -= 1
+                self._fail(exc)
+            touched = True
+            self._done.add(applier.id)
+        if not touched:
             return None
         self.status = "applied"
         # Pre-hooks the remedy added (input standardisation, eval for no-grad forwards)
@@ -135,47 +163,77 @@ class ChildControl:
             self._depth = max(0, self._depth - 1)
 
     def _step_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self._applier is None or self._applier.to_optimizer is None or \
-                id(optimizer) in self._optimizers or self.status not in ("not_reached",
-                                                                          "applied"):
+        if id(optimizer) in self._optimizers or not self._live():
             return
         self._optimizers.add(id(optimizer))
-        try:
-            self._applier.to_optimizer(optimizer, self._model, self.params, self.changes)
-        except Exception as exc:
-            self._fail(exc)
+        for applier, params in self._appliers:
+            if applier.to_optimizer is None:
+                continue
+            if applier.after_first_step:
+                self._deferred.append((applier, params, optimizer))
+                continue
+            try:
+                applier.to_optimizer(optimizer, self._model, params, self.changes)
+            except Exception as exc:
+                self._fail(exc)
+            self._done.add(applier.id)
         self.status = "applied"
+
+    def _committed(self, monitor: Any) -> None:
+        """After gradwatch closed a step: stop a script that updates its weights by hand
+        (optimizer steps stop in :meth:`_step_post`)."""
+        if self.max_steps is not None and monitor.mode == "backward" and \
+                monitor.step >= self.max_steps:
+            raise StopRun
 
     def _step_post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.steps += 1
+        deferred, self._deferred = self._deferred, []
+        for applier, params, opt in deferred:
+            try:
+                applier.to_optimizer(opt, self._model, params, self.changes)
+            except Exception as exc:
+                self._fail(exc)
+            self._done.add(applier.id)
+            self.changes.append(f"({applier.id} took effect from step {self.steps} on: the "
+                                "first step had already started)")
         if self.max_steps is not None and self.steps >= self.max_steps:
             raise StopRun
 
     def summary(self) -> dict[str, Any]:
         """What the child did, for the parent: written into the child's report."""
-        return {"remedy": self.remedy_id, "params": self.params, "status": self.status,
-                "changes": list(self.changes), "error": self.error, "steps": self.steps,
-                "max_steps": self.max_steps}
+        steps = max(self.steps, int(getattr(self._monitor, "step", 0) or 0))
+        return {"remedy": self.remedy_id,
+                "remedies": [{"id": rid, "params": params} for rid, params in self.remedies],
+                "params": self.remedies[0][1] if len(self.remedies) == 1 else {},
+                "status": self.status, "changes": list(self.changes), "error": self.error,
+                "not_reached": [rid for rid, _ in self.remedies if rid not in self._done],
+                "steps": steps, "max_steps": self.max_steps}
 
 
 # --------------------------------------------------------------------------- parent side
 @dataclasses.dataclass
 class VerifySettings:
     """How ``--verify`` re-runs: steps per re-run, seconds for the whole pass, repeats
-    when the script is not deterministic, and how many re-runs at once."""
+    when the script is not deterministic, how many re-runs at once, and whether to try
+    pairs of remedies where no single one fixes a finding."""
 
     budget: int = 200
     time_s: float = 600.0
     repeats: int = 3
     workers: int = 2
     only: frozenset[str] | None = None  # remedy ids to verify (None: every one offered)
+    combine: bool = True
+
+
+#: One candidate: the remedies applied together in one re-run, as (id, params) pairs.
+Parts = tuple[tuple[str, dict[str, Any]], ...]
 
 
 @dataclasses.dataclass
 class _Job:
     key: str  # "baseline" or a candidate key
-    remedy_id: str | None
-    params: dict[str, Any]
+    parts: Parts
     repeat: int
 
 
@@ -191,10 +249,13 @@ class _Outcome:
     kinds: set[str] = dataclasses.field(default_factory=set)
     changes: list[str] = dataclasses.field(default_factory=list)
     note: str | None = None
+    #: The remedies the re-run's own report offers for what is still wrong, worst first.
+    follow_ups: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
-def _candidate_key(remedy_id: str, params: dict[str, Any]) -> str:
-    return remedy_id + " " + json.dumps(params, sort_keys=True, default=str)
+def _candidate_key(parts: Parts) -> str:
+    return " + ".join(rid + " " + json.dumps(params, sort_keys=True, default=str)
+                      for rid, params in parts)
 
 
 def _remedy_params(remedy: Any) -> dict[str, Any]:
@@ -202,13 +263,22 @@ def _remedy_params(remedy: Any) -> dict[str, Any]:
     return dict(params) if isinstance(params, dict) else {}
 
 
+def _remedy_parts(remedy: Any) -> Parts:
+    """The (id, params) pairs a report's remedy applies: one, or a verified combination's."""
+    params = _remedy_params(remedy)
+    if "+" in remedy.id and isinstance(params.get("parts"), list):
+        return tuple((p["id"], dict(p.get("params") or {})) for p in params["parts"])
+    return ((remedy.id, params),)
+
+
 def _child_command(script: Path, args: Sequence[str], job: _Job, report_path: Path,
                    steps: int) -> list[str]:
     cmd = [sys.executable, "-m", "gradwatch", "run", "--json", str(report_path), "--quiet",
            "--max-steps", str(steps)]
-    if job.remedy_id is not None:
-        cmd += ["--apply-remedy", job.remedy_id, "--apply-params",
-                json.dumps(job.params, default=str)]
+    if job.parts:
+        params: Any = [p for _, p in job.parts] if len(job.parts) > 1 else job.parts[0][1]
+        cmd += ["--apply-remedy", "+".join(rid for rid, _ in job.parts), "--apply-params",
+                json.dumps(params, default=str)]
     return [*cmd, "--", str(script), *args]
 
 
@@ -221,6 +291,20 @@ def _window_loss(losses: list[tuple[int, float | None]], steps: int) -> float | 
     if any(v is None or not math.isfinite(v) for v in window):
         return None
     return sum(window) / len(window)  # type: ignore[arg-type]
+
+
+def _follow_ups(findings: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The remedies of a re-run's warning/error findings, errors first, one per id."""
+    order = {"error": 0, "warning": 1}
+    seen: set[str] = set()
+    out: list[dict[str, Any]] = []
+    for f in sorted((f for f in findings if f["severity"] in order),
+                    key=lambda f: order[f["severity"]]):
+        for r in f["remedies"]:
+            if r["id"] not in seen and "+" not in r["id"]:
+                seen.add(r["id"])
+                out.append({k: r.get(k) for k in ("id", "text", "code", "params")})
+    return out
 
 
 def _read_outcome(report_path: Path, steps: int, proc: subprocess.CompletedProcess[str],
@@ -236,9 +320,15 @@ def _read_outcome(report_path: Path, steps: int, proc: subprocess.CompletedProce
     losses = list(zip(series.get("step", []), series.get("loss", []), strict=False))
     kinds = {f["kind"] for f in data["findings"] if f["severity"] in ("warning", "error")}
     out = _Outcome("ok", steps=int(run["steps"]), losses=losses, kinds=kinds,
-                   changes=list(applied.get("changes") or []))
+                   changes=list(applied.get("changes") or []),
+                   follow_ups=_follow_ups(data["findings"]))
     if applied.get("status") in ("not_applicable", "failed"):
         out.status, out.note = applied["status"], applied.get("error")
+        return out
+    missed = applied.get("not_reached") or []
+    if applied.get("status") == "applied" and missed:
+        out.status, out.note = "not_applicable", f"{', '.join(missed)} never applied: the " \
+            "script never reached the moment it applies at (an optimizer's first step)"
         return out
     if applied.get("remedy") and applied.get("status") != "applied":
         out.status, out.note = "not_applicable", "the script never reached the moment " \
@@ -319,6 +409,7 @@ def _verdict(kind: str, base: list[_Outcome], runs: list[_Outcome],
     first = _mean([r.first_loss for r in done])
     gone = [kind not in r.kinds for r in done]
     finding_gone = sum(gone) * 2 > len(gone)
+    in_baseline = not base_ok or any(kind in b.kinds for b in base_ok)
     improvement = before / after if before is not None and after not in (None, 0.0) \
         else None
     out = {"steps": min(r.steps for r in done), "loss_before": before, "loss_after": after,
@@ -330,7 +421,7 @@ def _verdict(kind: str, base: list[_Outcome], runs: list[_Outcome],
     elif before is None:
         # Without the remedy the loss is not finite: finite is better only if it learns.
         learned = first is not None and after < 0.9 * first
-        status = "better" if learned or finding_gone else "no_effect"
+        status = "better" if learned else "fixed" if finding_gone else "no_effect"
         note = "without it the loss is not finite; with it the loss " + \
             (f"falls from {first:.3g} to {after:.3g}" if learned else
              f"stays finite but does not fall ({after:.3g})")
@@ -341,10 +432,22 @@ def _verdict(kind: str, base: list[_Outcome], runs: list[_Outcome],
             "no_effect"
         note = {"better": None, "no_effect": "no measurable effect on the loss",
                 "worse": f"makes the loss worse: {before:.3g} -> {after:.3g}"}[status]
+        if status == "no_effect" and finding_gone and in_baseline:
+            # What it fixes is not the training loss (a validation forward in eval mode).
+            status, note = "fixed", f"the finding is gone; the training loss is unchanged " \
+                f"({before:.3g} -> {after:.3g})"
+    # Problems the remedy brings that the run without it did not have.
+    before_kinds = set().union(*(b.kinds for b in base_ok)) if base_ok else set()
+    new = sorted(k for k in set().union(*(r.kinds for r in done)) - before_kinds
+                 if sum(k in r.kinds for r in done) * 2 > len(done))
+    if new:
+        out["new_findings"] = new
+        note = (note + "; " if note else "") + "but the re-run has new findings: " + \
+            ", ".join(new)
     out["status"] = status
     if note:
         out["note"] = note
-    if base_ok and all(kind not in b.kinds for b in base_ok):
+    if base_ok and not in_baseline:
         out["finding_in_baseline"] = False
     changes = next((r.changes for r in done if r.changes), [])
     if changes:
@@ -357,75 +460,132 @@ def _verdict(kind: str, base: list[_Outcome], runs: list[_Outcome],
     return out
 
 
-_RANK = {"better": 0, "no_effect": 1, "worse": 2, "failed": 3, "not_applicable": 4,
-         "not_finished": 5}
+_RANK = {"better": 0, "fixed": 0, "no_effect": 1, "worse": 2, "diagnostic": 3, "failed": 3,
+         "not_applicable": 4, "not_finished": 5}
+#: Remedies that find where values go bad rather than fix anything: their re-run is
+#: expected to stop with an error that names the operation.
+DIAGNOSTICS = frozenset({"detect_anomaly", "assert_finite_inputs"})
 
 
 def _rank(verified: dict[str, Any] | None) -> tuple[Any, ...]:
-    """Sort key: better first, the finding gone before not, then larger improvement."""
+    """Sort key: better (or fixed) first; among those the finding gone, then the larger
+    improvement (a fix that only ends non-finite values learns or it is not better), the
+    lower loss, and no new findings."""
     if not verified:
-        return (9, 1, 0.0)
+        return (9, True, 0.0, math.inf, True)
     improvement = verified.get("improvement")
     if improvement is None:
         improvement = math.inf if verified.get("status") == "better" else 0.0
+    after = verified.get("loss_after")
     return (_RANK.get(verified.get("status", ""), 6), not verified.get("finding_gone"),
-            -improvement)
+            -improvement, after if after is not None else math.inf,
+            bool(verified.get("new_findings")))
+
+
+def _asked(settings: VerifySettings, parts: Parts) -> bool:
+    """Is every remedy of ``parts`` among those ``--verify-remedies`` asked for?"""
+    return settings.only is None or all(rid in settings.only for rid, _ in parts)
+
+
+def _solved(verified: dict[str, Any] | None) -> bool:
+    """A single remedy settles its finding: it helps, the finding goes, nothing new comes."""
+    return bool(verified) and verified.get("status") in ("better", "fixed") and \
+        bool(verified.get("finding_gone")) and not verified.get("new_findings")
+
+
+def _combined_remedy(first: Any, second: dict[str, Any]) -> Any:
+    """A report remedy for ``first`` and the re-run's follow-up ``second`` applied together."""
+    from .findings import Remedy
+
+    parts = [{"id": first.id, "params": _remedy_params(first)},
+             {"id": second["id"], "params": dict(second.get("params") or {})}]
+    text = (f"{first.id} and {second['id']} together (with {first.id} alone, the re-run "
+            f"still needed {second['id']}): {first.text} {second.get('text') or ''}").strip()
+    code = f"{first.code}\n{second.get('code') or ''}".strip()
+    return Remedy(f"{first.id}+{second['id']}", text, code, params={"parts": parts})
+
+
+class _Pass:
+    """Re-runs of one ``--verify`` pass: a thread pool of child processes against one
+    deadline, and their outcomes by candidate key."""
+
+    def __init__(self, script: Path, args: Sequence[str], steps: int, workdir: Path,
+                 deadline: float, pool: concurrent.futures.Executor) -> None:
+        self.script, self.args, self.steps, self.workdir = script, args, steps, workdir
+        self.deadline, self.pool = deadline, pool
+        self.results: dict[str, list[_Outcome]] = {}
+
+    def submit(self, key: str, parts: Parts, repeat: int
+               ) -> tuple[_Job, concurrent.futures.Future[_Outcome]]:
+        job = _Job(key, parts, repeat)
+        return job, self.pool.submit(_run_job, self.script, self.args, job, self.steps,
+                                     self.workdir, self.deadline)
+
+    def run(self, candidates: dict[str, Parts], repeats: int, first: int = 0,
+            say: Callable[[str], None] = lambda _m: None) -> None:
+        """Re-run every candidate ``repeats`` times (repeat numbers from ``first``)."""
+        futures = [self.submit(key, parts, r) for r in range(first, repeats)
+                   for key, parts in candidates.items()]
+        for job, future in futures:
+            outcome = future.result()
+            self.results.setdefault(job.key, []).append(outcome)
+            if job.key != "baseline" and job.repeat == repeats - 1:
+                say(f"verify: {'+'.join(rid for rid, _ in job.parts)}: {outcome.status}")
 
 
 def verify_report(report: Any, script: str | os.PathLike[str], args: Sequence[str] = (),
                   settings: VerifySettings | None = None,
                   progress: Callable[[str], None] | None = None) -> Any:
     """Re-run ``script`` with each remedy of each warning/error finding; return the report
-    with ``verified`` in every remedy tried and each finding's remedies ordered by effect."""
+    with ``verified`` in every remedy tried and each finding's remedies ordered by effect.
+
+    Where no single remedy settles a finding (it stays, or new problems come with it), the
+    best of them is re-run again together with the remedy its own re-run's report offers
+    for what is still wrong: a re-initialisation that stops the overflow, then a lower
+    learning rate for the updates that kill the units. Such pairs are added to the
+    finding's remedies with an id like ``kaiming_init+lower_learning_rate``.
+    """
     settings = settings or VerifySettings()
     say = progress or (lambda _msg: None)
     started = time.monotonic()
     deadline = started + settings.time_s
     script = Path(script).resolve()
     problems = [f for f in report.findings if f.severity in ("warning", "error")]
-    candidates: dict[str, tuple[str, dict[str, Any]]] = {}
-    for finding in problems:
-        for remedy in finding.remedies:
-            params = _remedy_params(remedy)
-            candidates.setdefault(_candidate_key(remedy.id, params), (remedy.id, params))
     try:
         from .remedies.apply import APPLIERS
     except ImportError:  # pragma: no cover - the catalogue ships with its appliers
         APPLIERS = {}
+    candidates: dict[str, Parts] = {}
     results: dict[str, list[_Outcome]] = {}
-    for key, (rid, _params) in list(candidates.items()):
-        if settings.only is not None and rid not in settings.only:
-            del candidates[key]  # not asked for (--verify-remedies): left without "verified"
-            continue
-        if rid not in APPLIERS:
-            # No process for what gradwatch cannot do itself (residual connections, ...).
-            results[key] = [_Outcome("not_applicable", note="gradwatch cannot apply this "
-                                     "remedy itself: change the code as shown")]
-            del candidates[key]
+    for finding in problems:
+        for remedy in finding.remedies:
+            parts = _remedy_parts(remedy)
+            key = _candidate_key(parts)
+            if not _asked(settings, parts):
+                continue  # not asked for (--verify-remedies): left without "verified"
+            if any(rid not in APPLIERS for rid, _ in parts):
+                # No process for what gradwatch cannot do itself (residual connections, ...).
+                results[key] = [_Outcome("not_applicable", note="gradwatch cannot apply this "
+                                         "remedy itself: change the code as shown")]
+                continue
+            candidates.setdefault(key, parts)
     original_steps = int(report.run.get("steps") or 0)
     steps = min(settings.budget, original_steps) if original_steps > 0 else settings.budget
     summary: dict[str, Any] = {"budget": steps, "candidates": len(candidates),
                                "window": WINDOW}
+    combos: dict[str, Parts] = {}
     if candidates:
         original = list(zip(report.series.get("step", []), report.series.get("loss", []),
                             strict=False))
         with tempfile.TemporaryDirectory(prefix="gradwatch-verify-") as tmp, \
                 concurrent.futures.ThreadPoolExecutor(max(1, settings.workers)) as pool:
-            workdir = Path(tmp)
-
-            def submit(job: _Job) -> concurrent.futures.Future[_Outcome]:
-                return pool.submit(_run_job, script, args, job, steps, workdir, deadline)
-
-            futures: list[tuple[_Job, concurrent.futures.Future[_Outcome]]] = []
-            base_job = _Job("baseline", None, {}, 0)
-            base_future = submit(base_job)
-            futures.append((base_job, base_future))
-            for key, (rid, params) in candidates.items():
-                job = _Job(key, rid, params, 0)
-                futures.append((job, submit(job)))
+            runs = _Pass(script, args, steps, Path(tmp), deadline, pool)
+            base_future = runs.submit("baseline", (), 0)[1]
             say(f"verify: {len(candidates)} remedies, {steps} steps each, "
                 f"{settings.workers} at a time")
+            firsts = [runs.submit(key, parts, 0) for key, parts in candidates.items()]
             base = base_future.result()
+            runs.results["baseline"] = [base]
             deterministic = base.status == "ok" and _deterministic(original, base.losses)
             summary["deterministic"] = deterministic
             if base.status != "ok":
@@ -439,27 +599,38 @@ def verify_report(report: Any, script: str | os.PathLike[str], args: Sequence[st
             if repeats > 1:
                 say(f"verify: the first losses differ between runs (no fixed seed?): "
                     f"{repeats} repeats each")
-            for r in range(1, repeats):
-                futures.append((_Job("baseline", None, {}, r), submit(_Job("baseline", None,
-                                                                           {}, r))))
-                for key, (rid, params) in candidates.items():
-                    job = _Job(key, rid, params, r)
-                    futures.append((job, submit(job)))
-            for job, future in futures:
+            for job, future in firsts:
                 outcome = future.result()
-                results.setdefault(job.key, []).append(outcome)
-                if job.key != "baseline" and job.repeat == repeats - 1:
-                    say(f"verify: {job.remedy_id}: {outcome.status}")
+                runs.results.setdefault(job.key, []).append(outcome)
+                if repeats == 1:
+                    say(f"verify: {'+'.join(rid for rid, _ in job.parts)}: {outcome.status}")
+            if repeats > 1:
+                runs.run({"baseline": (), **candidates}, repeats, first=1, say=say)
+            results.update(runs.results)
+            if settings.combine and base.status == "ok":
+                combos = _pairs(problems, candidates, results, steps, settings)
+            if combos:
+                say(f"verify: {len(combos)} pairs of remedies where no single one settled "
+                    "a finding")
+                runs.run(combos, repeats, say=say)
+                results.update(runs.results)
     base_runs = results.get("baseline", [])
     for finding in problems:
         for remedy in finding.remedies:
-            if settings.only is not None and remedy.id not in settings.only:
+            if not _asked(settings, _remedy_parts(remedy)):
                 continue  # not asked for: no "verified", ranked after the verified ones
-            key = _candidate_key(remedy.id, _remedy_params(remedy))
+            key = _candidate_key(_remedy_parts(remedy))
             remedy.verified = _verdict(finding.kind, base_runs, results.get(key, []), steps)
+            if remedy.id in DIAGNOSTICS and remedy.verified["status"] == "failed":
+                # Stopping at the first bad value, and naming it, is what it is for.
+                remedy.verified["status"] = "diagnostic"
+                remedy.verified["note"] = "a diagnostic, not a fix: it stopped the re-run " \
+                    f"where the first non-finite value appeared: {remedy.verified.get('note')}"
         finding.remedies.sort(key=lambda r: _rank(r.verified))
+    summary["combined"] = ["+".join(rid for rid, _ in parts) for parts in combos.values()]
     summary["not_finished"] = sorted({
-        cand[0] for key, cand in candidates.items()
+        "+".join(rid for rid, _ in parts)
+        for key, parts in {**candidates, **combos}.items()
         if any(o.status == "not_finished" for o in results.get(key, []))})
     summary["duration_s"] = round(time.monotonic() - started, 3)
     from .report import Report
@@ -467,3 +638,48 @@ def verify_report(report: Any, script: str | os.PathLike[str], args: Sequence[st
     data = report.to_dict()
     data["verify"] = summary
     return Report(data)
+
+
+#: At most this many pairs per finding, and per pass.
+PAIRS_PER_FINDING = 3
+PAIRS_PER_PASS = 6
+
+
+def _pairs(problems: list[Any], candidates: dict[str, Parts],
+           results: dict[str, list[_Outcome]], steps: int,
+           settings: VerifySettings) -> dict[str, Parts]:
+    """Pairs to verify for the findings no single remedy settled; each is added to its
+    finding's remedies (unverified until the pass re-runs it)."""
+    from .remedies.apply import APPLIERS
+
+    base = results.get("baseline", [])
+    pairs: dict[str, Parts] = {}
+    for finding in problems:
+        tried = [r for r in finding.remedies if _candidate_key(_remedy_parts(r)) in candidates
+                 and "+" not in r.id]
+        verdicts = {id(r): _verdict(finding.kind, base, results.get(
+            _candidate_key(_remedy_parts(r)), []), steps) for r in tried}
+        if any(_solved(v) for v in verdicts.values()):
+            continue
+        # The singles that ran and changed something, best first.
+        firsts = sorted((r for r in tried if verdicts[id(r)]["status"] in
+                         ("better", "fixed", "no_effect") and verdicts[id(r)].get("changes")),
+                        key=lambda r: _rank(verdicts[id(r)]))[:2]
+        added = 0
+        for first in firsts:
+            outcome = next(o for o in results[_candidate_key(_remedy_parts(first))]
+                           if o.status == "ok")
+            for follow in outcome.follow_ups:
+                if added >= PAIRS_PER_FINDING or len(pairs) >= PAIRS_PER_PASS:
+                    break
+                if follow["id"] == first.id or follow["id"] not in APPLIERS or \
+                        not _asked(settings, ((follow["id"], {}),)):
+                    continue
+                remedy = _combined_remedy(first, follow)
+                key = _candidate_key(_remedy_parts(remedy))
+                if key not in candidates:
+                    pairs.setdefault(key, _remedy_parts(remedy))
+                    finding.remedies.append(remedy)
+                    added += 1
+                    break  # one follow-up per single: its re-run's most pressing remedy
+    return pairs

@@ -9,12 +9,17 @@ measured, and each finding's remedies come ordered by that effect.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from torch import nn
+
+import gradwatch
 
 SCRIPT = Path(__file__).parent / "scripts" / "train_seed_net.py"
 TIMEOUT_S = 300
@@ -80,30 +85,57 @@ def test_kaiming_init_is_verified_to_fix_the_stalled_relu_net(tmp_path: Path) ->
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "train.py"]
 
 
-def test_reinit_fixes_the_overflowing_net_and_clipping_does_not(tmp_path: Path) -> None:
-    report, _, _ = verify_run(tmp_path, "--init", "normal10", "--epochs", "100",
-                              "--budget", "100", "--verify-remedies",
-                              "kaiming_init,xavier_init,clip_grad_norm")
+def test_seed_overflowing_net_needs_reinit_and_a_lower_rate_and_clipping_cannot_help(
+        tmp_path: Path) -> None:
+    # SEEDS.md section 6, experiment 2 as written: every weight N(0, 10), lr 0.1, 50 epochs.
+    report, stderr, _ = verify_run(tmp_path, "--init", "normal10", "--lr", "0.1",
+                                   "--epochs", "50", "--budget", "50", "--verify-remedies",
+                                   "kaiming_init,lower_learning_rate,clip_grad_norm")
     assert report["run"]["status"] == "completed"
-    remedies = remedies_of(report, "nonfinite")
-    best = remedies[0]
-    # Without a remedy the N(0, 10) forward overflows and the loss turns NaN.
-    assert best["id"] in ("kaiming_init", "xavier_init")
-    assert best["verified"]["status"] == "better"
-    assert best["verified"]["loss_before"] is None
-    assert best["verified"]["loss_after"] < 5.0
-    assert best["verified"]["finding_gone"] is True
-    for kind in ("exploding_gradient", "nonfinite"):
-        for r in remedies_of(report, kind):
-            if r["id"] == "clip_grad_norm" and "verified" in r:
-                assert r["verified"]["status"] != "better"
-    # The catalogue does not offer clipping here; its re-run, forced, shows why: clipping an
-    # infinite total norm scales every gradient by 0 (or NaN), so the loss never falls.
+    for kind in ("nonfinite", "exploding_gradient"):
+        remedies = remedies_of(report, kind)
+        best = remedies[0]
+        # Without a remedy the forward overflows and the loss is NaN from step 1.
+        assert best["verified"]["loss_before"] is None
+        # Kaiming init alone ends the overflow, but lr 0.1 then kills the units within a
+        # few steps: the net predicts a constant (9.76, y's variance) and the re-run says so.
+        alone = next(r["verified"] for r in remedies if r["id"] == "kaiming_init")
+        assert alone["finding_gone"] is True
+        assert alone["loss_after"] == pytest.approx(9.76, abs=0.05)
+        assert {"dying_relu", "loss_plateau"} <= set(alone["new_findings"])
+        # So the pair is verified: the re-init plus the lower rate that the kaiming re-run's
+        # own report derived (one decade: 0.1 -> 0.01) learns, with nothing new wrong.
+        assert best["id"] == "kaiming_init+lower_learning_rate"
+        v = best["verified"]
+        assert v["status"] == "better" and v["finding_gone"] is True
+        assert v["loss_after"] < 5.0 and "new_findings" not in v
+        lower = best["params"]["parts"][1]
+        assert lower["id"] == "lower_learning_rate"
+        assert lower["params"]["factor"] == pytest.approx(0.1)
+        assert any("0.1 -> 0.01" in c for c in v["changes"])
+        assert not any(r["id"] == "clip_grad_norm" and r.get("verified", {}).get("status")
+                       == "better" for r in remedies)
+    assert report["verify"]["combined"] == ["kaiming_init+lower_learning_rate"]
+    assert "verified best: kaiming_init+lower_learning_rate, loss not finite -> " in stderr
+    # The pair applies itself from the saved report, like any remedy (library API).
+    saved = gradwatch.Report.load(tmp_path / "report.json")
+    pair = next(r for f in saved.findings if f.kind == "nonfinite" for r in f.remedies
+                if r.id == "kaiming_init+lower_learning_rate")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 10), nn.ReLU(), nn.Linear(10, 1))
+    for p in model.parameters():
+        nn.init.normal_(p, 0.0, 10.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    done = pair.apply(model, optimizer)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
+    assert model[0].weight.std().item() < 3.0 and len(done.changes) >= 2
+    # Clipping is not even offered; its re-run, forced, shows why: clipping an infinite
+    # total norm scales every gradient by 0 (or NaN), so the loss never falls.
     proc = subprocess.run([sys.executable, "-m", "gradwatch", "run", "--json", "clip.json",
                            "--quiet", "--max-steps", "30", "--apply-remedy", "clip_grad_norm",
                            "--apply-params", '{"max_norm": 10}', "--", "train.py", "--init",
-                           "normal10", "--epochs", "100"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=TIMEOUT_S)
+                           "normal10", "--lr", "0.1", "--epochs", "50"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
     clip = json.loads((tmp_path / "clip.json").read_text())
     assert proc.returncode == 0 and clip["run"]["steps"] == 30, proc.stderr[-2000:]
     assert clip["applied"]["status"] == "applied" and clip["applied"]["changes"]
@@ -111,6 +143,42 @@ def test_reinit_fixes_the_overflowing_net_and_clipping_does_not(tmp_path: Path) 
     assert losses[-1] is None or losses[-1] >= 0.9 * losses[0]
     assert {"exploding_gradient", "nonfinite"} & {f["kind"] for f in clip["findings"]
                                                   if f["severity"] != "info"}
+
+
+def child_run(tmp_path: Path, script: str, *flags: str) -> tuple[dict[str, Any], str]:
+    """One ``--verify`` child run of a test script: its report and stdout."""
+    (tmp_path / script).write_bytes((SCRIPT.parent / script).read_bytes())
+    out = tmp_path / f"{script}.json"
+    proc = subprocess.run([sys.executable, "-m", "gradwatch", "run", "--json", str(out),
+                           "--quiet", *flags, "--", script], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_child_runs_stop_hand_updated_scripts_and_swap_the_optimizer_after_its_first_step(
+        tmp_path: Path) -> None:
+    # Weights updated by hand (no optimizer): the re-run still stops at its step budget.
+    report, stdout = child_run(tmp_path, "train_by_hand.py", "--max-steps", "7")
+    assert report["run"]["mode"] == "backward" and report["run"]["steps"] == 7
+    assert "SCRIPT_LOSSES" not in stdout  # stopped: the script's own loop never finished
+    # SGD -> Adam changes the class whose step() is already running when the optimizer is
+    # first seen: it takes effect from the second step, and says so.
+    shutil.copy(SCRIPT, tmp_path / "seed.py")
+    runs = {}
+    for name, flags in (("sgd", ()), ("adam", ("--apply-remedy", "adaptive_optimizer"))):
+        proc = subprocess.run([sys.executable, "-m", "gradwatch", "run", "--json",
+                               f"{name}.json", "--quiet", "--max-steps", "40", *flags, "--",
+                               "seed.py", "--epochs", "300"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=TIMEOUT_S)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    applied = runs["adam"]["applied"]
+    assert applied["status"] == "applied" and runs["adam"]["run"]["steps"] == 40
+    assert any("took effect from step 1" in c for c in applied["changes"])
+    sgd, adam = runs["sgd"]["series"]["loss"], runs["adam"]["series"]["loss"]
+    assert sgd[:2] == adam[:2]  # the first step is still SGD's
+    assert sgd[5] != adam[5]
 
 
 def test_a_script_without_a_seed_is_verified_over_repeats(tmp_path: Path) -> None:

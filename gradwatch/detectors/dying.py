@@ -115,17 +115,19 @@ def _site_finding(ctx: Context, i: int) -> Finding | None:
     label = ctx.site_label(i)
     feed = ctx.label(site.layer) if site.layer is not None else None
     first_frac = float(frac[ok][0])
+    # Training killed a sizeable share on top of those dead at the first measurement.
+    grew = share - first_frac >= t.dying_fraction / 2
+    killed = first_frac < t.dying_fraction or grew
 
     causes: list[Cause] = [c for c in (
         C.negative_bias(ctx, i), C.dead_at_init(ctx, i),
-        None if first_frac >= t.dying_fraction else C.learning_rate_spike(ctx, since, site.layer),
-        C.learning_rate_too_high(ctx, until=since) if first_frac < t.dying_fraction else None,
+        C.learning_rate_spike(ctx, since, site.layer) if killed else None,
+        C.learning_rate_too_high(ctx, until=since) if killed else None,
         C.unscaled_inputs(ctx)) if c]
     ids = {c.id for c in causes}
     # Units killed by training, or by a bias set far below zero, are the classic dying
     # ReLU. Units that were dead from initialisation in a narrow layer, in a run where
     # nothing else is wrong, are a fact about the model's capacity: reported as info.
-    grew = share - first_frac >= t.dying_fraction / 2
     if dead == units:
         severity = "error"
     elif grew or "large_negative_bias" in ids:
@@ -141,7 +143,9 @@ def _site_finding(ctx: Context, i: int) -> Finding | None:
         remedies.append(remedy("positive_bias_init", layer=ctx.name(site.layer),
                                bias=fmt(bias)))
     if ids & {"learning_rate_spike", "learning_rate_too_high"}:
-        lr = lower_lr(ctx, until=since)
+        # The ratio measured is that of the updates that killed the units, not of training
+        # at a sane rate: cut by at most explosion_lr_reduction, as for a blow-up.
+        lr = lower_lr(ctx, until=since, blow_up=True)
         if lr is not None:
             remedies.insert(0, lr)  # the updates killed them: smaller updates first
     if "dead_at_init" in ids and "large_negative_bias" not in ids:

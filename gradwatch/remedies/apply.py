@@ -55,6 +55,10 @@ class Applier:
     to_model: ModelFn | None
     to_optimizer: OptimizerFn | None
     needs_optimizer: bool = False
+    #: The change replaces what an optimizer's step() runs (its class): inside a script,
+    #: where the first step is already running when the optimizer is first seen, it takes
+    #: effect from the second step on.
+    after_first_step: bool = False
 
 
 @dataclasses.dataclass
@@ -783,7 +787,8 @@ APPLIERS: dict[str, Applier] = {a.id: a for a in [
     Applier("clip_grad_norm", None, _clip_optimizer, needs_optimizer=True),
     Applier("lower_learning_rate", None, _lr_optimizer, needs_optimizer=True),
     Applier("standardize_inputs", _standardize_model, None),
-    Applier("adaptive_optimizer", None, _adam_optimizer, needs_optimizer=True),
+    Applier("adaptive_optimizer", None, _adam_optimizer, needs_optimizer=True,
+            after_first_step=True),
     Applier("detect_anomaly", _anomaly_model, None),
     Applier("assert_finite_inputs", _assert_inputs_model, None),
     Applier("guard_nonfinite_loss", None, _guard_optimizer, needs_optimizer=True),
@@ -811,6 +816,12 @@ def apply(model: nn.Module, optimizer: torch.optim.Optimizer | None, remedy_id: 
     """
     if not isinstance(remedy_id, str):
         raise TypeError(f"remedy_id must be a string, got {type(remedy_id).__name__}")
+    if "+" in remedy_id and isinstance(params.get("parts"), list):
+        # A combination ``--verify`` proved together: each part in order.
+        done: list[str] = []
+        for part in params["parts"]:
+            done += apply(model, optimizer, part["id"], **dict(part.get("params") or {})).changes
+        return Application(remedy_id, done)
     if remedy_id not in APPLIERS:
         raise KeyError(f"unknown remedy {remedy_id!r}; known: {', '.join(APPLIERS)}")
     if not isinstance(model, nn.Module):
