@@ -141,6 +141,43 @@ def figures(data: dict[str, Any]) -> list[str]:
     return out
 
 
+def _loss(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, (int, float)) else "not finite"
+
+
+def _verified_line(v: dict[str, Any]) -> str:
+    """One sentence for a remedy's ``verified`` record."""
+    text = f"{v.get('status', '?')}"
+    if v.get("steps"):
+        gone = {True: "finding gone", False: "finding remains"}.get(v.get("finding_gone"), "")
+        text += f" over {v['steps']} steps: loss {_loss(v.get('loss_before'))} -> " \
+            f"{_loss(v.get('loss_after'))}" + (f", {gone}" if gone else "")
+    return text + (f"; {v['note']}" if v.get("note") else "")
+
+
+def _verified_table(remedies: Sequence[dict[str, Any]]) -> list[str]:
+    """The re-runs of ``--verify`` side by side, best first (the order they arrive in)."""
+    rows = [r for r in remedies if r.get("verified")]
+    if not rows:
+        return []
+    out = ["<p><b>Verified on this script</b> (each remedy re-run from the start, same "
+           "seeds, against a re-run without it)</p><table><tr><th>remedy</th><th>result</th>"
+           "<th>loss without</th><th>loss with</th><th>improvement</th><th>finding</th>"
+           "<th>new findings</th></tr>"]
+    for r in rows:
+        v = r["verified"]
+        imp = v.get("improvement")
+        gone = {True: "gone", False: "remains"}.get(v.get("finding_gone"), "")
+        out.append(f"<tr><td><code>{_e(r['id'])}</code></td><td>{_e(v.get('status'))}</td>"
+                   f"<td>{_e(_loss(v.get('loss_before')) if v.get('steps') else '')}</td>"
+                   f"<td>{_e(_loss(v.get('loss_after')) if v.get('steps') else '')}</td>"
+                   f"<td>{_e(f'{imp:.3g}x' if isinstance(imp, (int, float)) else '')}</td>"
+                   f"<td>{_e(gone)}</td><td>{_e(', '.join(v.get('new_findings') or []))}</td>"
+                   "</tr>")
+    out.append("</table>")
+    return out
+
+
 def _glance(findings: Sequence[dict[str, Any]]) -> list[str]:
     if not findings:
         return []
@@ -184,11 +221,16 @@ def render_html(data: dict[str, Any]) -> str:
             parts += [f"<li><code>{_e(c['id'])}</code>: {_e(c['text'])}</li>" for c in f["causes"]]
             parts.append("</ul>")
         if f["remedies"]:
+            parts += _verified_table(f["remedies"])
             parts.append("<p><b>Remedies</b></p><ol>")
             for r in f["remedies"]:
                 verified = ""
                 if r.get("verified"):
-                    verified = f"<br>verified: {_e(json.dumps(r['verified']))}"
+                    changes = r["verified"].get("changes") or []
+                    verified = f"<br><i>verified: {_e(_verified_line(r['verified']))}</i>" + (
+                        "<details><summary>what the re-run changed</summary><ul>" +
+                        "".join(f"<li>{_e(c)}</li>" for c in changes) + "</ul></details>"
+                        if changes else "")
                 parts.append(f"<li><code>{_e(r['id'])}</code>: {_e(r['text'])}{verified}"
                              f"<pre>{_e(r['code'])}</pre></li>")
             parts.append("</ol>")

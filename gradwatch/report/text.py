@@ -50,8 +50,10 @@ def _verified_lines(remedies: list[dict[str, Any]], width: int) -> list[str]:
         return []
     lines: list[str] = []
     best = tried[0]["verified"]
-    if best.get("status") == "better":
+    if best.get("status") in ("better", "fixed"):
         gone = ", finding gone" if best.get("finding_gone") else ", finding remains"
+        new = best.get("new_findings")
+        gone += f", new: {', '.join(new)}" if new else ""
         lines += _wrap(f"verified best: {tried[0]['id']}, loss {_loss(best['loss_before'])} -> "
                        f"{_loss(best['loss_after'])} in {best['steps']} steps{gone}",
                        width, "  = ", "    ")
@@ -59,7 +61,9 @@ def _verified_lines(remedies: list[dict[str, Any]], width: int) -> list[str]:
         lines += _wrap("verified: no remedy gradwatch could apply helped within the budget",
                        width, "  = ", "    ")
     for status, label in (("worse", "verified worse"), ("no_effect", "no effect"),
-                          ("failed", "re-run failed"), ("not_finished", "not verified in time")):
+                          ("failed", "re-run failed"), ("diagnostic", "diagnostic, stopped at "
+                                                        "the first bad value"),
+                          ("not_finished", "not verified in time")):
         ids = [r["id"] + (f" (loss {_loss(r['verified']['loss_before'])} -> "
                           f"{_loss(r['verified']['loss_after'])})" if status == "worse" else "")
                for r in tried if r["verified"].get("status") == status]
