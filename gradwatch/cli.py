@@ -142,7 +142,8 @@ def cmd_run(argv: list[str]) -> int:
         only = frozenset(r.strip() for r in ns.verify_remedies.split(",") if r.strip()) \
             if ns.verify_remedies else None
         settings = VerifySettings(budget=ns.budget, time_s=ns.verify_time,
-                                  repeats=ns.repeats, only=only)
+                                  repeats=ns.repeats, only=only, options=options,
+                                  thresholds=thresholds)
         say = None if ns.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
         result.report = verify_report(result.report, script, rest, settings, say)
     for out in (ns.json, ns.html, ns.text):

@@ -95,6 +95,10 @@ class Thresholds:
     """... and, against an explosion or divergence, never below the current one divided by
     this: updates measured while gradients explode are sized by the gradients, not by the
     rate (a 0.35 -> 1e-4 suggestion froze a run that learns at 0.05)."""
+    blowup_window_steps: int = 8
+    """Updates are measured over this many steps from an explosion's or divergence's onset
+    when sizing a lower learning rate: later, dead or frozen weights barely move, and their
+    tiny updates would hide the oversized ones that did the damage."""
     forward_shrink_per_layer: float = 0.7
     """Activation RMS falling by more than this factor per layer at the first step: the
     forward signal (and with it the backward one) shrinks with depth."""

@@ -41,6 +41,11 @@ from .remedies.apply import run_added_pre_hooks
 
 __all__ = ["ChildControl", "StopRun", "VerifySettings", "verify_report"]
 
+#: Kinds whose remedy is not meant to change the training loss: for these, a finding gone
+#: with the loss unchanged is "fixed" (a validation forward now in eval mode). Elsewhere it
+#: is "no_effect": swapping ReLU for LeakyReLU hides dead units from the dying_relu
+#: detector without reviving them.
+LOSS_NEUTRAL = frozenset({"eval_mode"})
 #: Share of a re-run's last steps whose mean loss is compared (at least one step).
 WINDOW = 0.1
 #: A remedy is "better" above this improvement (loss_before / loss_after), "worse" below
@@ -224,6 +229,8 @@ class VerifySettings:
     workers: int = 2
     only: frozenset[str] | None = None  # remedy ids to verify (None: every one offered)
     combine: bool = True
+    options: Any = None  # the first run's Options and Thresholds, used by every re-run
+    thresholds: Any = None
 
 
 #: One candidate: the remedies applied together in one re-run, as (id, params) pairs.
@@ -307,11 +314,11 @@ def _follow_ups(findings: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _read_outcome(report_path: Path, steps: int, proc: subprocess.CompletedProcess[str],
+def _read_outcome(report_path: Path, steps: int, returncode: int | None,
                   log: Path) -> _Outcome:
     if not report_path.is_file():
         tail = log.read_text(errors="replace")[-400:] if log.is_file() else ""
-        return _Outcome("failed", note=f"the re-run wrote no report (exit {proc.returncode}):"
+        return _Outcome("failed", note=f"the re-run wrote no report (exit {returncode}):"
                         f" {tail.strip()}")
     data = json.loads(report_path.read_text())
     applied = data.get("applied") or {}
@@ -343,7 +350,7 @@ def _read_outcome(report_path: Path, steps: int, proc: subprocess.CompletedProce
 
 
 def _run_job(script: Path, args: Sequence[str], job: _Job, steps: int, workdir: Path,
-             deadline: float) -> _Outcome:
+             deadline: float, settings: VerifySettings | None = None) -> _Outcome:
     """One re-run in a fresh process and its own temporary folder, killed at the deadline."""
     left = deadline - time.monotonic()
     if left <= 1:
@@ -351,16 +358,76 @@ def _run_job(script: Path, args: Sequence[str], job: _Job, steps: int, workdir: 
                         "started")
     folder = Path(tempfile.mkdtemp(prefix="rerun-", dir=workdir))
     report_path, log = folder / "gradwatch-report.json", folder / "output.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    with open(log, "w") as out:
-        try:
-            proc = subprocess.run(_child_command(script, args, job, report_path, steps),
-                                  cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL, timeout=left, text=True)
-        except subprocess.TimeoutExpired:
+    settings = settings or VerifySettings()
+    context = _forkserver()
+    if context is not None:
+        process = context.Process(target=_child_main, args=(
+            str(script), list(args), job.parts, steps, str(folder), str(report_path), str(log),
+            settings.options, settings.thresholds), daemon=True)
+        process.start()
+        process.join(left)
+        if process.is_alive():
+            process.kill()
+            process.join()
             return _Outcome("not_finished", note="stopped when the --verify-time budget ran "
                             "out")
-    return _read_outcome(report_path, steps, proc, log)
+        returncode = process.exitcode
+    else:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        with open(log, "w") as out:
+            try:
+                returncode = subprocess.run(
+                    _child_command(script, args, job, report_path, steps), cwd=folder, env=env,
+                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    timeout=left).returncode
+            except subprocess.TimeoutExpired:
+                return _Outcome("not_finished", note="stopped when the --verify-time budget "
+                                "ran out")
+    return _read_outcome(report_path, steps, returncode, log)
+
+
+_FORKSERVER: list[Any] = []
+
+
+def _forkserver() -> Any:
+    """A multiprocessing context whose server has imported torch and gradwatch once, so that
+    a re-run starts in a fresh process forked from it without paying the imports again (2-3 s
+    each); None where there is no fork server (Windows) or GRADWATCH_VERIFY_SPAWN is set,
+    and re-runs start as ``python -m gradwatch run`` processes instead."""
+    if os.environ.get("GRADWATCH_VERIFY_SPAWN"):
+        return None
+    if not _FORKSERVER:
+        import multiprocessing
+
+        try:
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload(["gradwatch.verify", "gradwatch.runner"])
+        except (ValueError, AttributeError):
+            context = None
+        _FORKSERVER.append(context)
+    return _FORKSERVER[0]
+
+
+def _child_main(script: str, args: list[str], parts: Parts, steps: int, folder: str,
+                report_path: str, log: str, options: Any, thresholds: Any) -> None:
+    """A re-run inside a process forked from the fork server: the same as ``gradwatch run
+    --max-steps N --apply-remedy ...``, with the script's output in ``log``."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.chdir(folder)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    from .runner import run_script
+
+    try:
+        result = run_script(script, args, options, thresholds, ChildControl(parts, steps))
+        result.report.save(report_path)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
 
 
 def _deterministic(original: list[tuple[int, float | None]],
@@ -432,7 +499,7 @@ def _verdict(kind: str, base: list[_Outcome], runs: list[_Outcome],
             "no_effect"
         note = {"better": None, "no_effect": "no measurable effect on the loss",
                 "worse": f"makes the loss worse: {before:.3g} -> {after:.3g}"}[status]
-        if status == "no_effect" and finding_gone and in_baseline:
+        if status == "no_effect" and finding_gone and in_baseline and kind in LOSS_NEUTRAL:
             # What it fixes is not the training loss (a validation forward in eval mode).
             status, note = "fixed", f"the finding is gone; the training loss is unchanged " \
                 f"({before:.3g} -> {after:.3g})"
@@ -510,16 +577,17 @@ class _Pass:
     deadline, and their outcomes by candidate key."""
 
     def __init__(self, script: Path, args: Sequence[str], steps: int, workdir: Path,
-                 deadline: float, pool: concurrent.futures.Executor) -> None:
+                 deadline: float, pool: concurrent.futures.Executor,
+                 settings: VerifySettings) -> None:
         self.script, self.args, self.steps, self.workdir = script, args, steps, workdir
-        self.deadline, self.pool = deadline, pool
+        self.deadline, self.pool, self.settings = deadline, pool, settings
         self.results: dict[str, list[_Outcome]] = {}
 
     def submit(self, key: str, parts: Parts, repeat: int
                ) -> tuple[_Job, concurrent.futures.Future[_Outcome]]:
         job = _Job(key, parts, repeat)
         return job, self.pool.submit(_run_job, self.script, self.args, job, self.steps,
-                                     self.workdir, self.deadline)
+                                     self.workdir, self.deadline, self.settings)
 
     def run(self, candidates: dict[str, Parts], repeats: int, first: int = 0,
             say: Callable[[str], None] = lambda _m: None) -> None:
@@ -551,10 +619,8 @@ def verify_report(report: Any, script: str | os.PathLike[str], args: Sequence[st
     deadline = started + settings.time_s
     script = Path(script).resolve()
     problems = [f for f in report.findings if f.severity in ("warning", "error")]
-    try:
-        from .remedies.apply import APPLIERS
-    except ImportError:  # pragma: no cover - the catalogue ships with its appliers
-        APPLIERS = {}
+    from .remedies.apply import APPLIERS, refuses
+
     candidates: dict[str, Parts] = {}
     results: dict[str, list[_Outcome]] = {}
     for finding in problems:
@@ -568,6 +634,10 @@ def verify_report(report: Any, script: str | os.PathLike[str], args: Sequence[st
                 results[key] = [_Outcome("not_applicable", note="gradwatch cannot apply this "
                                          "remedy itself: change the code as shown")]
                 continue
+            why = next((w for w in (refuses(rid) for rid, _ in parts) if w), None)
+            if why:  # no process for a remedy that needs what only the script has
+                results[key] = [_Outcome("not_applicable", note=why)]
+                continue
             candidates.setdefault(key, parts)
     original_steps = int(report.run.get("steps") or 0)
     steps = min(settings.budget, original_steps) if original_steps > 0 else settings.budget
@@ -579,7 +649,7 @@ def verify_report(report: Any, script: str | os.PathLike[str], args: Sequence[st
                             strict=False))
         with tempfile.TemporaryDirectory(prefix="gradwatch-verify-") as tmp, \
                 concurrent.futures.ThreadPoolExecutor(max(1, settings.workers)) as pool:
-            runs = _Pass(script, args, steps, Path(tmp), deadline, pool)
+            runs = _Pass(script, args, steps, Path(tmp), deadline, pool, settings)
             base_future = runs.submit("baseline", (), 0)[1]
             say(f"verify: {len(candidates)} remedies, {steps} steps each, "
                 f"{settings.workers} at a time")
@@ -650,10 +720,11 @@ def _pairs(problems: list[Any], candidates: dict[str, Parts],
            settings: VerifySettings) -> dict[str, Parts]:
     """Pairs to verify for the findings no single remedy settled; each is added to its
     finding's remedies (unverified until the pass re-runs it)."""
-    from .remedies.apply import APPLIERS
+    from .remedies.apply import APPLIERS, refuses
 
     base = results.get("baseline", [])
     pairs: dict[str, Parts] = {}
+    queued: dict[str, Any] = {}  # pair id -> its report remedy
     for finding in problems:
         tried = [r for r in finding.remedies if _candidate_key(_remedy_parts(r)) in candidates
                  and "+" not in r.id]
@@ -662,8 +733,8 @@ def _pairs(problems: list[Any], candidates: dict[str, Parts],
         if any(_solved(v) for v in verdicts.values()):
             continue
         # The singles that ran and changed something, best first.
-        firsts = sorted((r for r in tried if verdicts[id(r)]["status"] in
-                         ("better", "fixed", "no_effect") and verdicts[id(r)].get("changes")),
+        firsts = sorted((r for r in tried if r.id not in DIAGNOSTICS and verdicts[id(r)][
+            "status"] in ("better", "fixed", "no_effect") and verdicts[id(r)].get("changes")),
                         key=lambda r: _rank(verdicts[id(r)]))[:2]
         added = 0
         for first in firsts:
@@ -673,12 +744,18 @@ def _pairs(problems: list[Any], candidates: dict[str, Parts],
                 if added >= PAIRS_PER_FINDING or len(pairs) >= PAIRS_PER_PASS:
                     break
                 if follow["id"] == first.id or follow["id"] not in APPLIERS or \
+                        follow["id"] in DIAGNOSTICS or refuses(follow["id"]) or \
                         not _asked(settings, ((follow["id"], {}),)):
                     continue
                 remedy = _combined_remedy(first, follow)
+                if remedy.id in queued:
+                    # The same pair for another finding (whose measured params differ a
+                    # little): one re-run answers for both.
+                    remedy = dataclasses.replace(queued[remedy.id], verified=None)
                 key = _candidate_key(_remedy_parts(remedy))
-                if key not in candidates:
+                if key not in candidates and all(r.id != remedy.id for r in finding.remedies):
                     pairs.setdefault(key, _remedy_parts(remedy))
+                    queued.setdefault(remedy.id, remedy)
                     finding.remedies.append(remedy)
                     added += 1
                     break  # one follow-up per single: its re-run's most pressing remedy

@@ -8,6 +8,8 @@ revive it. Transient zeros are common in healthy nets; only units dead on
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .. import causes as C
@@ -91,6 +93,24 @@ def _downstream_of_dead_site(ctx: Context, i: int) -> bool:
     return False
 
 
+def _same_model_from(ctx: Context, i: int) -> list[int]:
+    """Site ``i`` and the ReLU sites after it in the same model, in forward order."""
+    site = ctx.site(i)
+    later = [j for j in ctx.sites if ctx.site(j).root == site.root and
+             ctx.site(j).kind in RELU_KINDS and ctx.site(j).order > site.order]
+    return [i, *sorted(later, key=lambda j: ctx.site(j).order)]
+
+
+def _bias_set_negative(ctx: Context, j: int) -> bool:
+    """Was the bias feeding site ``j`` set, at the start, below anything PyTorch's default
+    init draws (U(-1/sqrt(fan_in), 1/sqrt(fan_in)))?"""
+    site = ctx.site(j)
+    if site.layer is None or site.bias_init is None:
+        return False
+    fan_in = ctx.layer(site.layer).fan_in
+    return site.bias_init < -(1 / math.sqrt(fan_in) if fan_in else 0.0)
+
+
 def _site_finding(ctx: Context, i: int) -> Finding | None:
     site = ctx.site(i)
     if site.kind not in RELU_KINDS or not site.final:
@@ -137,10 +157,12 @@ def _site_finding(ctx: Context, i: int) -> Finding | None:
     remedies: list[Remedy] = [remedy("leaky_relu", site=name, old="(nn.ReLU, nn.ReLU6)")]
     bias = site.final.get("bias_dead_mean")
     # A bias re-init helps where the bias was set negative; where updates drove a positive
-    # one negative, a new positive start is pushed down again.
-    if site.layer is not None and bias is not None and bias < 0 and \
-            site.bias_init is not None and site.bias_init < 0:
-        remedies.append(remedy("positive_bias_init", layer=ctx.name(site.layer),
+    # one negative, a new positive start is pushed down again. Dead sites further down the
+    # model are reported with this one, so their set biases are reset with it.
+    set_low = [j for j in _same_model_from(ctx, i) if _bias_set_negative(ctx, j)]
+    if bias is not None and bias < 0 and set_low and set_low[0] == i:
+        layers = list(dict.fromkeys(ctx.name(ctx.site(j).layer) for j in set_low))
+        remedies.append(remedy("positive_bias_init", layer=layers[0], layers=layers,
                                bias=fmt(bias)))
     if ids & {"learning_rate_spike", "learning_rate_too_high"}:
         # The ratio measured is that of the updates that killed the units, not of training

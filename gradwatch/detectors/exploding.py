@@ -147,7 +147,8 @@ def detect(ctx: Context) -> list[Finding]:
     overflow = C.forward_overflow(ctx)
     causes = [c for c in (overflow, C.clipping_to_zero(ctx),
                           C.init_scale(ctx, group, ("large",)) if group else None,
-                          None if overflow else C.learning_rate_too_high(ctx, since=start),
+                          None if overflow else C.learning_rate_too_high(
+                              ctx, since=start, until=start + t.blowup_window_steps),
                           C.unscaled_inputs(ctx, since=start),
                           C.deep_plain_stack(ctx, group) if group else None) if c]
     remedies: list[Remedy] = []
@@ -156,7 +157,8 @@ def detect(ctx: Context) -> list[Finding]:
     if any(c.id == "unscaled_inputs" for c in causes) and inputs is not None:
         remedies.insert(0, remedy("standardize_inputs", mean=fmt(inputs[1]),
                                   std=fmt(inputs[2])))
-    lr = None if overflow else lower_lr(ctx, since=start, blow_up=True)
+    lr = None if overflow else lower_lr(ctx, since=start, until=start + t.blowup_window_steps,
+                                        blow_up=True)
     if lr:
         remedies.append(lr)
     if overflow is None:

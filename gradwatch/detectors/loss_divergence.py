@@ -51,10 +51,14 @@ def detect(ctx: Context) -> list[Finding]:
     if ctx.learning_rates:
         evidence["learning_rates"] = sorted(set(ctx.learning_rates))
     since = int(steps[onset])
-    causes = [c for c in (C.learning_rate_too_high(ctx, since=since),
+    until = since + t.blowup_window_steps
+    causes = [c for c in (C.learning_rate_too_high(ctx, since=since, until=until),
                           C.unscaled_inputs(ctx, since=since)) if c]
     remedies = []
-    lr = lower_lr(ctx, since=since, blow_up=True)
+    inputs = C.input_stats(ctx, since=since)
+    if any(c.id == "unscaled_inputs" for c in causes) and inputs is not None:
+        remedies.append(remedy("standardize_inputs", mean=fmt(inputs[1]), std=fmt(inputs[2])))
+    lr = lower_lr(ctx, since=since, until=until, blow_up=True)
     if lr:
         remedies.append(lr)
     if (threshold := clip_threshold(ctx)):

@@ -341,20 +341,24 @@ def _leaky_model(model: nn.Module, params: dict[str, Any], changes: list[str]) -
 
 # ------------------------------------------------------------------------------ biases
 def _bias_model(model: nn.Module, params: dict[str, Any], changes: list[str]) -> None:
-    layer = params.get("layer")
-    if not isinstance(layer, str):
-        raise TypeError("remedy parameter 'layer' (the layer's path) must be a string")
+    layers = params.get("layers") or [params.get("layer")]
+    if not isinstance(layers, list) or not all(isinstance(x, str) for x in layers):
+        raise TypeError("remedy parameter 'layer' (the layer's path) must be a string, or "
+                        "'layers' a list of them")
     value = _number(params, "value", 0.01)
-    m = _submodule(model, layer)
-    bias = getattr(m, "bias", None)
-    if not isinstance(bias, torch.Tensor):
-        raise NotApplicable(f"{layer} has no bias to re-initialise; revive its units with "
-                            "LeakyReLU instead")
-    with torch.no_grad():
-        before = float(bias.mean())
-        bias.fill_(value)
-    changes.append(f"set the bias of {layer} ({bias.numel()} units, mean {_fmt(before)}) to "
-                   f"{_fmt(value)}")
+    biases = []
+    for layer in layers:
+        bias = getattr(_submodule(model, layer), "bias", None)
+        if not isinstance(bias, torch.Tensor):
+            raise NotApplicable(f"{layer} has no bias to re-initialise; revive its units "
+                                "with LeakyReLU instead")
+        biases.append((layer, bias))
+    for layer, bias in biases:
+        with torch.no_grad():
+            before = float(bias.mean())
+            bias.fill_(value)
+        changes.append(f"set the bias of {layer} ({bias.numel()} units, mean {_fmt(before)}) "
+                       f"to {_fmt(value)}")
 
 
 # ------------------------------------------------------------------------- optimizer
@@ -774,7 +778,15 @@ def _residual_model(model: nn.Module, params: dict[str, Any], changes: list[str]
 def _never(why: str) -> ModelFn:
     def refuse(model: nn.Module, params: dict[str, Any], changes: list[str]) -> None:
         raise NotApplicable(why)
+    refuse.refuses = why  # type: ignore[attr-defined]
     return refuse
+
+
+def refuses(remedy_id: str) -> str | None:
+    """Why gradwatch can never apply ``remedy_id`` to a live model (None when it can try):
+    such a remedy needs something only the user's code has, like the training data."""
+    applier = APPLIERS.get(remedy_id)
+    return getattr(applier.to_model, "refuses", None) if applier is not None else None
 
 
 APPLIERS: dict[str, Applier] = {a.id: a for a in [

@@ -61,6 +61,13 @@ def _swap_code(p: dict[str, Any]) -> str:
 
 
 
+def _bias_layers(p: dict[str, Any]) -> list[str]:
+    """The layers whose bias a positive_bias_init resets: ``layers``, else ``layer``."""
+    layers = p.get("layers")
+    return [str(x) for x in layers] if isinstance(layers, list) and layers else \
+        [str(p.get("layer"))]
+
+
 def _model_var(p: dict[str, Any]) -> str:
     """The model's variable name in the user's code when known, else ``model``."""
     name = str(p.get("model", "model"))
@@ -115,12 +122,13 @@ CATALOGUE: dict[str, RemedyEntry] = {e.id: e for e in [
         _swap_code),
     RemedyEntry(
         "positive_bias_init",
-        lambda p: (f"re-initialise the bias of {p['layer']} at a small positive value "
-                   f"(0.01) instead of {p['bias']}, so that every unit starts active and "
-                   f"receives gradient"),
-        lambda p: ("with torch.no_grad():\n"
-                   f"    model.get_submodule(\"{p['layer']}\").bias.fill_(0.01)  # was "
-                   f"{p['bias']} on the dead units; before training, or to revive them")),
+        lambda p: (f"re-initialise the bias of {', '.join(_bias_layers(p))} at a small "
+                   f"positive value (0.01) instead of {p['bias']}, so that every unit starts "
+                   f"active and receives gradient"),
+        lambda p: ("with torch.no_grad():\n" + "".join(
+            f"    model.get_submodule(\"{layer}\").bias.fill_(0.01)\n"
+            for layer in _bias_layers(p)) + f"    # was {p['bias']} on the dead units; before "
+            "training, or to revive them")),
     RemedyEntry(
         "batch_norm",
         lambda p: ("normalise each layer's output (BatchNorm1d for MLPs, BatchNorm2d for "
