@@ -46,6 +46,10 @@ __all__ = ["ChildControl", "StopRun", "VerifySettings", "verify_report"]
 #: is "no_effect": swapping ReLU for LeakyReLU hides dead units from the dying_relu
 #: detector without reviving them.
 LOSS_NEUTRAL = frozenset({"eval_mode"})
+#: (kind, remedy) pairs whose re-run cannot show whether the finding is gone, because the
+#: remedy removes what the detector measures: ``finding_gone`` is null, with this note.
+BLIND = {("dying_relu", "leaky_relu"): "whether the units still sit below zero is not "
+         "measured once they are LeakyReLUs (finding_gone: unknown)"}
 #: Share of a re-run's last steps whose mean loss is compared (at least one step).
 WINDOW = 0.1
 #: A remedy is "better" above this improvement (loss_before / loss_after), "worse" below
@@ -457,9 +461,10 @@ def _spread(values: list[float | None]) -> list[float | None]:
     return [min(finite), max(finite)] if finite else [None, None]
 
 
-def _verdict(kind: str, base: list[_Outcome], runs: list[_Outcome],
-             steps: int) -> dict[str, Any]:
+def _verdict(kind: str, base: list[_Outcome], runs: list[_Outcome], steps: int,
+             parts: Parts = ()) -> dict[str, Any]:
     """The ``verified`` record of one remedy against the baseline, over its repeats."""
+    blind = next((BLIND[(kind, rid)] for rid, _ in parts if (kind, rid) in BLIND), None)
     done = [r for r in runs if r.status == "ok"]
     if not done:
         worst = next((r for r in runs if r.status in ("failed", "not_applicable")), None) or \
@@ -475,7 +480,9 @@ def _verdict(kind: str, base: list[_Outcome], runs: list[_Outcome],
     after = _mean([r.loss for r in done])
     first = _mean([r.first_loss for r in done])
     gone = [kind not in r.kinds for r in done]
-    finding_gone = sum(gone) * 2 > len(gone)
+    finding_gone: bool | None = sum(gone) * 2 > len(gone)
+    if blind:
+        finding_gone = None  # the re-run no longer has what the detector measures
     in_baseline = not base_ok or any(kind in b.kinds for b in base_ok)
     improvement = before / after if before is not None and after not in (None, 0.0) \
         else None
@@ -511,6 +518,8 @@ def _verdict(kind: str, base: list[_Outcome], runs: list[_Outcome],
         out["new_findings"] = new
         note = (note + "; " if note else "") + "but the re-run has new findings: " + \
             ", ".join(new)
+    if blind:
+        note = (note + "; " if note else "") + blind
     out["status"] = status
     if note:
         out["note"] = note
@@ -690,7 +699,8 @@ def verify_report(report: Any, script: str | os.PathLike[str], args: Sequence[st
             if not _asked(settings, _remedy_parts(remedy)):
                 continue  # not asked for: no "verified", ranked after the verified ones
             key = _candidate_key(_remedy_parts(remedy))
-            remedy.verified = _verdict(finding.kind, base_runs, results.get(key, []), steps)
+            remedy.verified = _verdict(finding.kind, base_runs, results.get(key, []), steps,
+                                       _remedy_parts(remedy))
             if remedy.id in DIAGNOSTICS and remedy.verified["status"] == "failed":
                 # Stopping at the first bad value, and naming it, is what it is for.
                 remedy.verified["status"] = "diagnostic"
@@ -729,7 +739,7 @@ def _pairs(problems: list[Any], candidates: dict[str, Parts],
         tried = [r for r in finding.remedies if _candidate_key(_remedy_parts(r)) in candidates
                  and "+" not in r.id]
         verdicts = {id(r): _verdict(finding.kind, base, results.get(
-            _candidate_key(_remedy_parts(r)), []), steps) for r in tried}
+            _candidate_key(_remedy_parts(r)), []), steps, _remedy_parts(r)) for r in tried}
         if any(_solved(v) for v in verdicts.values()):
             continue
         # The singles that ran and changed something, best first.

@@ -9,6 +9,7 @@ measured, and each finding's remedies come ordered by that effect.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -25,12 +26,15 @@ SCRIPT = Path(__file__).parent / "scripts" / "train_seed_net.py"
 TIMEOUT_S = 300
 
 
-def verify_run(tmp_path: Path, *args: str) -> tuple[dict[str, Any], str, Path]:
-    """Run the seed net under ``gradwatch run --verify`` in tmp_path; report and stderr."""
+def verify_run(tmp_path: Path, *args: str, spawn: bool = False
+               ) -> tuple[dict[str, Any], str, Path]:
+    """Run the seed net under ``gradwatch run --verify`` in tmp_path; report and stderr.
+    ``spawn``: re-runs as ``python -m gradwatch run`` processes instead of forks."""
     script = tmp_path / "train.py"
     script.write_bytes(SCRIPT.read_bytes())
+    env = {**os.environ, "GRADWATCH_VERIFY_SPAWN": "1"} if spawn else None
     proc = subprocess.run([sys.executable, "-m", "gradwatch", "run", str(script), *args,
-                           "--json", "report.json", "--verify"], cwd=tmp_path,
+                           "--json", "report.json", "--verify"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((tmp_path / "report.json").read_text()), proc.stderr, script
@@ -182,8 +186,10 @@ def test_child_runs_stop_hand_updated_scripts_and_swap_the_optimizer_after_its_f
 
 
 def test_a_script_without_a_seed_is_verified_over_repeats(tmp_path: Path) -> None:
-    report, stderr, _ = verify_run(tmp_path, "--no-seed", "--epochs", "40", "--budget", "40",
-                                   "--repeats", "2", "--verify-remedies", "kaiming_init")
+    # Re-runs as processes of their own here (the fallback without a fork server).
+    report, stderr, _ = verify_run(tmp_path, "--no-seed", "--epochs", "20", "--budget", "20",
+                                   "--repeats", "2", "--verify-remedies", "kaiming_init",
+                                   spawn=True)
     assert report["verify"]["deterministic"] is False
     assert report["verify"]["repeats"] == 2
     tried = [r["verified"] for f in report["findings"] if f["severity"] != "info"

@@ -114,8 +114,9 @@ CATALOGUE: dict[str, RemedyEntry] = {e.id: e for e in [
         _xavier_code),
     RemedyEntry(
         "leaky_relu",
-        lambda p: (f"replace ReLU at {p['site']} with LeakyReLU (or PReLU/ELU): a unit pushed "
-                   "below zero keeps a slope of 0.01, still gets gradient and can recover"
+        lambda p: (f"replace ReLU with LeakyReLU (or PReLU/ELU) throughout the model (the dead "
+                   f"units are at {p['site']}): a unit pushed below zero keeps a slope of 0.01, "
+                   "still gets gradient and can recover"
                    if p.get("site") else
                    "replace saturating activations with LeakyReLU: its derivative is 1 for "
                    "positive inputs and 0.01 (never 0) for negative ones"),

@@ -51,7 +51,8 @@ def _verified_lines(remedies: list[dict[str, Any]], width: int) -> list[str]:
     lines: list[str] = []
     best = tried[0]["verified"]
     if best.get("status") in ("better", "fixed"):
-        gone = ", finding gone" if best.get("finding_gone") else ", finding remains"
+        gone = {True: ", finding gone", False: ", finding remains"}.get(
+            best.get("finding_gone"), ", finding not measurable after it")
         new = best.get("new_findings")
         gone += f", new: {', '.join(new)}" if new else ""
         lines += _wrap(f"verified best: {tried[0]['id']}, loss {_loss(best['loss_before'])} -> "
