@@ -150,9 +150,14 @@ class ChildControl:
         self._model_done, self._model = True, module
         before = set(module._forward_pre_hooks)
         touched = False
+        first = args[0] if args else None
         for applier, params in self._appliers:
             if applier.to_model is None:
                 continue
+            if isinstance(first, torch.Tensor):
+                # What the first call feeds the model: some remedies choose by it (LayerNorm
+                # rather than BatchNorm for (batch, time, features) inputs).
+                params.setdefault("input_shape", list(first.shape))
             try:
                 applier.to_model(module, params, self.changes)
             except Exception as exc:

@@ -422,3 +422,26 @@ def test_hooks_added_inside_the_first_forward_run_for_that_forward() -> None:
         handle.remove()
     assert len(seen) == 2 and torch.allclose(seen[0], seen[1])
     assert float(seen[0].std()) == pytest.approx(1.0, rel=0.1)
+
+
+def test_norm_insertion_picks_layernorm_for_sequence_inputs_and_single_samples() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(8, 12, 6)  # (batch, time, features): BatchNorm1d would read 12 as channels
+    mlp = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                        nn.Linear(16, 1))
+    done = apply(mlp, None, "batch_norm", input_shape=list(x.shape))
+    assert [type(m).__name__ for m in mlp][:3] == ["Linear", "LayerNorm", "ReLU"]
+    assert "LayerNorm" in done.changes[0]
+    out = mlp(x)
+    assert out.shape == (8, 12, 1) and torch.isfinite(out).all()
+    # The same stack on 2-D batches gets BatchNorm; a conv stack asked for "layer" GroupNorm.
+    flat = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 1))
+    apply(flat, None, "batch_norm", input_shape=[32, 6])
+    assert isinstance(flat[1], nn.BatchNorm1d)
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    apply(conv, None, "batch_norm", norm="layer")
+    assert isinstance(conv[1], nn.GroupNorm) and conv[1].num_groups == 1
+    assert conv(torch.randn(1, 3, 9, 9)).shape == (1, 4, 5, 5)
+    with pytest.raises(ValueError, match="norm must be"):
+        apply(nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1)), None, "batch_norm",
+              norm="instance")

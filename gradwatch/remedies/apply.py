@@ -694,9 +694,18 @@ def _plain_sequentials(model: nn.Module) -> list[tuple[str, nn.Sequential]]:
     return out
 
 
-def _norm_for(layer: nn.Module) -> nn.Module | None:
+def _norm_for(layer: nn.Module, kind: str = "batch") -> nn.Module | None:
+    """The normalisation inserted after ``layer``: BatchNorm over the batch, or (``kind``
+    "layer") over each sample's features: LayerNorm after a Linear, GroupNorm with one group
+    after a convolution."""
     p = layer.weight
     kw = {"device": p.device, "dtype": p.dtype}
+    if kind == "layer":
+        if isinstance(layer, nn.Linear):
+            return nn.LayerNorm(layer.out_features, **kw)
+        if isinstance(layer, _WEIGHT_LAYERS):
+            return nn.GroupNorm(1, layer.out_channels, **kw)
+        return None
     if isinstance(layer, nn.Linear):
         return nn.BatchNorm1d(layer.out_features, **kw)
     if isinstance(layer, (nn.Conv1d, nn.ConvTranspose1d)):
@@ -714,6 +723,18 @@ def _batchnorm_model(model: nn.Module, params: dict[str, Any], changes: list[str
         raise NotApplicable("no plain nn.Sequential of Linear/convolution layers and "
                             "activations: add nn.BatchNorm1d/2d (or nn.LayerNorm) after each "
                             "hidden layer in the model's __init__")
+    kind = str(params.get("norm", "auto"))
+    if kind not in ("auto", "batch", "layer"):
+        raise ValueError(f"norm must be 'auto', 'batch' or 'layer', got {kind!r}")
+    shape = params.get("input_shape")
+    if kind == "auto":
+        # BatchNorm1d reads dim 1 as the features: a Linear stack fed (batch, time,
+        # features) needs LayerNorm, and so does training on single samples.
+        first = next((c for _, seq in seqs for c in seq if isinstance(c, _WEIGHT_LAYERS)), None)
+        kind = "layer" if isinstance(shape, list) and (
+            (len(shape) > 2 and isinstance(first, nn.Linear)) or (shape and shape[0] == 1)) \
+            else "batch"
+    label = {"batch": "BatchNorm", "layer": "LayerNorm/GroupNorm"}[kind]
     new: list[nn.Parameter] = []
     for name, seq in seqs:
         children = list(seq)
@@ -722,14 +743,14 @@ def _batchnorm_model(model: nn.Module, params: dict[str, Any], changes: list[str
         added = 0
         for i, c in enumerate(children):
             layers.append(c)
-            norm = _norm_for(c) if isinstance(c, _WEIGHT_LAYERS) and i < last else None
+            norm = _norm_for(c, kind) if isinstance(c, _WEIGHT_LAYERS) and i < last else None
             if norm is not None:
                 norm.train(seq.training)
                 layers.append(norm)
                 new += list(norm.parameters())
                 added += 1
         seq._modules = OrderedDict((str(i), m) for i, m in enumerate(layers))
-        changes.append(f"inserted {added} BatchNorm layer(s) after the hidden layers of "
+        changes.append(f"inserted {added} {label} layer(s) after the hidden layers of "
                        f"{name or 'the model'} (nn.Sequential, re-indexed: now "
                        f"{len(layers)} modules)")
     _SWAPS.setdefault(model, []).append(([], new))

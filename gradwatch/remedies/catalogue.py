@@ -139,7 +139,10 @@ CATALOGUE: dict[str, RemedyEntry] = {e.id: e for e in [
                    "for m in model:  # an nn.Sequential\n"
                    "    layers.append(m)\n"
                    "    if isinstance(m, nn.Linear) and m is not model[-1]:\n"
-                   "        layers.append(nn.BatchNorm1d(m.out_features))\n"
+                   + ("        layers.append(nn.LayerNorm(m.out_features))\n"
+                      if p.get("norm") == "layer" else
+                      "        layers.append(nn.BatchNorm1d(m.out_features))  # or "
+                      "nn.LayerNorm for (batch, time, features) inputs\n") +
                    "model = nn.Sequential(*layers)  # re-create the optimizer afterwards")),
     RemedyEntry(
         "residual_connections",
