@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -19,6 +21,7 @@ from torch import nn
 
 import gradwatch
 from gradwatch.history import History, LayerInfo
+from gradwatch.lab.core import ArmResults, Verdict
 
 
 def seed_data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,10 +96,11 @@ def residual_layernorm_mlp(n_in: int = 16, width: int = 32, blocks: int = 6,
 
 # --------------------------------------------------------------------------- the demo
 # `gradwatch demo` (every lab experiment, 3 seeds) is the README's main job; several test
-# files read its output. It runs once per session, in a subprocess started as soon as
-# collection shows a test that needs it, so that it uses the second core while the other
-# tests run on the first.
-DEMO_TESTS = ("test_demo.py", "test_html_render.py")
+# files read its output, and the lab tests take their experiments' results from it rather
+# than run the same experiments with the same seeds again. It runs once per session, in a
+# subprocess started at collection as soon as a selected test needs it, on the second core
+# while the other tests run on the first; the tests that need it run last (see
+# pytest_collection_modifyitems), so that nothing waits for it while there is other work.
 
 
 class DemoRun:
@@ -121,22 +125,111 @@ class DemoRun:
             self.lab = json.loads(lab.read_text(encoding="utf-8")) if lab.exists() else None
         return self
 
+    def close(self) -> None:
+        if self.proc.poll() is None:  # the session ended early: do not leave it running
+            self.proc.kill()
+            self.proc.communicate()
+        shutil.rmtree(self.out.parent, ignore_errors=True)
+
+
+def demo_experiment(demo: DemoRun, name: str) -> tuple[ArmResults, Verdict, dict[str, Any]]:
+    """One lab experiment as the demo ran it: its judge's input, rebuilt from lab.json and
+    the runs' saved reports, the verdict the judge gives on it, and its lab.json entry.
+
+    Each run keeps its final loss, metrics and full report; non-finite numbers, null in the
+    JSON, come back as NaN, and ``losses`` is the entry's loss curve (at most 200 points).
+    The judge must give the demo's own verdict, word for word, on the rebuilt results: the
+    tests then read what the demo's judge read.
+    """
+    from gradwatch.lab import EXPERIMENTS
+    from gradwatch.lab.core import RunResult
+
+    assert demo.code == 0 and demo.lab is not None, demo.stderr[-3000:]
+    entry = next(e for e in demo.lab["experiments"] if e["name"] == name)
+
+    def number(value: Any) -> Any:
+        return math.nan if value is None else value
+
+    results = ArmResults()
+    for arm in entry["arms"]:
+        assert [run["seed"] for run in arm["runs"]] == demo.lab["seeds"], (name, arm["name"])
+        results[arm["name"]] = [
+            RunResult(name, arm["name"], arm["claim"], number(run["final_loss"]),
+                      [number(v) for v in run["loss_curve"]["loss"]],
+                      gradwatch.Report.load(demo.out / run["report_json"]),
+                      {k: number(v) for k, v in run["metrics"].items()})
+            for run in arm["runs"]]
+    verdict = EXPERIMENTS[name].judge(results)
+    assert dataclasses.asdict(verdict) == {k: entry[k] for k in
+                                           ("verdict", "observed", "reason", "repair")}, name
+    return results, verdict, entry
+
+
+def demo_report(demo: DemoRun, experiment: str, arm: str, seed: int) -> gradwatch.Report:
+    """The report of one run of the demo (``experiment``, ``arm``, torch seed ``seed``)."""
+    assert demo.code == 0 and demo.lab is not None, demo.stderr[-3000:]
+    entry = next(e for e in demo.lab["experiments"] if e["name"] == experiment)
+    runs = next(a for a in entry["arms"] if a["name"] == arm)["runs"]
+    return gradwatch.Report.load(demo.out / next(r for r in runs if r["seed"] == seed)
+                                 ["report_json"])
+
 
 _DEMO: list[DemoRun] = []
+_PENDING: list[Any] = []  # test modules whose subprocesses wait for the demo's core
+_BACKGROUND: list[Any] = []  # what those modules started; closed at the end
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "needs_demo: the test reads the session's "
+                            "`gradwatch demo` run (added to every test using demo_run)")
+
+
+@pytest.hookimpl(trylast=True)  # after -k/-m/--deselect: start only what selected tests need
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
                                   items: list[pytest.Item]) -> None:
-    if not _DEMO and any(item.path.name in DEMO_TESTS for item in items):
-        _DEMO.append(DemoRun())
+    """Start the demo, and order the tests so that none waits while there is other work.
+
+    A test module may define ``start_in_background()`` (idempotent): it starts the module's
+    subprocesses and returns something with a ``close()``. It is called when the demo has
+    finished (checked between tests) or when a test is about to wait for the demo, so that
+    the demo keeps a core to itself, and at once when no test needs the demo. Order: the
+    tests that need nothing in the background, then those modules, then the tests that need
+    the demo.
+    """
+    for item in items:
+        if "demo_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.needs_demo)
+    starters = list(dict.fromkeys(
+        module for item in items
+        if hasattr(module := getattr(item, "module", None), "start_in_background")))
+    if not config.option.collectonly:
+        if not _DEMO and any(item.get_closest_marker("needs_demo") for item in items):
+            _DEMO.append(DemoRun())
+        _PENDING.extend(starters)
+        if not _DEMO:
+            _start_pending()
+
+    def group(item: pytest.Item) -> int:
+        if item.get_closest_marker("needs_demo"):
+            return 2
+        return 1 if getattr(item, "module", None) in starters else 0
+
+    items[:] = sorted(items, key=group)  # stable: the order within each group is kept
+
+
+def _start_pending() -> None:
+    while _PENDING:
+        _BACKGROUND.append(_PENDING.pop(0).start_in_background())
+
+
+def pytest_runtest_logfinish(nodeid: str, location: tuple[str, int | None, str]) -> None:
+    if _PENDING and all(run.proc.poll() is not None for run in _DEMO):
+        _start_pending()  # the demo has finished: its core is free
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    for run in _DEMO:
-        if run.proc.poll() is None:  # the session ended early: do not leave it running
-            run.proc.kill()
-            run.proc.communicate()
-        shutil.rmtree(run.out.parent, ignore_errors=True)
+    for job in [*_DEMO, *_BACKGROUND]:
+        job.close()
 
 
 @pytest.fixture(scope="session")
@@ -144,6 +237,7 @@ def demo_run() -> DemoRun:
     """The session's `gradwatch demo` run, finished."""
     if not _DEMO:
         _DEMO.append(DemoRun())
+    _start_pending()  # this process is about to wait: the other core can start them
     return _DEMO[0].wait()
 
 

@@ -1,5 +1,10 @@
 """The lab's dying-ReLU (seed 000) and eval-mode (seed 001) experiments: run over three
-seeds, their verdicts and the numbers behind them, and gradwatch's findings on every arm."""
+seeds, their verdicts and the numbers behind them, and gradwatch's findings on every arm.
+
+The runs are the session's `gradwatch demo` (conftest.py): it runs these experiments over
+these seeds, and its lab.json and saved reports give back what the judge saw
+(conftest.demo_experiment checks the judge's verdict on it against the demo's).
+"""
 
 from __future__ import annotations
 
@@ -9,36 +14,36 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import DemoRun, demo_experiment
 
 from gradwatch.findings import jsonable
 from gradwatch.lab import EXPERIMENTS, seed000, seed001
-from gradwatch.lab.core import ArmResults, Experiment, Verdict
+from gradwatch.lab.core import ArmResults, Verdict
 from gradwatch.lab.runner import Progress, run_experiment
 
 SEEDS = (0, 1, 2)
 
 
-def _run(exp: Experiment) -> tuple[ArmResults, Verdict]:
-    results = ArmResults()
-    for seed in SEEDS:
-        for arm in exp.arms:
-            results.setdefault(arm.name, []).append(arm.run(seed))
-    return results, exp.judge(results)
+def _run(demo: DemoRun, name: str) -> tuple[ArmResults, Verdict]:
+    """Every arm of one experiment over SEEDS, and the judge's verdict."""
+    assert demo.lab is not None and demo.lab["seeds"] == list(SEEDS), demo.stderr[-3000:]
+    results, verdict, _ = demo_experiment(demo, name)
+    return results, verdict
 
 
 @pytest.fixture(scope="module")
-def high_lr() -> tuple[ArmResults, Verdict]:
-    return _run(EXPERIMENTS["dying_relu_high_lr"])
+def high_lr(demo_run: DemoRun) -> tuple[ArmResults, Verdict]:
+    return _run(demo_run, "dying_relu_high_lr")
 
 
 @pytest.fixture(scope="module")
-def negative_bias() -> tuple[ArmResults, Verdict]:
-    return _run(EXPERIMENTS["dying_relu_negative_bias"])
+def negative_bias(demo_run: DemoRun) -> tuple[ArmResults, Verdict]:
+    return _run(demo_run, "dying_relu_negative_bias")
 
 
 @pytest.fixture(scope="module")
-def eval_mode() -> tuple[ArmResults, Verdict]:
-    return _run(EXPERIMENTS["eval_mode"])
+def eval_mode(demo_run: DemoRun) -> tuple[ArmResults, Verdict]:
+    return _run(demo_run, "eval_mode")
 
 
 def _severities(r: ArmResults, arm: str, kind: str) -> list[str | None]:

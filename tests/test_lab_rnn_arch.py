@@ -1,59 +1,52 @@
 """The lab's RNN experiments (seed 003) and architecture experiments (seeds 000/004): each
 run over three seeds through the lab's runner, their verdicts, the numbers behind them,
-gradwatch's findings on every arm, and the lab.json entries as strict JSON."""
+gradwatch's findings on every arm, and the lab.json entries as strict JSON.
+
+The runs are the session's `gradwatch demo` (conftest.py): it runs these experiments over
+these seeds through the same runner, and its lab.json and saved reports give back what the
+judge saw (conftest.demo_experiment checks the judge's verdict on it against the demo's).
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import DemoRun, demo_experiment
 
-from gradwatch.findings import jsonable
 from gradwatch.lab import EXPERIMENTS, architectures, seed003
 from gradwatch.lab.core import ArmResults, Verdict
-from gradwatch.lab.runner import Progress, run_experiment
 
 SEEDS = (0, 1, 2)
 Run = tuple[ArmResults, Verdict, dict[str, Any]]
 
 
-def _run(name: str, out: Path) -> Run:
-    """One experiment through the runner; the judge's input is captured on the way."""
-    exp = EXPERIMENTS[name]
-    seen: list[ArmResults] = []
-
-    def judge(results: ArmResults) -> Verdict:
-        seen.append(results)
-        return exp.judge(results)
-
-    entry = run_experiment(dataclasses.replace(exp, judge=judge), SEEDS, out,
-                           Progress(0, enabled=False))
-    (results,) = seen
-    return results, exp.judge(results), entry
+def _run(demo: DemoRun, name: str) -> Run:
+    """One experiment over SEEDS: the judge's input, its verdict, the lab.json entry."""
+    assert demo.lab is not None and demo.lab["seeds"] == list(SEEDS), demo.stderr[-3000:]
+    return demo_experiment(demo, name)
 
 
 @pytest.fixture(scope="module")
-def clipping(tmp_path_factory: pytest.TempPathFactory) -> Run:
-    return _run("rnn_clipping", tmp_path_factory.mktemp("lab"))
+def clipping(demo_run: DemoRun) -> Run:
+    return _run(demo_run, "rnn_clipping")
 
 
 @pytest.fixture(scope="module")
-def relu_tanh(tmp_path_factory: pytest.TempPathFactory) -> Run:
-    return _run("rnn_relu_vs_tanh", tmp_path_factory.mktemp("lab"))
+def relu_tanh(demo_run: DemoRun) -> Run:
+    return _run(demo_run, "rnn_relu_vs_tanh")
 
 
 @pytest.fixture(scope="module")
-def depth(tmp_path_factory: pytest.TempPathFactory) -> Run:
-    return _run("deep_architectures", tmp_path_factory.mktemp("lab"))
+def depth(demo_run: DemoRun) -> Run:
+    return _run(demo_run, "deep_architectures")
 
 
 @pytest.fixture(scope="module")
-def recurrent(tmp_path_factory: pytest.TempPathFactory) -> Run:
-    return _run("recurrent_architectures", tmp_path_factory.mktemp("lab"))
+def recurrent(demo_run: DemoRun) -> Run:
+    return _run(demo_run, "recurrent_architectures")
 
 
 def _findings(r: ArmResults, arm: str, kind: str, axis: str | None = None) -> list[Any]:
@@ -227,15 +220,22 @@ def test_rnn_arch_verdicts_are_computed_not_fixed(recurrent: Run, depth: Run) ->
 
 
 # --------------------------------------------------------------------- lab.json entries
+def _no_constant(token: str) -> None:
+    raise AssertionError(f"lab.json is not strict JSON: it holds {token}")
+
+
 def test_lab_entries_are_strict_json_with_numbers_per_seed(
-        clipping: Run, relu_tanh: Run, depth: Run, recurrent: Run) -> None:
+        demo_run: DemoRun, clipping: Run, relu_tanh: Run, depth: Run, recurrent: Run) -> None:
+    lab = json.loads((demo_run.out / "lab.json").read_text(encoding="utf-8"),
+                     parse_constant=_no_constant)  # NaN, Infinity: not JSON
+    entries = {e["name"]: e for e in lab["experiments"]}
     for _, verdict, entry in (clipping, relu_tanh, depth, recurrent):
-        data = json.loads(json.dumps(jsonable(entry), allow_nan=False))
+        data = entries[entry["name"]]
         assert data["verdict"] == verdict.verdict
         assert data["observed"] == verdict.observed
         for arm in data["arms"]:
             assert [run["seed"] for run in arm["runs"]] == list(SEEDS)
             assert arm["description"]
-    arms = {a["name"]: a for a in json.loads(json.dumps(jsonable(clipping[2])))["arms"]}
+    arms = {a["name"]: a for a in entries["rnn_clipping"]["arms"]}
     assert [run["final_loss"] for run in arms["no_clip"]["runs"]] == [None] * len(SEEDS)
     assert arms["clip15"]["summary"]["clipped_steps"]["min"] >= 30

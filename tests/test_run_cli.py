@@ -1,8 +1,10 @@
 """``gradwatch run``: unmodified scripts in a subprocess, their exit status, args and report.
 
-Every command line below is started at once when the first test needs one (each is a
-fresh interpreter that imports torch, a few seconds of CPU); the tests then read the
-results. The scripts live in ``tests/scripts/``.
+Every command line below is started in the background (conftest.py calls
+``start_in_background`` once the demo's core is free), all at once and at a lower CPU
+priority: each is a fresh interpreter that imports torch, a few seconds of CPU, and they
+run while other tests do; conftest.py runs this module's tests after those. The tests then
+read the results. The scripts live in ``tests/scripts/``.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -86,18 +90,26 @@ class Finished:
         raise AssertionError(f"script printed no {key}; stdout:\n{self.stdout}")
 
 
-class Launcher:
-    """Starts every command of ``RUNS`` in parallel; hands out results as they finish."""
+def _lower_priority() -> None:
+    """In the child, before exec: yield the CPU to the test process and the demo."""
+    os.nice(10)
 
-    def __init__(self, root: Path) -> None:
+
+class Launcher:
+    """Starts every command of ``RUNS`` in parallel, each in its own folder of a temporary
+    one; hands out results as they finish."""
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="gradwatch-run-test-"))
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         self._procs: dict[str, tuple[subprocess.Popen[str], Path]] = {}
         self._done: dict[str, Finished] = {}
         for name, argv in RUNS.items():
-            folder = root / name
+            folder = self.root / name
             folder.mkdir()
             proc = subprocess.Popen(argv, cwd=folder, env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)
+                                    stderr=subprocess.PIPE, text=True,
+                                    preexec_fn=_lower_priority if hasattr(os, "nice") else None)
             self._procs[name] = (proc, folder)
 
     def __getitem__(self, name: str) -> Finished:
@@ -112,12 +124,23 @@ class Launcher:
             if proc.poll() is None:
                 proc.kill()
                 proc.communicate()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+_STARTED: list[Launcher] = []
+
+
+def start_in_background() -> Launcher:
+    """Start every command line now, once per session (conftest.py calls it early)."""
+    if not _STARTED:
+        _STARTED.append(Launcher())
+    return _STARTED[0]
 
 
 @pytest.fixture(scope="module")
-def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
+def cli() -> Iterator[Launcher]:
     assert CONSOLE_SCRIPT.is_file(), f"console script {CONSOLE_SCRIPT} is not installed"
-    launcher = Launcher(tmp_path_factory.mktemp("gradwatch_run"))
+    launcher = start_in_background()  # already running if conftest.py started it
     yield launcher
     launcher.close()
 
