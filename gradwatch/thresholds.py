@@ -96,9 +96,9 @@ class Thresholds:
     this: updates measured while gradients explode are sized by the gradients, not by the
     rate (a 0.35 -> 1e-4 suggestion froze a run that learns at 0.05)."""
     blowup_window_steps: int = 8
-    """Updates are measured over this many steps from an explosion's or divergence's onset
-    when sizing a lower learning rate: later, dead or frozen weights barely move, and their
-    tiny updates would hide the oversized ones that did the damage."""
+    """A lower learning rate against an explosion or divergence is sized by the largest
+    update from the one before the onset to this many steps after it: later, dead or frozen
+    weights barely move, and their tiny updates would hide the oversized ones."""
     forward_shrink_per_layer: float = 0.7
     """Activation RMS falling by more than this factor per layer at the first step: the
     forward signal (and with it the backward one) shrinks with depth."""

@@ -3,7 +3,8 @@
 Each test copies a user-style training script from ``tests/scripts`` into its own folder,
 runs ``python -m gradwatch run train.py ... --verify`` there in a subprocess, and reads the
 JSON report: dead units from a -3 bias (``dying_relu``), a regression exploding on raw,
-unscaled features (``exploding_gradient``), and a validation loop that forgets
+unscaled features (``exploding_gradient``, ``loss_divergence``), a tanh layer saturated by
+the same features (``saturated_activation``), and a validation loop that forgets
 ``model.eval()`` (``eval_mode``). The stalled and the overflowing seed nets are in
 ``test_verify.py``.
 """
@@ -155,8 +156,34 @@ def test_standardising_raw_features_fixes_the_exploding_regression(tmp_path: Pat
             if "verified" in r:
                 assert set(r["id"].split("+")) <= {"standardize_inputs",
                                                    "lower_learning_rate", "clip_grad_norm"}
+    # The blow-up's own updates size the lower rate now, so it is offered (cut one decade).
+    divergence = finding_of(report, "loss_divergence")
+    assert {"standardize_inputs", "lower_learning_rate"} <= {r["id"] for r in
+                                                            divergence["remedies"]}
     assert_ranked(report)
     assert f"verified best: {best['id']}, loss " in stderr
+    assert_untouched(tmp_path, script, name)
+
+
+def test_standardising_raw_features_revives_the_saturated_tanh_layer(tmp_path: Path) -> None:
+    name = "train_unscaled.py"
+    report, stderr, script = verify_run(tmp_path, name, "--act", "tanh")
+    assert report["run"]["steps"] == 80 and report["verify"]["deterministic"] is True
+    finding = finding_of(report, "saturated_activation")
+    # Raw features of scale ~60 put the tanh right after the first layer at +-1.
+    assert finding["severity"] == "error"
+    assert finding["evidence"]["saturated_fraction"] > 0.9
+    best = finding["remedies"][0]
+    assert best["id"] == "standardize_inputs"
+    v = best["verified"]
+    assert v["status"] == "better" and v["finding_gone"] is True and v["steps"] == 80
+    assert v["loss_after"] < v["loss_before"] / 2
+    assert v["improvement"] == pytest.approx(v["loss_before"] / v["loss_after"])
+    # Normalising after the first layer helps too, but less than fixing the inputs.
+    norm = verified(report, "saturated_activation", "batch_norm")
+    assert norm["status"] == "better" and norm["loss_after"] > v["loss_after"]
+    assert_ranked(report)
+    assert "verified best: standardize_inputs, loss " in stderr
     assert_untouched(tmp_path, script, name)
 
 

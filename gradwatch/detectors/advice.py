@@ -86,20 +86,22 @@ def clip_threshold(ctx: Context) -> float | None:
 
 
 def lower_lr(ctx: Context, since: int | None = None, until: int | None = None,
-             blow_up: bool = False) -> Remedy | None:
+             blow_up: bool = False, peak: bool = False) -> Remedy | None:
     """A learning rate scaled so that the update ratio measured in ``[since, until]`` (median
     over sampled steps) meets the target; offered only where that ratio is too large
     (``large_update_ratio``, the same test as the learning_rate_too_high cause).
 
     ``blow_up``: the window is an explosion or divergence, whose updates are sized by the
     exploding gradients rather than by the rate, so the reduction is capped at
-    ``explosion_lr_reduction``."""
+    ``explosion_lr_reduction``. ``peak``: size by the largest update of the window, not the
+    median: at a blow-up's onset one or two oversized updates do the damage, and the weights
+    they kill or freeze barely move afterwards."""
     per_step = ctx.step_update_ratio[ctx.detail_window(since, until)]
     per_step = per_step[np.isfinite(per_step)]
     rates = ctx.learning_rates_between(since, until)
     if not rates or not per_step.size:
         return None
-    measured = float(np.median(per_step))
+    measured = float(np.max(per_step) if peak else np.median(per_step))
     old = max(rates)
     target = ctx.t.target_update_ratio
     if measured < ctx.t.large_update_ratio:

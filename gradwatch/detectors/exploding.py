@@ -157,8 +157,9 @@ def detect(ctx: Context) -> list[Finding]:
     if any(c.id == "unscaled_inputs" for c in causes) and inputs is not None:
         remedies.insert(0, remedy("standardize_inputs", mean=fmt(inputs[1]),
                                   std=fmt(inputs[2])))
-    lr = None if overflow else lower_lr(ctx, since=start, until=start + t.blowup_window_steps,
-                                        blow_up=True)
+    # From the update before the onset: the one that made the first exploding step.
+    lr = None if overflow else lower_lr(ctx, since=start - 1, until=start + t.blowup_window_steps,
+                                        blow_up=True, peak=True)
     if lr:
         remedies.append(lr)
     if overflow is None:

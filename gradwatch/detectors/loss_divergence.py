@@ -58,7 +58,8 @@ def detect(ctx: Context) -> list[Finding]:
     inputs = C.input_stats(ctx, since=since)
     if any(c.id == "unscaled_inputs" for c in causes) and inputs is not None:
         remedies.append(remedy("standardize_inputs", mean=fmt(inputs[1]), std=fmt(inputs[2])))
-    lr = lower_lr(ctx, since=since, until=until, blow_up=True)
+    # From the update before the rise: the one that made the first risen loss.
+    lr = lower_lr(ctx, since=since - 1, until=until, blow_up=True, peak=True)
     if lr:
         remedies.append(lr)
     if (threshold := clip_threshold(ctx)):

@@ -3,7 +3,8 @@
 The features go in as they come (floor area in square metres, rooms, age in years,
 distance to the centre in km: scales from 1 to 250) with a learning rate that suits
 standardised inputs. On these raw scales the first update overshoots, the loss blows up
-and the ReLU units die. ``gradwatch run --verify`` must find it and show what fixes it.
+and the ReLU units die; with ``--act tanh`` the first layer's units sit at +-1 instead.
+``gradwatch run --verify`` must find it and show what fixes it.
 """
 
 import argparse
@@ -29,12 +30,15 @@ def make_houses(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--act", choices=["relu", "tanh"], default="relu")
+    parser.add_argument("--lr", type=float, default=0.01)
     args = parser.parse_args()
     torch.manual_seed(0)
     x, y = make_houses(1024)
     loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
-    model = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 1))
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    model = nn.Sequential(nn.Linear(4, 32), nn.ReLU() if args.act == "relu" else nn.Tanh(),
+                          nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr)
     for epoch in range(args.epochs):
         total = 0.0
         for xb, yb in loader:
