@@ -50,13 +50,14 @@ def verified(report: dict[str, Any], kind: str, remedy_id: str) -> dict[str, Any
 
 
 def test_kaiming_init_is_verified_to_fix_the_stalled_relu_net(tmp_path: Path) -> None:
-    report, stderr, script = verify_run(tmp_path, "--epochs", "300", "--budget", "300",
+    # SEEDS.md section 6, experiment 1 as written (ReLU, default init, lr 0.01, 500 epochs).
+    report, stderr, script = verify_run(tmp_path, "--epochs", "500", "--budget", "500",
                                         "--verify-remedies", "kaiming_init,leaky_relu,batch_norm")
     v = verified(report, "vanishing_gradient", "kaiming_init")
-    assert v["status"] == "better" and v["steps"] == 300
+    assert v["status"] == "better" and v["steps"] == 500
     # Without a remedy the net predicts a constant: the loss is y's variance, 9.76.
     assert v["loss_before"] == pytest.approx(9.76, abs=0.05)
-    assert v["loss_after"] < 9.76 / 3
+    assert v["loss_after"] < 9.76 / 5  # measured 1.15: this draw of Kaiming init, 500 steps
     assert v["improvement"] == pytest.approx(v["loss_before"] / v["loss_after"])
     assert v["finding_gone"] is True
     assert v["changes"], "the re-run says what it changed"
