@@ -10,7 +10,7 @@ from ..findings import Cause, Remedy
 from ..remedies import remedy
 from .context import Context, Group, fmt
 
-__all__ = ["clip_threshold", "depth_remedies", "lower_lr", "round_sig"]
+__all__ = ["clip_threshold", "depth_remedies", "lower_lr", "round_sig", "standardize"]
 
 
 def round_sig(x: float, digits: int = 1) -> float:
@@ -21,6 +21,18 @@ def round_sig(x: float, digits: int = 1) -> float:
 
 def _ratio(causes: list[Cause], cause_id: str) -> bool:
     return any(c.id == cause_id for c in causes)
+
+
+def standardize(ctx: Context, causes: list[Cause]) -> Remedy | None:
+    """Input standardisation where a cause found the inputs unscaled, with the inputs' mean
+    and std measured over the whole run: every finding that offers it proposes the same
+    numbers, so one ``--verify`` re-run answers for all of them."""
+    from .. import causes as C
+
+    stats = C.input_stats(ctx) if _ratio(causes, "unscaled_inputs") else None
+    if stats is None:
+        return None
+    return remedy("standardize_inputs", mean=fmt(stats[1]), std=fmt(stats[2]))
 
 
 RELU_LIKE = ("relu", "leaky_relu", "elu", "gelu", "silu", "prelu", "mish", "hardswish")

@@ -16,7 +16,7 @@ from .. import causes as C
 from ..findings import Cause, Finding, Remedy
 from ..remedies import remedy
 from . import vanishing
-from .advice import lower_lr
+from .advice import lower_lr, standardize
 from .context import Context, Group, fmt
 
 KIND = "dying_relu"
@@ -170,11 +170,9 @@ def _site_finding(ctx: Context, i: int) -> Finding | None:
         lr = lower_lr(ctx, until=since, blow_up=True)
         if lr is not None:
             remedies.insert(0, lr)  # the updates killed them: smaller updates first
-    inputs = C.input_stats(ctx)
-    if "unscaled_inputs" in ids and inputs is not None:
-        # Raw feature scales make the first updates oversized: fix the inputs first.
-        remedies.insert(0, remedy("standardize_inputs", mean=fmt(inputs[1]),
-                                  std=fmt(inputs[2])))
+    scale = standardize(ctx, causes)
+    if scale:  # raw feature scales made the first updates oversized: fix the inputs first
+        remedies.insert(0, scale)
     if "dead_at_init" in ids and "large_negative_bias" not in ids:
         remedies.append(remedy("kaiming_init", nonlinearity="relu"))
 

@@ -9,7 +9,7 @@ from .. import causes as C
 from ..findings import Finding, Remedy
 from ..remedies import remedy
 from . import through_time
-from .advice import clip_threshold, depth_remedies, lower_lr
+from .advice import clip_threshold, depth_remedies, lower_lr, standardize
 from .context import Context, fmt
 
 KIND = "exploding_gradient"
@@ -153,10 +153,9 @@ def detect(ctx: Context) -> list[Finding]:
                           C.deep_plain_stack(ctx, group) if group else None) if c]
     remedies: list[Remedy] = []
     remedies += depth_remedies(ctx, group, causes) if group else []
-    inputs = C.input_stats(ctx, since=start)
-    if any(c.id == "unscaled_inputs" for c in causes) and inputs is not None:
-        remedies.insert(0, remedy("standardize_inputs", mean=fmt(inputs[1]),
-                                  std=fmt(inputs[2])))
+    scale = standardize(ctx, causes)
+    if scale:
+        remedies.insert(0, scale)
     # From the update before the onset: the one that made the first exploding step.
     lr = None if overflow else lower_lr(ctx, since=start - 1, until=start + t.blowup_window_steps,
                                         blow_up=True, peak=True)

@@ -7,7 +7,7 @@ import numpy as np
 from .. import causes as C
 from ..findings import Finding
 from ..remedies import remedy
-from .advice import clip_threshold, lower_lr
+from .advice import clip_threshold, lower_lr, standardize
 from .context import Context, fmt
 
 KIND = "loss_divergence"
@@ -55,9 +55,9 @@ def detect(ctx: Context) -> list[Finding]:
     causes = [c for c in (C.learning_rate_too_high(ctx, since=since, until=until),
                           C.unscaled_inputs(ctx, since=since)) if c]
     remedies = []
-    inputs = C.input_stats(ctx, since=since)
-    if any(c.id == "unscaled_inputs" for c in causes) and inputs is not None:
-        remedies.append(remedy("standardize_inputs", mean=fmt(inputs[1]), std=fmt(inputs[2])))
+    scale = standardize(ctx, causes)
+    if scale:
+        remedies.append(scale)
     # From the update before the rise: the one that made the first risen loss.
     lr = lower_lr(ctx, since=since - 1, until=until, blow_up=True, peak=True)
     if lr:

@@ -15,7 +15,7 @@ import numpy as np
 from .. import causes as C
 from ..findings import Cause, Finding, Remedy
 from ..remedies import remedy
-from .advice import lower_lr
+from .advice import lower_lr, standardize
 from .context import Context, fmt
 
 KIND = "saturated_activation"
@@ -69,11 +69,9 @@ def _site_finding(ctx: Context, i: int) -> Finding | None:
                                        C.preactivation_offset(ctx, i)) if c]
     ids = {c.id for c in causes}
     remedies: list[Remedy] = []
-    if inputs is not None:
-        stats = C.input_stats(ctx)
-        if stats is not None:
-            remedies.append(remedy("standardize_inputs", mean=fmt(stats[1]),
-                                   std=fmt(stats[2])))
+    scale = standardize(ctx, causes)
+    if scale:
+        remedies.append(scale)
     if "init_too_large" in ids or not remedies:
         remedies.append(remedy("xavier_init", nonlinearity=site.kind
                                if site.kind in ("sigmoid", "tanh") else "tanh"))
