@@ -50,6 +50,9 @@ LOSS_NEUTRAL = frozenset({"eval_mode"})
 #: remedy removes what the detector measures: ``finding_gone`` is null, with this note.
 BLIND = {("dying_relu", "leaky_relu"): "whether the units still sit below zero is not "
          "measured once they are LeakyReLUs (finding_gone: unknown)"}
+#: Remedies that find where values go bad rather than fix anything: their re-run is
+#: expected to stop with an error that names the operation.
+DIAGNOSTICS = frozenset({"detect_anomaly", "assert_finite_inputs"})
 #: Share of a re-run's last steps whose mean loss is compared (at least one step).
 WINDOW = 0.1
 #: A remedy is "better" above this improvement (loss_before / loss_after), "worse" below
@@ -219,7 +222,6 @@ class ChildControl:
         steps = max(self.steps, int(getattr(self._monitor, "step", 0) or 0))
         return {"remedy": self.remedy_id,
                 "remedies": [{"id": rid, "params": params} for rid, params in self.remedies],
-                "params": self.remedies[0][1] if len(self.remedies) == 1 else {},
                 "status": self.status, "changes": list(self.changes), "error": self.error,
                 "not_reached": [rid for rid, _ in self.remedies if rid not in self._done],
                 "steps": steps, "max_steps": self.max_steps}
@@ -479,6 +481,11 @@ def _verdict(kind: str, base: list[_Outcome], runs: list[_Outcome], steps: int,
                                "status": worst.status}
         if worst.note:
             out["note"] = worst.note
+        if worst.status == "failed" and parts and all(rid in DIAGNOSTICS for rid, _ in parts):
+            # Stopping at the first bad value, and naming it, is what it is for.
+            out["status"] = "diagnostic"
+            out["note"] = "a diagnostic, not a fix: it stopped the re-run where the first " \
+                f"non-finite value appeared: {worst.note}"
         return out
     base_ok = [b for b in base if b.status == "ok"]
     before = _mean([b.loss for b in base_ok]) if base_ok else None
@@ -543,9 +550,6 @@ def _verdict(kind: str, base: list[_Outcome], runs: list[_Outcome], steps: int,
 
 _RANK = {"better": 0, "fixed": 0, "no_effect": 1, "worse": 2, "diagnostic": 3, "failed": 3,
          "not_applicable": 4, "not_finished": 5}
-#: Remedies that find where values go bad rather than fix anything: their re-run is
-#: expected to stop with an error that names the operation.
-DIAGNOSTICS = frozenset({"detect_anomaly", "assert_finite_inputs"})
 
 
 def _rank(verified: dict[str, Any] | None) -> tuple[Any, ...]:
@@ -706,11 +710,6 @@ def verify_report(report: Any, script: str | os.PathLike[str], args: Sequence[st
             key = _candidate_key(_remedy_parts(remedy))
             remedy.verified = _verdict(finding.kind, base_runs, results.get(key, []), steps,
                                        _remedy_parts(remedy))
-            if remedy.id in DIAGNOSTICS and remedy.verified["status"] == "failed":
-                # Stopping at the first bad value, and naming it, is what it is for.
-                remedy.verified["status"] = "diagnostic"
-                remedy.verified["note"] = "a diagnostic, not a fix: it stopped the re-run " \
-                    f"where the first non-finite value appeared: {remedy.verified.get('note')}"
         finding.remedies.sort(key=lambda r: _rank(r.verified))
     summary["combined"] = ["+".join(rid for rid, _ in parts) for parts in combos.values()]
     summary["not_finished"] = sorted({

@@ -95,7 +95,8 @@ def test_seed_overflowing_net_needs_reinit_and_a_lower_rate_and_clipping_cannot_
     # SEEDS.md section 6, experiment 2 as written: every weight N(0, 10), lr 0.1, 50 epochs.
     report, stderr, _ = verify_run(tmp_path, "--init", "normal10", "--lr", "0.1",
                                    "--epochs", "50", "--budget", "50", "--verify-remedies",
-                                   "kaiming_init,lower_learning_rate,clip_grad_norm")
+                                   "kaiming_init,lower_learning_rate,clip_grad_norm,"
+                                   "detect_anomaly")
     assert report["run"]["status"] == "completed"
     for kind in ("nonfinite", "exploding_gradient"):
         remedies = remedies_of(report, kind)
@@ -120,6 +121,10 @@ def test_seed_overflowing_net_needs_reinit_and_a_lower_rate_and_clipping_cannot_
         assert any("0.1 -> 0.01" in c for c in v["changes"])
         assert not any(r["id"] == "clip_grad_norm" and r.get("verified", {}).get("status")
                        == "better" for r in remedies)
+    # Anomaly detection fixes nothing: its re-run stops at the first NaN and names the op.
+    anomaly = next(r["verified"] for r in remedies_of(report, "nonfinite")
+                   if r["id"] == "detect_anomaly")
+    assert anomaly["status"] == "diagnostic" and "Backward" in anomaly["note"]
     assert report["verify"]["combined"] == ["kaiming_init+lower_learning_rate"]
     assert "verified best: kaiming_init+lower_learning_rate, loss not finite -> " in stderr
     # The pair applies itself from the saved report, like any remedy (library API).
