@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .extension import Extension
 from .history import SITE_STATS, SiteInfo
-from .monitor import Extension
 
 __all__ = ["SITE_STATS", "ActivationMode", "ActivationSites", "activation_kind"]
 
@@ -127,7 +127,7 @@ class ActivationSites(Extension):
         self._mode: _SiteMode | None = None
         self._depth = 0  # nested root forwards while the mode is active
         self._counts: dict[tuple[int, str], int] = {}
-        self._sites: dict[tuple[int, str, int], _Site] = {}
+        self._sites: dict[tuple[int, int, str, int], _Site] = {}  # (root, caller, kind, k)
         self._root = 0  # the watched model whose forward is running
 
     # ------------------------------------------------------------------ scope
@@ -186,7 +186,7 @@ class ActivationSites(Extension):
         mod_id = id(module) if module is not None else 0
         count_key = (mod_id, kind)
         k = self._counts[count_key] = self._counts.get(count_key, 0) + 1
-        key = (mod_id, kind, k)
+        key = (self._root, mod_id, kind, k)
         feeding = m.last_layer if m.last_layer >= 0 else None
         layer_type = m.history.layers[feeding].type if feeding is not None else ""
         # Channels of a conv output (N, C, ...), features of anything else (..., F).
@@ -202,21 +202,21 @@ class ActivationSites(Extension):
             site.streak = site.since = None
         return site, unit_dim, red
 
-    def _new_site(self, key: tuple[int, str, int], kind: str, module: nn.Module | None,
+    def _new_site(self, key: tuple[int, int, str, int], kind: str, module: nn.Module | None,
                   x: torch.Tensor, unit_dim: int, feeding: int | None,
                   args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Site:
         m = self.monitor
         path = m.module_name(module) if module is not None else None
         functional = not isinstance(module, ACTIVATION_MODULES)
         if module is None:
-            name = f"{kind}@{key[2]}"
+            name = f"{kind}@{key[3]}"
         elif functional:
             base = path or type(module).__name__
-            name = f"{base}.{kind}@{key[2]}"
+            name = f"{base}.{kind}@{key[3]}"
         else:
             name = path or type(module).__name__
-            if key[2] > 1:
-                name = f"{name}@{key[2]}"
+            if key[3] > 1:
+                name = f"{name}@{key[3]}"
         root = self._root
         bounds = BOUNDS.get(kind)
         if kind == "hardtanh":
@@ -335,34 +335,42 @@ class ActivationSites(Extension):
         series.append(steps[measured], {s: rows[measured, :, j]
                                         for j, s in enumerate(SITE_STATS)})
 
+    def on_root_gone(self, root: int) -> None:
+        """Each site's state at the end of this model: which units are dead, since when,
+        their bias; the model's sites are then dropped."""
+        m = self.monitor
+        for key in [k for k in self._sites if k[0] == root]:
+            site = self._sites.pop(key)
+            if site.streak is not None:
+                info = m.history.sites[site.index]
+                info.final = self._final(site, self._bias(info.layer))
+            site.streak = site.since = None
+
+    def _final(self, site: _Site, bias: torch.Tensor | None) -> dict[str, Any]:
+        # One-off host reads, once per site.
+        streak = site.streak.detach().cpu().numpy()  # type: ignore[union-attr]
+        since = site.since.detach().cpu().numpy()  # type: ignore[union-attr]
+        k = self.monitor.thresholds.dying_persist_measurements
+        dead = np.nonzero(streak >= k)[0]
+        final: dict[str, Any] = {"dead_units": len(dead), "units": len(streak),
+                                 "dead_indices": dead[:16].tolist()}
+        if len(dead):
+            final["dead_since_step"] = int(np.min(since[dead]))
+            final["dead_since_step_median"] = int(np.median(since[dead]))
+            final["dead_measurements_median"] = int(np.median(streak[dead]))
+        if bias is not None and bias.numel() == len(streak):
+            b = bias.detach().float().cpu().numpy()
+            alive = np.setdiff1d(np.arange(len(streak)), dead)
+            final["bias_dead_mean"] = float(b[dead].mean()) if len(dead) else None
+            final["bias_alive_mean"] = float(b[alive].mean()) if len(alive) else None
+        return final
+
     def finish(self) -> None:
-        """Each site's state at the end: which units are dead, since when, their bias."""
+        """Close a forward that never returned; number the uses of shared modules."""
         if self._mode is not None:  # a forward that never returned
             mode, self._mode = self._mode, None
             mode.__exit__(None, None, None)
         m = self.monitor
-        for site in self._sites.values():
-            info = m.history.sites[site.index]
-            if site.streak is None:
-                continue
-            # One-off host reads at the end of the run.
-            streak = site.streak.detach().cpu().numpy()
-            since = site.since.detach().cpu().numpy()
-            k = m.thresholds.dying_persist_measurements
-            dead = np.nonzero(streak >= k)[0]
-            final: dict[str, Any] = {"dead_units": len(dead), "units": len(streak),
-                                     "dead_indices": dead[:16].tolist()}
-            if len(dead):
-                final["dead_since_step"] = int(np.min(since[dead]))
-                final["dead_since_step_median"] = int(np.median(since[dead]))
-                final["dead_measurements_median"] = int(np.median(streak[dead]))
-            bias = self._bias(info.layer)
-            if bias is not None and bias.numel() == len(streak):
-                b = bias.detach().float().cpu().numpy()
-                alive = np.setdiff1d(np.arange(len(streak)), dead)
-                final["bias_dead_mean"] = float(b[dead].mean()) if len(dead) else None
-                final["bias_alive_mean"] = float(b[alive].mean()) if len(alive) else None
-            info.final = final
         # A module used several times (one nn.ReLU after every layer): number every use.
         uses: dict[tuple[str, int], int] = {}
         for info in m.history.sites:

@@ -36,6 +36,7 @@ finding. Facts go to ``history.facts["eval_mode"][str(root index)]``.
 from __future__ import annotations
 
 import math
+import weakref
 from collections import OrderedDict
 from typing import Any
 
@@ -45,7 +46,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.parameter import is_lazy
 
-from .monitor import Extension
+from .extension import Extension
 
 __all__ = ["EvalModeCheck", "mode_dependent"]
 
@@ -162,13 +163,15 @@ class _RootState:
     def __init__(self, index: int, root: nn.Module, name: str, discover: bool) -> None:
         self.index = index
         self.key = id(root)
-        self.entries: list[tuple[str, nn.Module, str, float | None]] = []
+        # Weak: the root itself may be one of them (an nn.LSTM with dropout), and models
+        # are never kept alive by gradwatch.
+        self._entries: list[tuple[str, weakref.ref[nn.Module], str, float | None]] = []
         for path, mod in root.named_modules():
             found = mode_dependent(mod)
             if found is not None:
-                self.entries.append((path or type(root).__name__, mod, found[0], found[1]))
-        self.norms = [mod for _, mod, kind, _ in self.entries if kind == "batchnorm"]
-        self.generic = not self.entries  # no known layer: one behavioural check instead
+                self._entries.append((path or type(root).__name__, weakref.ref(mod),
+                                      found[0], found[1]))
+        self.generic = not self._entries  # no known layer: one behavioural check instead
         self.generic_done = False
         self.measured = False
         self.pending: _Pending | None = None
@@ -185,6 +188,17 @@ class _RootState:
             "layers_in_training": [], "measured": None, "batchnorm": None,
             "keyword_arguments_seen": not discover,
         }
+
+    @property
+    def entries(self) -> list[tuple[str, nn.Module, str, float | None]]:
+        """The mode-dependent layers still alive: (path, module, kind, rate)."""
+        return [(path, mod, kind, rate) for path, ref, kind, rate in self._entries
+                if (mod := ref()) is not None]
+
+    @property
+    def norms(self) -> list[nn.Module]:
+        """Normalisation layers with running statistics, in model order."""
+        return [mod for _, mod, kind, _ in self.entries if kind == "batchnorm"]
 
     def layer_facts(self) -> None:
         """Names, types and rates of the layers that were in training mode."""
@@ -293,15 +307,19 @@ class EvalModeCheck(Extension):
                 if not per_root:
                     m.history.facts.pop("eval_mode", None)
 
-    def finish(self) -> None:
-        """Close passes still open (the run ended during an evaluation); drop the models."""
-        for key in list(self._open):
-            st = self._states.get(key)
-            if st is not None:
+    def on_root_gone(self, root: int) -> None:
+        """Close the model's pass if it is open (the run ended during an evaluation) and
+        drop what was kept about it."""
+        for key, st in list(self._states.items()):
+            if st.index != root:
+                continue
+            if key in self._open:
                 self._end_pass(st)
-        for st in self._states.values():
-            st.entries, st.norms, st.pending = [], [], None
+            st._entries, st.pending = [], None
             st.pass_snapshot = st.forward_snapshot = None
+            del self._states[key]
+
+    def finish(self) -> None:
         self._states, self._open = {}, set()
 
     # ------------------------------------------------------------------ bookkeeping

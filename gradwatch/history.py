@@ -28,7 +28,14 @@ saturated for the whole batch, ..., NaN; both: pre-activation mean, std and RMS.
 
 
 class Series:
-    """Rows of named column blocks on one step axis, downsampled to a fixed capacity."""
+    """Rows of named column blocks on one step axis, downsampled to a fixed capacity.
+
+    Storage grows geometrically, in rows up to ``capacity`` and in columns as layers are
+    discovered, so that a short run or a model with thousands of layers costs what it
+    holds, and adding one layer at a time costs amortised constant time.
+    """
+
+    _INITIAL_ROWS = 64
 
     def __init__(self, widths: dict[str, int], capacity: int = DEFAULT_CAPACITY) -> None:
         if capacity < 4 or capacity % 2:
@@ -37,16 +44,32 @@ class Series:
         self.stride = 1
         self._arrivals = 0  # rows offered so far
         self._n = 0
-        self._steps = np.zeros(capacity, dtype=np.int64)
-        self._blocks = {k: np.full((capacity, w), np.nan) for k, w in widths.items()}
+        rows = min(self._INITIAL_ROWS, capacity)
+        self._steps = np.zeros(rows, dtype=np.int64)
+        self._width = dict(widths)  # columns in use per block
+        self._blocks = {k: np.full((rows, w), np.nan) for k, w in widths.items()}
         self._last: tuple[int, dict[str, np.ndarray]] | None = None
 
     def widen(self, name: str, width: int) -> None:
         """Grow a block to ``width`` columns (new layers discovered mid-run), padding NaN."""
+        if width <= self._width[name]:
+            return
         old = self._blocks[name]
         if width > old.shape[1]:
-            pad = np.full((self.capacity, width - old.shape[1]), np.nan)
-            self._blocks[name] = np.concatenate([old, pad], axis=1)
+            grown = np.full((old.shape[0], max(width, 2 * old.shape[1])), np.nan)
+            grown[:, : old.shape[1]] = old
+            self._blocks[name] = grown
+        self._width[name] = width
+
+    def _grow_rows(self) -> None:
+        rows = min(2 * len(self._steps), self.capacity)
+        steps = np.zeros(rows, dtype=np.int64)
+        steps[: self._n] = self._steps[: self._n]
+        self._steps = steps
+        for k, old in self._blocks.items():
+            grown = np.full((rows, old.shape[1]), np.nan)
+            grown[: self._n] = old[: self._n]
+            self._blocks[k] = grown
 
     def append(self, steps: np.ndarray, blocks: dict[str, np.ndarray]) -> None:
         """Offer rows (one per step, in step order); keep those the current stride allows."""
@@ -62,6 +85,8 @@ class Series:
                 # The capacity is even, so rows kept so far are multiples of the new stride.
                 if index % self.stride:
                     continue
+            elif self._n == len(self._steps):
+                self._grow_rows()
             self._steps[self._n] = step
             for k, v in row.items():
                 block = self._blocks[k]
@@ -87,10 +112,11 @@ class Series:
 
     def block(self, name: str) -> np.ndarray:
         """Values of one block, rows aligned with :attr:`steps`."""
-        values = self._blocks[name][: self._n]
+        width = self._width[name]
+        values = self._blocks[name][: self._n, :width]
         if self._last is not None and (self._n == 0 or self._steps[self._n - 1] != self._last[0]):
-            last = np.full((1, values.shape[1]), np.nan)
-            v = self._last[1][name]
+            last = np.full((1, width), np.nan)
+            v = self._last[1][name][:width]
             last[0, : v.shape[0]] = v
             return np.concatenate([values, last], axis=0)
         return values.copy()
@@ -99,7 +125,7 @@ class Series:
         return len(self.steps)
 
     def nbytes(self) -> int:
-        """Memory held by the series (constant after construction, save for widening)."""
+        """Memory held by the series (grows with the rows and columns it holds)."""
         return self._steps.nbytes + sum(b.nbytes for b in self._blocks.values())
 
 

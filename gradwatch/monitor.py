@@ -14,9 +14,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -24,10 +25,12 @@ import torch
 from torch import nn
 
 from . import stats, structure
-from .history import History, LayerInfo
+from .extension import Extension
+from .history import History
+from .layers import Watched
 from .thresholds import Thresholds
 
-__all__ = ["Extension", "Monitor", "Options"]
+__all__ = ["Monitor", "Options"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -64,55 +67,24 @@ class Options:
             raise TypeError(f"option 'strict' must be True or False, got {self.strict!r}")
 
 
-class Extension:
-    """A measurement that plugs into the monitor's forward events, step clock and flush.
+def guarded(method: F) -> F:
+    """Run a hook body so that a failure inside gradwatch never breaks the user's run.
 
-    Forward-side statistics (activation sites, recurrent gradients through time, eval-mode
-    checks) are extensions, so that the monitor stays one engine with one host copy: an
-    extension registers per-step device buffers with :meth:`Monitor.add_buffer`, writes its
-    row (``monitor.row()``) on device, and reads the rows back in :meth:`on_flush`. Every
-    method is called inside the monitor's guard: an exception disables measuring, never
-    the user's run. The base class does nothing, so an extension overrides only what it
-    needs.
+    Deaths of watched objects are handled first, so that no hook mistakes a new object
+    for a dead one that had the same ``id``. Once measuring has stopped, only the step
+    clock goes on (:meth:`Monitor.count_while_stopped`), so that the report still says
+    how far the run went.
     """
 
-    monitor: Monitor
-
-    def bind(self, monitor: Monitor) -> None:
-        self.monitor = monitor
-
-    def on_root_forward_pre(self, module: nn.Module, args: tuple[Any, ...],
-                            kwargs: dict[str, Any]) -> None:
-        """A watched model's forward starts (with or without grad)."""
-
-    def on_root_forward(self, module: nn.Module, args: tuple[Any, ...],
-                        kwargs: dict[str, Any], output: Any) -> None:
-        """A watched model's forward returned (``output`` is None when it raised)."""
-
-    def wants_layer_pre(self, module: nn.Module) -> bool:
-        """Whether :meth:`on_layer_forward_pre` must see this layer's forward."""
-        return False
-
-    def on_layer_forward_pre(self, module: nn.Module, args: tuple[Any, ...]
-                             ) -> tuple[Any, ...] | None:
-        """A layer's forward starts; may return replacement positional arguments."""
-        return None
-
-    def on_flush(self, steps: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
-        """Committed rows of every buffer, on the host (extension buffers included)."""
-
-    def finish(self) -> None:
-        """The watch closes; model references are still alive here, gone after."""
-
-
-def guarded(method: F) -> F:
-    """Run a hook body so that a failure inside gradwatch never breaks the user's run."""
+    name = method.__name__
 
     @functools.wraps(method)
     def wrapper(self: Monitor, *args: Any, **kwargs: Any) -> Any:
         if not self.enabled:
+            self.count_while_stopped(name)
             return None
         try:
+            self.watched.reap()
             return method(self, *args, **kwargs)
         except Exception as exc:
             self.fail(exc)
@@ -127,34 +99,32 @@ class Monitor:
     """Accumulates per-step statistics on device and hands them to :class:`History`."""
 
     def __init__(self, options: Options | None = None,
-                 thresholds: Thresholds | None = None, discover: bool = False) -> None:
+                 thresholds: Thresholds | None = None, discover: bool = False,
+                 extensions: Sequence[Extension] = ()) -> None:
         self.options = options or Options()
         self.discover = discover  # adopt bare tensors found in the graph (gradwatch run)
-        self.namer: Callable[[Any], str | None] = lambda obj: None
         self.thresholds = thresholds or Thresholds()
         self.history = History(self.options.capacity)
+        self.watched = Watched(self.history)
+        self.watched.root_gone.append(self._root_gone)
         self.enabled = True
         self.errors: list[str] = []
+        self.stopped_at: int | None = None  # the step at which measuring stopped
         self.started = time.perf_counter()
         self.finished: float | None = None
         self.status = "running"
         self.error: str | None = None
         self.mode = "unknown"  # "optimizer" | "explicit" | "backward"
         self.step = 0  # the step being accumulated, not yet committed
-        self.optimizers: list[torch.optim.Optimizer] = []
-        self.graph: structure.GraphFacts | None = None
+        #: The thread that trains the watched model (where its forward or optimizer step
+        #: last ran): a ``watch`` takes only the backward calls made in it.
+        self.thread = threading.get_ident()
+        self._graph_read = False
+        self._graph_walks = (0, 0)  # (roots when last read, readings since a new root)
         self._graphed_roots: set[int] = set()
-        # parameters, layers and roots (strong references only while watching)
-        self._params: list[torch.Tensor] = []
-        self._param_index: dict[int, int] = {}
-        self._param_layer: list[int] = []
-        self._module_layer: dict[int, int] = {}
-        self._roots: list[nn.Module] = []
-        self._root_index: dict[int, int] = {}
         self._forward_counter = 0
         self.root_forwards = 0  # forwards of the watched model seen by its own hook
         # device buffers
-        self._device: torch.device | None = None
         self._buf: dict[str, torch.Tensor] = {}
         self._buf_start = 0
         self._buf_p = 0
@@ -164,6 +134,7 @@ class Monitor:
         self._step_losses: list[torch.Tensor] = []  # losses of closures run inside step()
         self._in_step = 0
         self._grads_taken = False
+        self._grad_mark: tuple[int, int, int] | None = None  # (slot, id, version) of a grad
         self._snapshot: list[torch.Tensor] | None = None
         self._snapshot_idx: list[int] = []
         self._probe_norms: torch.Tensor | None = None
@@ -172,7 +143,7 @@ class Monitor:
         self._step_lr = math.nan
         self._nan_grad = np.zeros((0, 0), dtype=bool)
         self._xshapes: dict[str, tuple[int, ...]] = {}  # extension buffers: per-row shape
-        self._module_names: dict[int, str] = {}  # every module of every root -> its path
+        self._wants_pre: dict[int, bool] = {}  # layer -> an extension pre-hooks it
         self.last_layer = -1  # the layer whose forward ran last (feeds the next activation)
         self.suspended = 0  # > 0 while gradwatch itself runs the model: hooks do nothing
         # ids of tensors gradwatch made this step (input probes): never adopted as bare
@@ -182,116 +153,113 @@ class Monitor:
         #: script there after their step budget).
         self.step_listeners: list[Callable[[Monitor], None]] = []
         self.extensions: list[Extension] = []
-        # forward-side extensions (they import this module)
-        from . import activations, evalmode, recurrent
-
-        for ext in (activations.ActivationSites(), evalmode.EvalModeCheck(),
-                    recurrent.RecurrentGradients()):
+        for ext in extensions:
             self.add_extension(ext)
 
     # ------------------------------------------------------------------ registration
     def fail(self, exc: BaseException) -> None:
         """Record an internal error and stop measuring; the user's run goes on."""
         self.errors.append("".join(traceback.format_exception_only(type(exc), exc)).strip())
+        if self.enabled:
+            self.stopped_at = self.step
         self.enabled = False
+
+    def count_while_stopped(self, event: str) -> None:
+        """After an internal error: keep counting steps (nothing else) for the report."""
+        if event == "on_step_begin":
+            self._in_step += 1
+        elif event == "on_step_end":
+            self._in_step = max(0, self._in_step - 1)
+            if not self._in_step:
+                self.step += 1
+        elif event == "on_explicit_step" and self.mode != "optimizer":
+            self.step += 1
+        elif event == "on_backward_end" and self.mode == "backward":
+            self.step += 1
+
+    @property
+    def namer(self) -> Callable[[Any], str | None]:
+        """Names roots and bare tensors (``gradwatch run``: the script's own variables)."""
+        return self.watched.namer
+
+    @namer.setter
+    def namer(self, namer: Callable[[Any], str | None]) -> None:
+        self.watched.namer = namer
 
     def add_root(self, module: nn.Module, name: str) -> None:
         """Track a top-level model: its parameter-owning modules become layers."""
-        if id(module) in self._root_index:
-            return
-        root = len(self._roots)
-        self._root_index[id(module)] = root
-        self._roots.append(module)
-        self.history.roots.append(name)
-        for mod_name, mod in module.named_modules():
-            self._module_names.setdefault(id(mod), mod_name)
-            # Lazy modules' parameters have no shape until their first forward: not tracked.
-            own = [(n, p) for n, p in mod.named_parameters(recurse=False)
-                   if p.requires_grad and not nn.parameter.is_lazy(p)]
-            own = [(n, p) for n, p in own if id(p) not in self._param_index]
-            if not own:
-                continue
-            self._add_layer(mod_name, type(mod).__name__, root, own, id(mod))
+        self.watched.reap()
+        self.watched.add_root(module, name)
 
     def add_tensors(self, tensors: Iterable[torch.Tensor]) -> None:
         """Track parameters that no tracked module owns (bare tensors, optimizer-only)."""
-        for t in tensors:
-            if not t.requires_grad or id(t) in self._param_index or \
-                    id(t) in self.own_tensors or nn.parameter.is_lazy(t):
-                continue
-            name = self.namer(t) or f"tensor{len(self._params)}"
-            self._add_layer(name, "Tensor", -1, [("", t)], None)
-
-    def _add_layer(self, name: str, type_name: str, root: int,
-                   params: list[tuple[str, torch.Tensor]], module_id: int | None) -> None:
-        weight = next((p for _, p in params if p.dim() >= 2), None)
-        info = LayerInfo(name=name, type=type_name, root=root,
-                         params=sum(p.numel() for _, p in params),
-                         param_names=[f"{name}.{n}" if name and n else (name or n)
-                                      for n, _ in params])
-        if weight is not None:
-            fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(weight)
-            info.fan_in, info.fan_out = fan_in, fan_out
-            with torch.no_grad():
-                info.init_weight_std = float(weight.detach().float().std()) \
-                    if weight.numel() > 1 else None
-        layer = self.history.add_layer(info)
-        if module_id is not None:
-            self._module_layer[module_id] = layer
-        for _, p in params:
-            self._param_index[id(p)] = len(self._params)
-            self._params.append(p)
-            self._param_layer.append(layer)
-            if self._device is None:
-                self._device = p.device
+        self.watched.reap()
+        self.watched.add_tensors(tensors, self.own_tensors)
 
     def add_optimizer(self, optimizer: torch.optim.Optimizer) -> bool:
         """Track an optimizer's settings; True if it was not tracked before."""
-        if any(o is optimizer for o in self.optimizers):
-            return False
-        self.optimizers.append(optimizer)
-        self.history.facts.setdefault("optimizers", []).append(_optimizer_facts(optimizer))
-        return True
+        self.watched.reap()
+        return self.watched.add_optimizer(optimizer)
 
     def add_extension(self, extension: Extension) -> None:
         extension.bind(self)
         self.extensions.append(extension)
 
+    def reap(self) -> None:
+        """Forget watched objects that died (call before looking one up by identity)."""
+        self.watched.reap()
+
+    def note_compiled(self, module: nn.Module) -> None:
+        """This root's forward runs through ``torch.compile``: its forward is not measured."""
+        index = self.watched.root_of_module(module)
+        if index is not None:
+            names = self.history.facts.setdefault("compiled_roots", [])
+            if self.history.roots[index] not in names:
+                names.append(self.history.roots[index])
+
+    def _root_gone(self, root: int) -> None:
+        for ext in self.extensions:
+            try:
+                ext.on_root_gone(root)
+            except Exception as exc:
+                self.fail(exc)
+                if self.options.strict:
+                    raise
+
     def module_name(self, module: nn.Module) -> str | None:
         """The module's path inside its root ("" for the root itself), None if not watched."""
-        return self._module_names.get(id(module))
+        return self.watched.module_name(module)
 
     def layer_params(self, layer: int) -> list[torch.Tensor]:
-        """The tracked parameters of one layer, in the order of its ``param_names``."""
-        return [p for p, owner in zip(self._params, self._param_layer, strict=True)
-                if owner == layer]
+        """The live parameters of one layer, in the order of its ``param_names``."""
+        return self.watched.layer_params(layer)
 
     def root_of_module(self, module: nn.Module) -> int | None:
-        return self._root_index.get(id(module))
+        return self.watched.root_of_module(module)
 
     def tracks(self, tensor: torch.Tensor) -> bool:
-        return id(tensor) in self._param_index
+        return self.watched.tracks(tensor)
 
     def is_root(self, module: nn.Module) -> bool:
-        return id(module) in self._root_index
+        return self.watched.is_root(module)
 
     @property
     def roots(self) -> list[nn.Module]:
-        return list(self._roots)
+        """The watched models that are still alive."""
+        return [m for _, m in self.watched.live_roots()]
 
     def layer_of_module(self, module: nn.Module) -> int | None:
-        return self._module_layer.get(id(module))
+        return self.watched.layer_of_module(module)
 
     def owns_params_of(self, optimizer: torch.optim.Optimizer) -> bool:
-        return any(id(p) in self._param_index
-                   for g in optimizer.param_groups for p in g["params"])
+        return self.watched.owns_params_of(optimizer)
 
     # ------------------------------------------------------------------ buffers
     def _ensure_buffers(self) -> None:
-        n_p, n_l = len(self._params), len(self.history.layers)
+        n_p, n_l = self.watched.slots, len(self.history.layers)
         if self._buf and n_p == self._buf_p and n_l == self._buf_l:
             return
-        device = self._device or torch.device("cpu")
+        device = self.device
         cap = self.options.sync_every
         carry = None
         if self._buf:
@@ -350,7 +318,7 @@ class Monitor:
     @property
     def device(self) -> torch.device:
         """Where the statistics live: the device of the first watched parameter."""
-        return self._device or torch.device("cpu")
+        return self.watched.device or torch.device("cpu")
 
     def is_detail_step(self) -> bool:
         """Whether the step being accumulated measures weights and activations."""
@@ -365,7 +333,7 @@ class Monitor:
     # ------------------------------------------------------------------ measurements
     def _grad_row(self, key: str) -> None:
         """Write the norm of every tracked gradient into this step's row of ``key``."""
-        grads = [p.grad for p in self._params]
+        grads = [None if p is None else p.grad for p in self.watched.params()]
         row = self._row()
         idx = [i for i, g in enumerate(grads) if g is None]
         if not idx:  # the common case: every parameter has a gradient
@@ -382,10 +350,14 @@ class Monitor:
             return
         row = self._row()
         device = self._buf["update"].device
-        current = [self._params[i].detach() for i in self._snapshot_idx]
+        params = self.watched.params()
+        current = [params[i] for i in self._snapshot_idx]
+        if any(p is None for p in current):  # a model died within the step
+            return
         # In place on the snapshot (old - new): no second copy of the weights.
-        values = stats.norms(stats.subtract_(self._snapshot, current), device)
-        if len(self._snapshot_idx) == len(self._params):
+        values = stats.norms(stats.subtract_(self._snapshot, [p.detach() for p in current]),
+                             device)
+        if len(self._snapshot_idx) == len(params):
             self._buf["update"][row].copy_(values)
         else:
             self._buf["update"][row].index_copy_(
@@ -393,17 +365,25 @@ class Monitor:
 
     def _take_snapshot(self) -> None:
         """Weight norms before the update, and a copy of the weights to diff against."""
-        if not self._params:
+        live = [(i, p) for i, p in enumerate(self.watched.params()) if p is not None]
+        if not live:
             return
         row = self._row()
-        params = [p.detach() for p in self._params]
+        params = [p.detach() for _, p in live]
         # Weights as they were for this step's forward/backward: the pair to its gradients.
-        self._buf["weight"][row].copy_(stats.norms(params, self._buf["weight"].device))
-        idx = [i for i, p in enumerate(self._params) if p.grad is not None] or \
-            list(range(len(self._params)))
+        norms = stats.norms(params, self._buf["weight"].device)
+        if len(live) == self.watched.slots:
+            self._buf["weight"][row].copy_(norms)
+        else:
+            self._buf["weight"][row].index_copy_(
+                0, torch.tensor([i for i, _ in live], device=norms.device), norms)
+        chosen = [k for k, (_, p) in enumerate(live) if p.grad is not None] or \
+            list(range(len(live)))
+        idx = [live[k][0] for k in chosen]
+        params = [params[k] for k in chosen]
         self._snapshot_idx = idx
         # One fused copy of the weights that are about to be updated (sampled steps only).
-        self._snapshot = stats.copy([params[i] for i in idx])
+        self._snapshot = stats.copy(params)
 
     def _record_loss(self, losses: list[torch.Tensor]) -> None:
         if not losses:
@@ -423,18 +403,58 @@ class Monitor:
         """Before autograd runs: read the graph once; close a hand-made update."""
         # Read the graph once per model: at the first backward, and again when a model
         # appears that no graph has covered yet (scripts that train several in turn).
-        pending = len(self._roots) > len(self._graphed_roots) or self.graph is None
-        if pending and isinstance(loss, torch.Tensor) and loss.grad_fn is not None:
+        if self._graph_pending() and isinstance(loss, torch.Tensor) and \
+                loss.grad_fn is not None:
+            self._graph_walks = (len(self.history.roots), self._graph_walks[1] + 1)
             graph = structure.walk_graph(loss)
             # Another watched model's loss says nothing about this model's structure.
             if graph is not None and (self.discover or any(
-                    id(p) in self._param_index for p in graph.leaves)):
-                self.graph = graph
+                    self.watched.tracks(p) for p in graph.leaves)):
+                self._graph_read = True
                 self._adopt_graph(graph)
         if self.mode == "backward" and self._losses:
             self._commit()
         elif self.mode == "unknown" and self._losses:
             self._probe_manual_update()
+        elif self.mode == "optimizer" and self._losses and not self._in_step and \
+                self._grads_reset():
+            # The gradients of the losses taken so far were wiped (zero_grad) before any
+            # step used them: they are not this step's losses. In a GAN loop, the
+            # generator's loss flows back through the discriminator, whose optimizer then
+            # zeroes it and steps on the discriminator's own loss.
+            self._losses, self._grads_taken = [], False
+
+    def _graph_pending(self) -> bool:
+        """Whether to read this loss's graph: at the first backward, when a model has
+        appeared since the last reading, and a few more times while a model is not yet
+        covered (it may train later). Never every step: a model that is only evaluated
+        (a teacher) would otherwise cost a graph walk per step."""
+        if not self._graph_read:
+            return True
+        roots, walks = self._graph_walks
+        if len(self.history.roots) > roots:
+            self._graph_walks = (roots, 0)
+            return True
+        return len(self.history.roots) > len(self._graphed_roots) and walks < _GRAPH_RETRIES
+
+    def _grads_reset(self) -> bool:
+        """Whether the gradient seen at the last backward was set to None, replaced or
+        changed in place (zeroed) since: host attributes only, no device work."""
+        if self._grad_mark is None:
+            return False
+        slot, grad_id, version = self._grad_mark
+        p = self.watched.param(slot)
+        grad = p.grad if p is not None else None
+        return grad is None or id(grad) != grad_id or grad._version != version
+
+    def _mark_grads(self) -> None:
+        """Remember one gradient as it stands after this backward (see _grads_reset)."""
+        self._grad_mark = None
+        for slot in range(self.watched.slots):
+            p = self.watched.param(slot)
+            if p is not None and p.grad is not None:
+                self._grad_mark = (slot, id(p.grad), p.grad._version)
+                return
 
     @guarded
     def on_backward_end(self, loss: torch.Tensor) -> None:
@@ -452,25 +472,30 @@ class Monitor:
         if self._is_sampled(self.step):
             self._grad_row("grad")  # accumulation: the last call holds the summed gradients
         self._grads_taken = True
-        if self.mode == "backward":
+        if self.mode == "optimizer":
+            self._mark_grads()
+        elif self.mode == "backward":
             if self._is_detail(self.step):
                 self._take_snapshot()
-        elif self.mode == "unknown":
-            self._probe_norms = stats.norms([p.detach() for p in self._params], self._device
-                                            or torch.device("cpu"))
+        else:
+            self._probe_norms = self._weight_norms()
             if self._is_detail(self.step):
                 self._take_snapshot()
+
+    def _weight_norms(self) -> torch.Tensor | None:
+        params = [p.detach() for p in self.watched.params() if p is not None]
+        return stats.norms(params, self.device) if params else None
 
     def _probe_manual_update(self) -> None:
         """Second backward with no optimizer step in between: were weights changed by hand?"""
         before = self._probe_norms
-        after = stats.norms([p.detach() for p in self._params], self._device
-                            or torch.device("cpu"))
+        after = self._weight_norms()
         self._probes += 1
         # One host sync, only during the first few backward calls of a run.
-        changed = before is not None and before.shape == after.shape and \
-            bool((before != after).any())
-        if (changed and not self.optimizers) or self._probes >= self.options.probe_backwards:
+        changed = before is not None and after is not None and \
+            before.shape == after.shape and bool((before != after).any())
+        if (changed and not self.watched.optimizers) or \
+                self._probes >= self.options.probe_backwards:
             self.mode = "backward"
             self._commit()
 
@@ -478,10 +503,11 @@ class Monitor:
     def on_step_begin(self, optimizer: torch.optim.Optimizer) -> None:
         """``optimizer.step()`` starts: applied (post-clipping) gradients, weight snapshot."""
         self.mode = "optimizer"
+        self.thread = threading.get_ident()
         self._in_step += 1
         if self._in_step > 1:
             return
-        self._stepping = next((k for k, o in enumerate(self.optimizers) if o is optimizer), -1)
+        self._stepping = self.watched.optimizer_index(optimizer)
         # The rate this step really uses (schedulers change it): host floats, no sync. A
         # tensor learning rate (capturable optimizers) is not read, to avoid a sync.
         rates = [g.get("lr") for g in optimizer.param_groups]
@@ -499,6 +525,8 @@ class Monitor:
         self._in_step = max(0, self._in_step - 1)
         if self._in_step:
             return
+        if self.watched.optimizer_roots_unknown(optimizer):
+            self.watched.note_optimizer_roots(optimizer)
         self._commit()
 
     @guarded
@@ -522,6 +550,7 @@ class Monitor:
                             kwargs: dict[str, Any] | None = None) -> None:
         if self.suspended:
             return
+        self.thread = threading.get_ident()
         for ext in self.extensions:
             ext.on_root_forward_pre(module, args, kwargs or {})
         if not torch.is_grad_enabled() or not self._is_detail(self.step):
@@ -556,8 +585,16 @@ class Monitor:
         io[row, 4] = stats.rms(out).to(io.device)
 
     def wants_layer_pre(self, module: nn.Module) -> bool:
-        """Whether some extension needs a forward pre-hook on this layer."""
-        return any(ext.wants_layer_pre(module) for ext in self.extensions)
+        """Whether some extension needs a forward pre-hook on this watched layer (decided
+        once per layer: ``gradwatch run`` asks on every module call)."""
+        layer = self.watched.layer_of_module(module)
+        if layer is None:
+            return False
+        wants = self._wants_pre.get(layer)
+        if wants is None:
+            wants = self._wants_pre[layer] = any(ext.wants_layer_pre(module)
+                                                 for ext in self.extensions)
+        return wants
 
     @guarded
     def on_layer_forward_pre(self, module: nn.Module, args: tuple[Any, ...]
@@ -573,7 +610,7 @@ class Monitor:
 
     @guarded
     def on_layer_forward(self, module: nn.Module, output: Any) -> None:
-        layer = self._module_layer.get(id(module))
+        layer = self.watched.layer_of_module(module)
         if layer is None or self.suspended:
             return
         self.last_layer = layer
@@ -596,10 +633,10 @@ class Monitor:
         n = len(graph.leaves)
         roots: set[int] = set()
         for k, p in enumerate(graph.leaves):
-            i = self._param_index.get(id(p))
+            i = self.watched.slot(p)
             if i is None:
                 continue
-            layer = self.history.layers[self._param_layer[i]]
+            layer = self.history.layers[self.watched.slot_layer[i]]
             roots.add(layer.root)
             if p.dim() >= 2 or layer.activation is None:
                 layer.activation = graph.act_after.get(id(p), "none")
@@ -614,8 +651,7 @@ class Monitor:
         per_root = self.history.facts.setdefault("graph", {})
         for r in roots - self._graphed_roots:
             per_root[str(r)] = facts
-        self._graphed_roots |= roots | {r for r in range(len(self._roots))
-                                        if r in roots}
+        self._graphed_roots |= roots
 
     # ------------------------------------------------------------------ step boundary
     def _commit(self) -> None:
@@ -638,6 +674,11 @@ class Monitor:
         self.step += 1
         if self.step - self._buf_start >= self.options.sync_every:
             self.flush()
+            if self.watched.compact() is not None:
+                # Models died (a sweep): their parameters' columns are dropped. The rows
+                # were just flushed, so the buffers start afresh at their new width.
+                self._buf = {}
+                self._snapshot, self._grad_mark = None, None
         for listener in self.step_listeners:
             listener(self)
 
@@ -666,7 +707,7 @@ class Monitor:
 
     def _append(self, steps: np.ndarray, a: dict[str, np.ndarray]) -> None:
         n_l = len(self.history.layers)
-        owners = np.asarray(self._param_layer[: a["grad"].shape[1]], dtype=np.int64)
+        owners = np.asarray(self.watched.slot_layer[: a["grad"].shape[1]], dtype=np.int64)
         self._nan_grad = np.isnan(a["grad"])
         bad = {k: _decode_norms(a, k) for k in _NORM_KEYS}
         bad_g, bad_w = bad["grad"], bad["weight"]
@@ -713,11 +754,8 @@ class Monitor:
                                        for c in np.nonzero(bad_a[r])[0]]
 
     def param_names(self) -> list[str]:
-        out: list[str] = []
-        for layer in self.history.layers:
-            out.extend(layer.param_names)
-        # param_names are registered in the same order as parameters
-        return out
+        """The name of each parameter slot (the columns of the gradient buffers)."""
+        return self.watched.slot_name
 
     # ------------------------------------------------------------------ lifecycle
     def close(self, status: str = "completed", error: str | None = None) -> None:
@@ -732,6 +770,10 @@ class Monitor:
                 self.flush()
         except Exception as exc:
             self.fail(exc)
+        # Extensions turn what they kept about each live model into facts (on_root_gone),
+        # then finish; every reference to the user's objects is dropped after.
+        self.watched.init_scales()
+        self.watched.close()
         for ext in self.extensions:
             try:
                 ext.finish()
@@ -739,33 +781,8 @@ class Monitor:
                 self.fail(exc)
         self.finished = time.perf_counter()
         self.status, self.error = status, error
-        self._init_scales()
-        self.history.facts["optimizer_roots"] = [
-            sorted({self.history.layers[self._param_layer[self._param_index[id(p)]]].root
-                    for g in o.param_groups for p in g["params"] if id(p) in self._param_index})
-            for o in self.optimizers]
-        self.history.facts["module"] = {str(r): structure.module_facts([m])
-                                        for r, m in enumerate(self._roots)}
-        self._params, self._roots, self.optimizers = [], [], []
-        self._param_index, self._module_layer, self._root_index = {}, {}, {}
-        self._module_names = {}
         self._buf, self._snapshot, self._losses, self._step_losses = {}, None, [], []
-        self._probe_norms = None
-        self.graph = None
-
-    def _init_scales(self) -> None:
-        """Each layer's initial weight std against the init its activation calls for."""
-        for layer in self.history.layers:
-            if layer.init_weight_std is None or not layer.fan_in:
-                continue
-            act = layer.activation
-            family = structure.recommended_init(act)
-            gain = structure.activation_gain(act)
-            target = gain / math.sqrt(layer.fan_in) if family == "kaiming" else \
-                gain * math.sqrt(2.0 / (layer.fan_in + (layer.fan_out or 0)))
-            layer.init_scale = {"std": layer.init_weight_std, "recommended_std": target,
-                                "ratio": layer.init_weight_std / target, "family": family,
-                                "activation": act or "unknown"}
+        self._probe_norms, self._grad_mark = None, None
 
     @property
     def duration(self) -> float:
@@ -788,6 +805,8 @@ def _first_tensor(output: Any) -> torch.Tensor | None:
     return None
 
 
+_GRAPH_RETRIES = 8
+"""Graph readings, after a new model appeared, while some model is not yet covered."""
 _NORM_KEYS = ("grad", "grad_applied", "weight", "update", "act")
 _UNMEASURED = -1.0  # norms are >= 0, so -1 marks "not measured" on device, NaN stays NaN
 
@@ -817,14 +836,3 @@ def _layer_norms(values: np.ndarray, owners: np.ndarray, n_layers: int) -> np.nd
     out = np.sqrt(out)
     out[~seen] = np.nan
     return out
-
-
-def _optimizer_facts(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    groups = []
-    for g in optimizer.param_groups:
-        lr = g.get("lr")
-        groups.append({"lr": float(lr) if isinstance(lr, (int, float, torch.Tensor)) else None,
-                       "momentum": g.get("momentum", g.get("betas")),
-                       "weight_decay": g.get("weight_decay"),
-                       "params": sum(p.numel() for p in g["params"])})
-    return {"type": type(optimizer).__name__, "groups": groups}

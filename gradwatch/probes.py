@@ -209,15 +209,16 @@ class GlobalProbes:
 
     A *root* is a module with parameters called while no other module is running; its
     parameter-owning submodules become layers. ``name_of`` names roots and bare tensors
-    after the script's own variables where it can.
+    after the script's own variables where it can; ``models_of`` finds the script's models
+    that own parameters (by id) an optimizer steps although no forward of theirs was seen.
     """
 
     def __init__(self, monitor: Monitor, handles: Handles,
-                 name_of: Callable[[Any], str | None]) -> None:
-        self.monitor, self.name_of = monitor, name_of
+                 name_of: Callable[[Any], str | None],
+                 models_of: Callable[[set[int]], list[tuple[str, nn.Module]]] = lambda ids: []
+                 ) -> None:
+        self.monitor, self.name_of, self.models_of = monitor, name_of, models_of
         self._depth = 0
-        self._own_params: dict[int, bool] = {}
-        self._wants_pre: dict[int, bool] = {}  # layers an extension pre-hooks (RNN inputs)
         handles.add(module_hooks.register_module_forward_pre_hook(self._pre))
         # always_call: the depth count must unwind even when a forward raises.
         handles.add(module_hooks.register_module_forward_hook(self._post, always_call=True))
@@ -227,55 +228,74 @@ class GlobalProbes:
     def _pre(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         if _compiling():
             return None
-        # A torch.compile wrapper is watched through the module it compiles.
-        module = unwrap_compiled(module)
-        if self._depth == 0 and self.monitor.enabled:
-            if not self.monitor.is_root(module) and any(
+        monitor = self.monitor
+        monitor.reap()
+        if self._depth == 0 and monitor.enabled:
+            compiled = module is not unwrap_compiled(module)
+            # A torch.compile wrapper is watched through the module it compiles, but its
+            # forward is not measured: a function mode or hook inside it while Dynamo
+            # traces would break the graph and change the compiled numbers.
+            module = unwrap_compiled(module)
+            if not monitor.is_root(module) and any(
                     p.requires_grad for p in module.parameters()):
-                name = self.name_of(module) or type(module).__name__.lower()
-                try:
-                    self.monitor.add_root(module, name)
-                except Exception as exc:  # never break the user's forward
-                    self.monitor.fail(exc)
-                    if self.monitor.options.strict:
-                        raise
-            if self.monitor.is_root(module):
-                self.monitor.on_root_forward_pre(module, args)
+                self._adopt(module)
+            if monitor.is_root(module):
+                if compiled:
+                    monitor.note_compiled(module)
+                else:
+                    monitor.on_root_forward_pre(module, args)
         self._depth += 1
-        wants = self._wants_pre.get(id(module))
-        if wants is None:
-            wants = self._wants_pre[id(module)] = \
-                self.monitor.layer_of_module(module) is not None and \
-                self.monitor.wants_layer_pre(module)
-        if wants and self.monitor.enabled:
-            return self.monitor.on_layer_forward_pre(module, args)
+        if monitor.enabled and monitor.wants_layer_pre(module):
+            return monitor.on_layer_forward_pre(module, args)
         return None
 
     def _post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if _compiling():
             return
-        module = unwrap_compiled(module)
         self._depth = max(0, self._depth - 1)
-        if not self.monitor.enabled:
+        monitor = self.monitor
+        if not monitor.enabled:
             return
-        if self.monitor.layer_of_module(module) is not None:
-            self.monitor.on_layer_forward(module, output)
-        if self._depth == 0 and self.monitor.is_root(module):
-            self.monitor.on_root_forward(module, output, args)
+        if monitor.layer_of_module(module) is not None:
+            monitor.on_layer_forward(module, output)
+        if self._depth == 0 and module is unwrap_compiled(module) and monitor.is_root(module):
+            monitor.on_root_forward(module, output, args)
+
+    def _adopt(self, module: nn.Module) -> None:
+        """A new root: named after the script's variable that holds it."""
+        name = self.name_of(module) or type(module).__name__.lower()
+        try:
+            self.monitor.add_root(module, name)
+        except Exception as exc:  # never break the user's forward
+            self.monitor.fail(exc)
+            if self.monitor.options.strict:
+                raise
 
     def _step_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if not self.monitor.enabled:
-            return
-        self.monitor.add_optimizer(optimizer)
+        if self.monitor.enabled:
+            self.monitor.add_optimizer(optimizer)
         self.monitor.on_step_begin(optimizer)
 
     def _step_post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self.monitor.on_step_end(optimizer)
-        if self.monitor.enabled:
-            # Parameters the optimizer updates that no model call has shown (functional
-            # code, bare tensors): tracked from now on. Done after the step, because a
-            # closure (LBFGS) runs the model only inside step().
+        monitor = self.monitor
+        monitor.on_step_end(optimizer)
+        if monitor.enabled:
+            # Parameters the optimizer updates that no model call has shown: tracked from
+            # now on. Done after the step, because a closure (LBFGS) runs the model only
+            # inside step(). A model of the script's that owns them is adopted whole (its
+            # forward runs only compiled: ``model.compile()``); the rest are bare tensors.
             params = [p for g in optimizer.param_groups for p in g["params"]]
-            if any(not self.monitor.tracks(p) for p in params):
-                self.monitor.add_tensors(params)
+            untracked = {id(p) for p in params if not monitor.tracks(p)}
+            if untracked:
+                self._adopt_owners(untracked)
+                monitor.add_tensors(params)
 
+    def _adopt_owners(self, untracked: set[int]) -> None:
+        for name, module in self.models_of(untracked):
+            try:
+                self.monitor.add_root(module, name)
+                self.monitor.note_compiled(module)
+            except Exception as exc:  # never break the user's step
+                self.monitor.fail(exc)
+                if self.monitor.options.strict:
+                    raise

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .monitor import Extension
+from .extension import Extension
 
 __all__ = ["COLUMNS", "PROFILE_POINTS", "RecurrentGradients", "sampled_timesteps"]
 
@@ -93,9 +93,19 @@ def per_timestep_norms(grad: torch.Tensor, time_dim: int) -> torch.Tensor:
 class _Module:
     """What the extension keeps about one recurrent module while watching."""
 
-    def __init__(self, index: int, module: nn.RNNBase) -> None:
+    def __init__(self, index: int, module: nn.RNNBase, name: str, layer: int | None,
+                 root: int) -> None:
         self.index, self.key = index, f"through_time{index}"
-        self.module: nn.RNNBase | None = module
+        self.name, self.layer, self.root = name, layer, root
+        # The module's settings and parameters, not the module: it may be the root itself,
+        # which gradwatch never keeps alive (its parameters do not reference it).
+        self.config: dict[str, Any] = {
+            "type": type(module).__name__, "mode": module.mode,
+            "nonlinearity": getattr(module, "nonlinearity", None),
+            "input_size": module.input_size, "hidden_size": module.hidden_size,
+            "num_layers": module.num_layers, "bidirectional": module.bidirectional,
+            "batch_first": module.batch_first}
+        self.params: list[tuple[str, torch.Tensor]] | None = list(module.named_parameters())
         self.initial: dict[str, torch.Tensor] = {}  # device copies taken when first seen
         self.packed = 0  # calls with a PackedSequence input (not measured)
         self.lengths: list[int] = []  # [shortest, longest] length measured (host side)
@@ -105,7 +115,8 @@ class RecurrentGradients(Extension):
     """Measures the input gradient per timestep of every watched RNN/LSTM/GRU on detail steps."""
 
     def __init__(self) -> None:
-        self._modules: dict[int, _Module] = {}
+        self._modules: dict[int, _Module] = {}  # id(module) -> entry, while its root lives
+        self._done: list[_Module] = []  # entries of models that died (their facts taken)
 
     def wants_layer_pre(self, module: nn.Module) -> bool:
         return isinstance(module, _TYPES)
@@ -142,9 +153,14 @@ class RecurrentGradients(Extension):
     def _entry(self, module: nn.RNNBase) -> _Module:
         entry = self._modules.get(id(module))
         if entry is None:
-            entry = self._modules[id(module)] = _Module(len(self._modules), module)
-            self.monitor.add_buffer(entry.key, (COLUMNS,))
-            entry.initial = _weights(module)
+            m = self.monitor
+            layer = m.layer_of_module(module)
+            root = m.history.layers[layer].root if layer is not None else 0
+            entry = self._modules[id(module)] = _Module(
+                len(self._modules) + len(self._done), module, m.module_name(module) or "",
+                layer, root)
+            m.add_buffer(entry.key, (COLUMNS,))
+            entry.initial = _weights(entry.config, entry.params or [])
         return entry
 
     def _hook(self, key: str, step: int, time_dim: int, length: int
@@ -175,9 +191,9 @@ class RecurrentGradients(Extension):
 
     # ------------------------------------------------------------------ host side
     def on_flush(self, steps: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
-        if not self._modules:
+        if not self._modules and not self._done:
             return
-        entries = sorted(self._modules.values(), key=lambda e: e.index)
+        entries = sorted([*self._modules.values(), *self._done], key=lambda e: e.index)
         n = len(entries)
         length = np.full((len(steps), n), np.nan)
         mean = np.full((len(steps), n), np.nan)
@@ -199,45 +215,39 @@ class RecurrentGradients(Extension):
         series.append(steps[measured], {"length": length[measured], "mean": mean[measured],
                                         "profile": profile[measured]})
 
-    def finish(self) -> None:
-        """Structural facts of each measured module, its gate biases and recurrent weights
-        when first seen and at the end (one-off host reads at the end of the run)."""
-        m = self.monitor
-        facts = m.history.facts.setdefault("recurrent", [])
-        for e in sorted(self._modules.values(), key=lambda e: e.index):
-            module = e.module
-            if module is None:
+    def on_root_gone(self, root: int) -> None:
+        """Structural facts of each measured module of this model, its gate biases and
+        recurrent weights when first seen and at the end (one-off host reads)."""
+        facts = self.monitor.history.facts.setdefault("recurrent", [])
+        for key, e in list(self._modules.items()):
+            if e.root != root or e.params is None:
                 continue
-            layer = m.layer_of_module(module)
-            info = m.history.layers[layer] if layer is not None else None
+            final = _weights(e.config, e.params)
             facts.append({
-                "column": e.index, "name": m.module_name(module) or "",
-                "layer": layer, "root": info.root if info is not None else 0,
-                "type": type(module).__name__, "mode": module.mode,
-                "nonlinearity": getattr(module, "nonlinearity", None),
-                "input_size": module.input_size, "hidden_size": module.hidden_size,
-                "num_layers": module.num_layers, "bidirectional": module.bidirectional,
-                "batch_first": module.batch_first, "packed_calls": e.packed,
-                "lengths": e.lengths,
-                "initial": _describe(module, e.initial),
-                "final": _describe(module, _weights(module)),
+                "column": e.index, "name": e.name, "layer": e.layer, "root": e.root,
+                **e.config, "packed_calls": e.packed, "lengths": e.lengths,
+                "initial": _describe(e.config["mode"], e.initial),
+                "final": _describe(e.config["mode"], final),
             })
-            e.module, e.initial = None, {}
+            facts.sort(key=lambda f: f["column"])
+            e.params, e.initial = None, {}
+            self._done.append(self._modules.pop(key))
 
 
-def _weights(module: nn.RNNBase) -> dict[str, torch.Tensor]:
+def _weights(config: dict[str, Any], params: list[tuple[str, torch.Tensor]]
+             ) -> dict[str, torch.Tensor]:
     """Device copies of what the causes judge: the recurrent matrices of a vanilla RNN, the
     summed forget-gate (LSTM) / update-gate (GRU) biases of every layer (no host sync)."""
     out: dict[str, torch.Tensor] = {}
-    h = module.hidden_size
+    h, mode = config["hidden_size"], config["mode"]
     with torch.no_grad():
-        for name, p in module.named_parameters():
+        for name, p in params:
             if "reverse" in name:
                 continue
             layer = name.rsplit("_l", 1)[-1]
-            if isinstance(module, nn.RNN) and name.startswith("weight_hh"):
+            if mode.startswith("RNN") and name.startswith("weight_hh"):
                 out[f"weight_hh_l{layer}"] = p.detach().clone()
-            elif isinstance(module, (nn.LSTM, nn.GRU)) and name.startswith("bias_"):
+            elif mode in ("LSTM", "GRU") and name.startswith("bias_"):
                 # Gate order: LSTM (input, forget, cell, output), GRU (reset, update, new):
                 # the second block is the gate that decides how much old state is kept.
                 gate = p.detach()[h: 2 * h].clone()
@@ -246,7 +256,7 @@ def _weights(module: nn.RNNBase) -> dict[str, torch.Tensor]:
     return out
 
 
-def _describe(module: nn.RNNBase, weights: dict[str, torch.Tensor]) -> dict[str, Any]:
+def _describe(mode: str, weights: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Host numbers from :func:`_weights`: spectral radius and largest singular value of each
     recurrent matrix, mean of each layer's summed gate bias."""
     out: dict[str, Any] = {}
@@ -266,5 +276,5 @@ def _describe(module: nn.RNNBase, weights: dict[str, torch.Tensor]) -> dict[str,
     if radius:
         out["spectral_radius"], out["largest_singular_value"] = radius, sigma
     if gate:
-        out["forget_gate_bias" if isinstance(module, nn.LSTM) else "update_gate_bias"] = gate
+        out["forget_gate_bias" if mode == "LSTM" else "update_gate_bias"] = gate
     return out

@@ -10,11 +10,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from .monitor import Monitor, Options
-from .probes import INTERCEPTOR, GlobalProbes, Handles
+from .probes import INTERCEPTOR, GlobalProbes, Handles, unwrap_compiled
 from .report import Report, build_report
 from .thresholds import Thresholds
 from .verify import ChildControl, StopRun
+from .watch import default_extensions
 
 __all__ = ["RunResult", "run_script"]
 
@@ -53,6 +56,29 @@ def _main_namer() -> Any:
     return name_of
 
 
+def _main_models(untracked: set[int]) -> list[tuple[str, nn.Module]]:
+    """The script's global models that own parameters with these ids (largest first, each
+    adding some not covered yet): models an optimizer steps whose forward gradwatch never
+    saw (``model.compile()`` runs it inside the compiled code only)."""
+    namespace = getattr(sys.modules.get("__main__"), "__dict__", {})
+    found: list[tuple[int, str, nn.Module]] = []
+    for key, value in list(namespace.items()):
+        if key.startswith("_") or not isinstance(value, nn.Module):
+            continue
+        module = unwrap_compiled(value)
+        hits = sum(id(p) in untracked for p in module.parameters())
+        if hits:
+            found.append((hits, key, module))
+    out: list[tuple[str, nn.Module]] = []
+    left = set(untracked)
+    for _, key, module in sorted(found, key=lambda f: -f[0]):
+        ids = {id(p) for p in module.parameters()} & left
+        if ids:
+            out.append((key, module))
+            left -= ids
+    return out
+
+
 def run_script(script: str | os.PathLike[str], args: Sequence[str] = (),
                options: Options | None = None,
                thresholds: Thresholds | None = None,
@@ -67,7 +93,7 @@ def run_script(script: str | os.PathLike[str], args: Sequence[str] = (),
     path = Path(script)
     if not path.is_file():
         raise FileNotFoundError(f"no such training script: {path}")
-    monitor = Monitor(options, thresholds, discover=True)
+    monitor = Monitor(options, thresholds, discover=True, extensions=default_extensions())
     monitor.namer = _main_namer()
     handles = Handles()
     saved_argv, saved_path = sys.argv[:], sys.path[:]
@@ -75,7 +101,7 @@ def run_script(script: str | os.PathLike[str], args: Sequence[str] = (),
     try:
         if control is not None:
             control.attach_first(handles, monitor)  # before GlobalProbes: change, then adopt
-        GlobalProbes(monitor, handles, monitor.namer)
+        GlobalProbes(monitor, handles, monitor.namer, _main_models)
         if control is not None:
             control.attach_last(handles)  # after GlobalProbes: the last step is committed
         handles.add(INTERCEPTOR.register(monitor))

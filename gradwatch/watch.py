@@ -10,14 +10,24 @@ from typing import Any
 import torch
 from torch import nn
 
+from .activations import ActivationSites
+from .evalmode import EvalModeCheck
+from .extension import Extension
 from .monitor import Monitor, Options
 from .probes import INTERCEPTOR, Handles, attach_model, attach_optimizer, unwrap_compiled
+from .recurrent import RecurrentGradients
 from .report import Report, build_report
 from .thresholds import Thresholds, resolve_thresholds
 
-__all__ = ["OPTION_NAMES", "Watch", "watch"]
+__all__ = ["OPTION_NAMES", "Watch", "default_extensions", "watch"]
 
 OPTION_NAMES = (*tuple(f.name for f in dataclasses.fields(Options)), "thresholds")
+
+
+def default_extensions() -> list[Extension]:
+    """The forward-side measurements every monitor gets: activation sites (dead and
+    saturated units), the eval-mode check, gradients through time."""
+    return [ActivationSites(), EvalModeCheck(), RecurrentGradients()]
 
 
 def _options(options: Mapping[str, Any]) -> tuple[Options, Thresholds]:
@@ -63,7 +73,7 @@ class Watch:
 
     def __init__(self, model: nn.Module, optimizers: list[torch.optim.Optimizer],
                  options: Options, thresholds: Thresholds) -> None:
-        self.monitor = Monitor(options, thresholds)
+        self.monitor = Monitor(options, thresholds, extensions=default_extensions())
         self._handles = Handles()
         # torch.compile(model) returns a wrapper; its layers are those of the original,
         # whose own forward hooks never run: its losses cannot be told by output flags.

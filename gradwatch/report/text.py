@@ -84,8 +84,9 @@ def render_text(data: dict[str, Any], width: int = 100) -> str:
     opt = data.get("facts", {}).get("optimizers", [])
     model = ", ".join(f"{t} x{n}" if n > 1 else t for t, n in types.most_common())
     lr_series = data["series"].get("lr", []) if len(opt) == 1 else []
-    opts = ", ".join(f"{o['type']} (lr {_rates(o, lr_series)})"
-                     for o in opt) or "none seen"
+    # A sweep trains one model after another: the same optimizer once per model, grouped.
+    described = Counter(f"{o['type']} (lr {_rates(o, lr_series)})" for o in opt)
+    opts = ", ".join(f"{d} x{n}" if n > 1 else d for d, n in described.items()) or "none seen"
     lines.append(f"model: {len(layers)} layers with parameters ({model}); optimizer: {opts}")
     if run.get("error"):
         lines += _wrap(f"the run ended with {run['error']}", width, "")
