@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from ._version import __version__
+from .report.text import printable
 
 __all__ = ["main"]
 
@@ -134,8 +138,10 @@ def cmd_run(argv: list[str]) -> int:
     try:
         result = run_script(script, rest, options, thresholds, control)
     except FileNotFoundError as exc:
-        print(f"gradwatch: {exc}", file=sys.stderr)
+        print(printable(f"gradwatch: {exc}"), file=sys.stderr)
         return 2
+    if result.report is None:
+        return result.exit_code  # a process the script forked: only the parent reports
     if ns.verify:
         from .verify import VerifySettings, verify_report
 
@@ -146,28 +152,53 @@ def cmd_run(argv: list[str]) -> int:
                                   thresholds=thresholds)
         say = None if ns.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
         result.report = verify_report(result.report, script, rest, settings, say)
-    for out in (ns.json, ns.html, ns.text):
-        if out:
-            try:
-                result.report.save(out)
-            except (OSError, ValueError) as exc:
-                print(f"gradwatch: could not write {out}: {exc}", file=sys.stderr)
-    if not ns.quiet:
-        sys.stderr.write("\n" + result.report.summary())
-        written = [p for p in (ns.json, ns.html, ns.text) if p]
-        if written:
-            sys.stderr.write(f"report written to {', '.join(written)}\n")
+    _write_outputs(result.report, (ns.json, ns.html, ns.text), ns.quiet, "gradwatch")
     return result.exit_code
 
 
-def _check_writable(parser: argparse.ArgumentParser, path: str) -> None:
-    from pathlib import Path
+def _write_outputs(report: Any, outputs: Sequence[str | None], quiet: bool, prog: str,
+                   summary_to: Any = None) -> None:
+    """Each report file, then the summary: one that fails is one line on stderr, and the
+    others are still written (the exit status stays the script's or the check's)."""
+    written = []
+    for out in outputs:
+        if not out:
+            continue
+        try:
+            report.save(out)
+            written.append(out)
+        except Exception as exc:  # a disk full, a renderer's bug: never the others
+            print(printable(f"{prog}: could not write {out}: {type(exc).__name__}: {exc}"),
+                  file=sys.stderr)
+    if quiet:
+        return
+    try:
+        text = report.summary()
+    except Exception as exc:
+        print(printable(f"{prog}: could not print the summary: {type(exc).__name__}: {exc}"),
+              file=sys.stderr)
+    else:
+        (summary_to or sys.stderr).write(("\n" if summary_to is None else "") + text)
+    if written:
+        print(f"report written to {', '.join(written)}", file=sys.stderr)
 
+
+def _check_writable(parser: argparse.ArgumentParser, path: str) -> None:
+    """Refuse, before the script runs, a report path that could not be written after it."""
     p = Path(path)
     if p.suffix.lower() not in (".json", ".html", ".htm", ".txt", ".md", ".log"):
         parser.error(f"cannot tell the report format from {path!r}: use .json, .html or .txt")
-    if not (p.parent if str(p.parent) else Path(".")).is_dir():
-        parser.error(f"cannot write {path}: folder {p.parent} does not exist")
+    folder = p.parent if str(p.parent) else Path(".")
+    if not folder.is_dir():
+        parser.error(f"cannot write {path}: folder {folder} does not exist")
+    if p.is_dir():
+        parser.error(f"cannot write {path}: it is a folder; give a file name")
+    try:
+        # The report is written through a temporary file in the same folder: try one.
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        parser.error(f"cannot write {path}: folder {folder} is not writable ({exc.strerror})")
 
 
 def cmd_demo(argv: list[str]) -> int:
@@ -244,17 +275,8 @@ def cmd_check(argv: list[str]) -> int:
     except (TypeError, ValueError, RuntimeError) as exc:
         print(f"gradwatch check: {exc}", file=sys.stderr)
         return 2
-    for out in (ns.json, ns.html, ns.text):
-        if out:
-            try:
-                report.save(out)
-            except (OSError, ValueError) as exc:
-                print(f"gradwatch check: could not write {out}: {exc}", file=sys.stderr)
-    if not ns.quiet:
-        sys.stdout.write(report.summary())
-        written = [p for p in (ns.json, ns.html, ns.text) if p]
-        if written:
-            print(f"report written to {', '.join(written)}", file=sys.stderr)
+    _write_outputs(report, (ns.json, ns.html, ns.text), ns.quiet, "gradwatch check",
+                   summary_to=sys.stdout)
     return 1 if report.problems else 0
 
 

@@ -112,6 +112,9 @@ class Finding:
             kind=data["kind"], severity=data["severity"], first_step=data["first_step"],
             last_step=data.get("last_step", data["first_step"]), layers=list(data["layers"]),
             summary=data["summary"], evidence=dict(data["evidence"]),
-            causes=[Cause(**c) for c in data.get("causes", [])],
-            remedies=[Remedy(**r) for r in data.get("remedies", [])],
+            causes=[Cause(id=c["id"], text=c["text"]) for c in data.get("causes", [])],
+            # Keys a later version may add to a remedy are ignored, not an error.
+            remedies=[Remedy(id=r["id"], text=r["text"], code=r["code"],
+                             verified=r.get("verified"), params=dict(r.get("params") or {}))
+                      for r in data.get("remedies", [])],
         )

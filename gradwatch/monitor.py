@@ -106,6 +106,9 @@ class Monitor:
         self.thresholds = thresholds or Thresholds()
         self.history = History(self.options.capacity)
         self.watched = Watched(self.history)
+        #: Finds the models that own parameters (by id) whose model's forward was never
+        #: seen (``gradwatch run``: the script's global models).
+        self.models_of: Callable[[set[int]], list[tuple[str, nn.Module]]] = lambda ids: []
         self.watched.root_gone.append(self._root_gone)
         self.enabled = True
         self.errors: list[str] = []
@@ -192,8 +195,18 @@ class Monitor:
         self.watched.add_root(module, name)
 
     def add_tensors(self, tensors: Iterable[torch.Tensor]) -> None:
-        """Track parameters that no tracked module owns (bare tensors, optimizer-only)."""
+        """Track parameters no tracked module owns: those of a model the script holds
+        (``models_of``) are adopted with their model, the rest as bare tensors."""
         self.watched.reap()
+        tensors = list(tensors)
+        untracked = {id(t) for t in tensors if t.requires_grad and
+                     not self.watched.tracks(t) and id(t) not in self.own_tensors}
+        for name, module in self.models_of(untracked) if untracked else ():
+            # Its forward was not seen, or it would be a root already: it runs compiled
+            # (``model.compile()``) or only through its submodules.
+            if self.watched.add_root(module, name) is not None:
+                compiled = getattr(module, "_compiled_call_impl", None) is not None
+                self._note_root(module, "compiled_roots" if compiled else "forward_unseen")
         self.watched.add_tensors(tensors, self.own_tensors)
 
     def add_optimizer(self, optimizer: torch.optim.Optimizer) -> bool:
@@ -211,9 +224,12 @@ class Monitor:
 
     def note_compiled(self, module: nn.Module) -> None:
         """This root's forward runs through ``torch.compile``: its forward is not measured."""
+        self._note_root(module, "compiled_roots")
+
+    def _note_root(self, module: nn.Module, fact: str) -> None:
         index = self.watched.root_of_module(module)
         if index is not None:
-            names = self.history.facts.setdefault("compiled_roots", [])
+            names = self.history.facts.setdefault(fact, [])
             if self.history.roots[index] not in names:
                 names.append(self.history.roots[index])
 

@@ -99,7 +99,11 @@ class _BackwardInterceptor:
         if loss is None and isinstance(tensors, (tuple, list)) and len(tensors) == 1 \
                 and isinstance(tensors[0], torch.Tensor):
             loss = tensors[0]
-        monitors = list(self._monitors)
+        # A watch takes the backward calls of the thread that trains its model, so that
+        # two threads training two watched models never see each other's steps;
+        # `gradwatch run` watches the whole process.
+        thread = threading.get_ident()
+        monitors = [m for m in self._monitors if m.discover or m.thread == thread]
         if loss is None or kwargs.get("create_graph") or (args and len(args) > 2 and args[2]):
             # Higher-order gradients (gradient penalties, meta-learning) are not a
             # training step's loss: let them through untouched.
@@ -209,15 +213,12 @@ class GlobalProbes:
 
     A *root* is a module with parameters called while no other module is running; its
     parameter-owning submodules become layers. ``name_of`` names roots and bare tensors
-    after the script's own variables where it can; ``models_of`` finds the script's models
-    that own parameters (by id) an optimizer steps although no forward of theirs was seen.
+    after the script's own variables where it can.
     """
 
     def __init__(self, monitor: Monitor, handles: Handles,
-                 name_of: Callable[[Any], str | None],
-                 models_of: Callable[[set[int]], list[tuple[str, nn.Module]]] = lambda ids: []
-                 ) -> None:
-        self.monitor, self.name_of, self.models_of = monitor, name_of, models_of
+                 name_of: Callable[[Any], str | None]) -> None:
+        self.monitor, self.name_of = monitor, name_of
         self._depth = 0
         handles.add(module_hooks.register_module_forward_pre_hook(self._pre))
         # always_call: the depth count must unwind even when a forward raises.
@@ -282,20 +283,7 @@ class GlobalProbes:
         if monitor.enabled:
             # Parameters the optimizer updates that no model call has shown: tracked from
             # now on. Done after the step, because a closure (LBFGS) runs the model only
-            # inside step(). A model of the script's that owns them is adopted whole (its
-            # forward runs only compiled: ``model.compile()``); the rest are bare tensors.
+            # inside step().
             params = [p for g in optimizer.param_groups for p in g["params"]]
-            untracked = {id(p) for p in params if not monitor.tracks(p)}
-            if untracked:
-                self._adopt_owners(untracked)
+            if any(not monitor.tracks(p) for p in params):
                 monitor.add_tensors(params)
-
-    def _adopt_owners(self, untracked: set[int]) -> None:
-        for name, module in self.models_of(untracked):
-            try:
-                self.monitor.add_root(module, name)
-                self.monitor.note_compiled(module)
-            except Exception as exc:  # never break the user's step
-                self.monitor.fail(exc)
-                if self.monitor.options.strict:
-                    raise

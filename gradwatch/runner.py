@@ -6,6 +6,7 @@ import os
 import runpy
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,17 @@ from .watch import default_extensions
 
 __all__ = ["RunResult", "run_script"]
 
+_COMPILE_HOOK_WARNING = r"Using `torch.compile\(module\)` when there are global hooks"
+
 
 class RunResult:
-    """The script's exit status and gradwatch's report of its run."""
+    """The script's exit status and gradwatch's report of its run.
 
-    def __init__(self, exit_code: int, report: Report) -> None:
+    ``report`` is None in a process the script forked (``os.fork()``) that ended while
+    running the script: the run and its report belong to the process that started it.
+    """
+
+    def __init__(self, exit_code: int, report: Report | None) -> None:
         self.exit_code, self.report = exit_code, report
 
 
@@ -91,23 +98,33 @@ def run_script(script: str | os.PathLike[str], args: Sequence[str] = (),
     counts as completed, and its report says what was applied under ``"applied"``.
     """
     path = Path(script)
-    if not path.is_file():
+    if path.is_dir() and not (path / "__main__.py").is_file():
+        raise FileNotFoundError(f"{path} is a folder without a __main__.py: give the training "
+                                f"script (a .py file) to run")
+    if not path.exists():
         raise FileNotFoundError(f"no such training script: {path}")
+    started_in = os.getpid()
     monitor = Monitor(options, thresholds, discover=True, extensions=default_extensions())
     monitor.namer = _main_namer()
+    monitor.models_of = _main_models
     handles = Handles()
     saved_argv, saved_path = sys.argv[:], sys.path[:]
     status, error, code = "completed", None, 0
     try:
         if control is not None:
             control.attach_first(handles, monitor)  # before GlobalProbes: change, then adopt
-        GlobalProbes(monitor, handles, monitor.namer, _main_models)
+        GlobalProbes(monitor, handles, monitor.namer)
         if control is not None:
             control.attach_last(handles)  # after GlobalProbes: the last step is committed
         handles.add(INTERCEPTOR.register(monitor))
         sys.argv = [str(path), *args]
-        sys.path.insert(0, str(path.resolve().parent))
-        runpy.run_path(str(path), run_name="__main__")
+        sys.path.insert(0, str(path.resolve() if path.is_dir() else path.resolve().parent))
+        with warnings.catch_warnings():
+            # torch warns at every call of a torch.compile wrapper while global module
+            # hooks exist: they are gradwatch's, which already ignores that extra call.
+            warnings.filterwarnings("ignore", message=_COMPILE_HOOK_WARNING,
+                                    category=UserWarning)
+            runpy.run_path(str(path), run_name="__main__")
     except StopRun:
         pass  # a --verify re-run reached its step budget (or its remedy could not apply)
     except SystemExit as exc:
@@ -123,6 +140,8 @@ def run_script(script: str | os.PathLike[str], args: Sequence[str] = (),
         sys.argv[:], sys.path[:] = saved_argv, saved_path
         handles.remove()
         monitor.close(status, error)
+    if os.getpid() != started_in:
+        return RunResult(code, None)  # a forked child: the parent reports the run
     report = build_report(monitor)
     if control is not None:
         report = Report({**report.to_dict(), "applied": control.summary()})

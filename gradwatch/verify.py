@@ -435,6 +435,8 @@ def _child_main(script: str, args: list[str], parts: Parts, steps: int, folder: 
 
     try:
         result = run_script(script, args, options, thresholds, ChildControl(parts, steps))
+        if result.report is None:  # a process the re-run forked: not the re-run's report
+            return
         result.report.save(report_path)
     finally:
         sys.stdout.flush()

@@ -80,6 +80,8 @@ class Watch:
         compiled = model is not unwrap_compiled(model)
         model = unwrap_compiled(model)
         self.monitor.add_root(model, type(model).__name__)
+        if compiled or getattr(model, "_compiled_call_impl", None) is not None:
+            self.monitor.note_compiled(model)
         for opt in optimizers:
             if not self.monitor.owns_params_of(opt):
                 raise ValueError(f"the {type(opt).__name__} optimizer passed to watch() "
@@ -101,6 +103,10 @@ class Watch:
         self._closed = False
 
     def __enter__(self) -> Watch:
+        if self._closed:
+            raise RuntimeError("this watch is closed (its with block has ended): its hooks "
+                               "are gone and it measures nothing more; start a new one with "
+                               "gradwatch.watch(model, optimizer)")
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -109,6 +115,8 @@ class Watch:
             self.close()
         elif issubclass(exc_type, KeyboardInterrupt):
             self.close("interrupted", "KeyboardInterrupt")
+        elif issubclass(exc_type, SystemExit) and _exit_status(exc) == 0:
+            self.close()  # sys.exit(0) ends the program successfully, the run included
         else:
             self.close("failed", f"{exc_type.__name__}: {exc}")
 
@@ -132,6 +140,10 @@ class Watch:
             return
         self._closed = True
         self._handles.remove()
+        if self.monitor.root_forwards == 0 and self.monitor.step > 0:
+            # Every step ran, no forward of the model was seen: it runs compiled or only
+            # through its submodules, and its forward-side measurements are missing.
+            self.monitor.history.facts["forward_unseen"] = list(self.monitor.history.roots)
         self.monitor.close(status, error)
 
     @property
@@ -148,6 +160,15 @@ class Watch:
         if not self._closed and self.monitor.enabled:
             self.monitor.flush()
         return build_report(self.monitor)
+
+
+def _exit_status(exc: BaseException | None) -> int:
+    """The process exit status a SystemExit stands for (``sys.exit()`` and ``sys.exit(0)``:
+    0; a message: 1)."""
+    code = getattr(exc, "code", None)
+    if code is None:
+        return 0
+    return code if isinstance(code, int) else 1
 
 
 def watch(model: nn.Module,

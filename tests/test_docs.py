@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gradwatch.monitor import Options
-from gradwatch.thresholds import Thresholds
+from gradwatch.thresholds import Thresholds, valid_range
 
 ROOT = Path(__file__).resolve().parent.parent
 THRESHOLDS_DOC = ROOT / "docs" / "thresholds.md"
@@ -50,6 +50,16 @@ def test_every_threshold_is_documented_with_its_default() -> None:
             f"{field.default}")
 
 
+def test_every_threshold_is_documented_with_its_valid_range() -> None:
+    text = THRESHOLDS_DOC.read_text(encoding="utf-8")
+    for field in dataclasses.fields(Thresholds):
+        m = re.search(rf"^\| `{field.name}` \| [^|]+ \| `([^`]+)` \|", text, re.M)
+        assert m, f"docs/thresholds.md gives no valid range for {field.name}"
+        assert m.group(1) == str(valid_range(field.name)), (
+            f"docs/thresholds.md gives {field.name} the range {m.group(1)}, the code "
+            f"{valid_range(field.name)}")
+
+
 def test_no_documented_threshold_is_stale() -> None:
     rows = documented_defaults(THRESHOLDS_DOC.read_text(encoding="utf-8"))
     names = {f.name for f in dataclasses.fields(Thresholds)}
@@ -59,7 +69,7 @@ def test_no_documented_threshold_is_stale() -> None:
 def test_documented_default_is_the_one_the_table_parser_reads() -> None:
     # The parser the two tests above rely on must reject a wrong default, or they prove nothing.
     name = dataclasses.fields(Thresholds)[0].name
-    rows = documented_defaults(f"| `{name}` | 0.123 | float | x |\n")
+    rows = documented_defaults(f"| `{name}` | 0.123 | `(0, 1]` | float | x |\n")
     assert float(rows[name]) != getattr(Thresholds(), name)
 
 

@@ -24,7 +24,7 @@ def detect(ctx: Context) -> list[Finding]:
     steps, loss = ctx.finite_loss()
     if loss.size < t.min_steps:
         return []
-    start = int(len(loss) * (1 - t.plateau_window))
+    start = min(int(len(loss) * (1 - t.plateau_window)), len(loss) - 2)  # 2 points at least
     window = loss[start:]
     q = max(1, len(window) // 4)
     head, tail = float(np.median(window[:q])), float(np.median(window[-q:]))
@@ -32,12 +32,22 @@ def detect(ctx: Context) -> list[Finding]:
     if abs(change) >= t.plateau_rel_change:
         return []
     final = float(np.median(loss[-q:]))
+    at_floor = float(np.max(np.abs(window))) <= t.converged_loss
     since = len(loss) - 1
     tol = max(abs(final) * t.plateau_rel_change, 1e-12)
     while since > 0 and abs(loss[since - 1] - final) <= tol:
         since -= 1
     first_step = int(steps[since])
 
+    if at_floor:
+        # Zero loss (the model reproduces its targets exactly): nothing left to learn,
+        # whatever the output spread or the (zero) updates say.
+        return [Finding(KIND, "info", first_step, int(steps[-1]), [],
+                        f"{ctx.subject}The loss has been at {fmt(final)} since step "
+                        f"{first_step}: the model fits its targets exactly (converged).",
+                        {"loss_first": float(loss[0]), "loss_last": float(loss[-1]),
+                         "loss_max_in_window": float(np.max(np.abs(window))),
+                         "threshold": t.converged_loss, "flat_since_step": first_step})]
     signs: list[Cause] = []
     evidence: dict = {"loss_first": float(loss[0]), "loss_best": ctx.best_loss,
                       "loss_last": float(loss[-1]), "relative_change": change,
@@ -63,8 +73,9 @@ def detect(ctx: Context) -> list[Finding]:
         total = ctx.total_grad
         ok = np.isfinite(total)
         window_grad = total[ok & (ctx.steps >= steps[start])]
-        sizeable = window_grad.size > 0 and float(np.median(window_grad)) >= \
-            t.active_grad_fraction * float(np.max(total[ok]))
+        median = float(np.median(window_grad)) if window_grad.size else 0.0
+        # A zero gradient is nothing to move by: that is no frozen model.
+        sizeable = median > 0 and median >= t.active_grad_fraction * float(np.max(total[ok]))
         if peak < t.frozen_update_ratio and sizeable:
             frozen = True
             signs.append(Cause("weights_frozen",

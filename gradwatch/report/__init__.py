@@ -14,10 +14,9 @@ from ..detectors import run_detectors, through_time
 from ..detectors.context import Context
 from ..findings import Finding, jsonable
 from .atomic import write_text_atomic
+from .schema import SCHEMA, check_report
 
-__all__ = ["SCHEMA", "Report", "build_report"]
-
-SCHEMA = "gradwatch.report/v1"
+__all__ = ["SCHEMA", "Report", "build_report", "check_report"]
 
 
 class Report:
@@ -83,16 +82,27 @@ class Report:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Report:
-        """Read a report saved as JSON."""
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        if data.get("schema") != SCHEMA:
-            raise ValueError(f"{path} is not a gradwatch report (schema "
-                             f"{data.get('schema')!r}, expected {SCHEMA!r})")
-        return cls(data)
+        """Read a report saved as JSON.
+
+        Raises ``OSError`` when the file cannot be read and ``ValueError`` ("not a gradwatch
+        report: ...") when its content is not a report of this schema.
+        """
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, absurd nesting
+            raise ValueError(f"not a gradwatch report: {path} is not JSON "
+                             f"({type(exc).__name__}: {str(exc)[:200]})") from None
+        check_report(data, str(path))
+        try:
+            return cls(data)
+        except (KeyError, TypeError, ValueError) as exc:  # a shape the checks let through
+            raise ValueError(f"not a gradwatch report: {path}: {exc}") from None
 
     def __repr__(self) -> str:
-        return (f"Report(steps={self.run['steps']}, status={self.run['status']!r}, "
+        run = self._data.get("run") or {}
+        return (f"Report(steps={run.get('steps')}, status={run.get('status')!r}, "
                 f"findings={[f.kind for f in self.findings]})")
 
 
@@ -120,9 +130,47 @@ def _site_facts(ctx: Context, i: int) -> dict[str, Any]:
 
 
 def build_report(monitor: Any) -> Report:
-    """Run the detectors over a monitor's history and assemble the contract's JSON."""
+    """Run the detectors over a monitor's history and assemble the contract's JSON.
+
+    Never raises: if assembling the report fails (a bug of gradwatch's), the report still
+    has the run's facts, with the error among its internal errors.
+    """
+    try:
+        findings, detector_errors = run_detectors(monitor.history, monitor.thresholds)
+    except Exception as exc:
+        findings, detector_errors = [], [f"the detectors could not run: "
+                                          f"{type(exc).__name__}: {exc}"]
+    try:
+        return _assemble(monitor, findings, detector_errors)
+    except Exception as exc:
+        return _minimal(monitor, findings, [*detector_errors, f"the report could not be "
+                                            f"assembled: {type(exc).__name__}: {exc}"])
+
+
+def _run_facts(monitor: Any, detector_errors: list[str]) -> dict[str, Any]:
+    # A report taken inside the with-block is a snapshot of a run that has not ended:
+    # the contract knows no "running", so it says "interrupted" and in_progress true.
+    return {"steps": int(monitor.step),
+            "status": "interrupted" if monitor.status == "running" else monitor.status,
+            "in_progress": monitor.status == "running", "error": monitor.error,
+            "duration_s": round(monitor.duration, 3), "mode": monitor.mode,
+            "internal_errors": list(monitor.errors) + detector_errors,
+            "detector_errors": detector_errors, "measured_steps": monitor.stopped_at}
+
+
+def _minimal(monitor: Any, findings: list[Finding], errors: list[str]) -> Report:
+    """The run, its layers' names and the findings, without series or facts."""
+    layers = [{"name": layer.name, "type": layer.type, "depth": i, "params": layer.params}
+              for i, layer in enumerate(monitor.history.layers)]
+    return Report(jsonable({"schema": SCHEMA, "tool": {"name": "gradwatch",
+                                                       "version": __version__},
+                            "run": _run_facts(monitor, errors), "layers": layers,
+                            "findings": [f.to_dict() for f in findings], "series": {},
+                            "facts": {}}))
+
+
+def _assemble(monitor: Any, findings: list[Finding], detector_errors: list[str]) -> Report:
     history = monitor.history
-    findings, detector_errors = run_detectors(history, monitor.thresholds)
     ctx = Context(history, monitor.thresholds)
     order = history.layer_order()
     layers = [{"name": ctx.name(i), "type": history.layers[i].type, "depth": depth,
@@ -153,13 +201,7 @@ def build_report(monitor: Any) -> Report:
     data = {
         "schema": SCHEMA,
         "tool": {"name": "gradwatch", "version": __version__},
-        # A report taken inside the with-block is a snapshot of a run that has not ended:
-        # the contract knows no "running", so it says "interrupted" and in_progress true.
-        "run": {"steps": int(monitor.step),
-                "status": "interrupted" if monitor.status == "running" else monitor.status,
-                "in_progress": monitor.status == "running", "error": monitor.error,
-                "duration_s": round(monitor.duration, 3), "mode": monitor.mode,
-                "internal_errors": list(monitor.errors) + detector_errors},
+        "run": _run_facts(monitor, detector_errors),
         "layers": layers,
         "findings": [f.to_dict() for f in findings],
         "series": series,

@@ -9,6 +9,7 @@ from html import escape
 from typing import Any
 
 from . import plots
+from .coverage import coverage_notes
 
 __all__ = ["CSS", "figures", "render_html"]
 
@@ -61,45 +62,48 @@ def _profile_steps(steps: Sequence[Any], grad: dict[str, Sequence[Any]]) -> list
     return sorted(set(picks))
 
 
-def figures(data: dict[str, Any]) -> list[str]:
-    """The report's plots as SVG figures: loss, gradient flow, profiles, sites, through time."""
+def _preflight_figures(data: dict[str, Any]) -> list[str]:
+    """One forward/backward at init: a curve over steps says nothing, the profile does."""
+    series = data.get("series") or {}
+    grad = series.get("grad_norm") or {}
+    layers = _layer_order(data, list(grad))
+    out = [plots.profile_chart(
+        layers, {"at init": [(grad.get(n) or [None])[0] for n in layers]},
+        "Gradient norm per layer at initialisation", notes=[
+            "Input side left. A line falling steeply towards the left means the "
+            "gradient vanishes before it reaches the first layers."])]
+    rms = series.get("activation_rms") or {}
+    if rms:
+        order = _layer_order(data, list(rms))
+        out.append(plots.profile_chart(
+            order, {"at init": [(rms.get(n) or [None])[0] for n in order]},
+            "Output RMS per layer at initialisation", "output RMS",
+            kind="activation-profile"))
+    return out
+
+
+def _loss_figure(data: dict[str, Any]) -> list[str]:
+    series = data.get("series") or {}
+    loss = list(series.get("loss") or [])
+    log_loss = _wants_log(loss)
+    return [plots.line_chart(
+        {"loss": (list(series.get("step") or []), loss)}, "Loss", "step",
+        "loss (log scale)" if log_loss else "loss", log_y=log_loss, kind="loss")]
+
+
+def _gradient_figures(data: dict[str, Any]) -> list[str]:
+    """The gradient-flow heatmap and the per-layer profile at chosen steps."""
     series = data.get("series") or {}
     steps = list(series.get("step") or [])
     grad = series.get("grad_norm") or {}
     layers = _layer_order(data, list(grad))
-    preflight = (data.get("run") or {}).get("mode") == "preflight"
-    out: list[str] = []
-
-    if preflight:
-        # one forward/backward at init: a curve over steps says nothing, the profile does
-        rms = series.get("activation_rms") or {}
-        out.append(plots.profile_chart(
-            layers, {"at init": [(grad.get(n) or [None])[0] for n in layers]},
-            "Gradient norm per layer at initialisation", notes=[
-                "Input side left. A line falling steeply towards the left means the "
-                "gradient vanishes before it reaches the first layers."]))
-        if rms:
-            order = _layer_order(data, list(rms))
-            out.append(plots.profile_chart(
-                order, {"at init": [(rms.get(n) or [None])[0] for n in order]},
-                "Output RMS per layer at initialisation", "output RMS",
-                kind="activation-profile"))
-        return out
-
-    loss = list(series.get("loss") or [])
-    log_loss = _wants_log(loss)
-    out.append(plots.line_chart(
-        {"loss": (steps, loss)}, "Loss", "step", "loss (log scale)" if log_loss else "loss",
-        log_y=log_loss, kind="loss"))
-
     nonfinite = series.get("nonfinite") or {}
-    out.append(plots.heatmap(
+    out = [plots.heatmap(
         layers, steps, [grad[n] for n in layers],
         nonfinite=[nonfinite.get(n) or [] for n in layers], notes=[
             "Each row is a layer, input side at the bottom; each column a step. Dark rows at "
             "the bottom mean the first layers get little gradient (vanishing); bright or red "
-            "cells spreading down mean exploding or non-finite gradients."]))
-
+            "cells spreading down mean exploding or non-finite gradients."])]
     picks = _profile_steps(steps, grad)
     if picks:
         out.append(plots.profile_chart(
@@ -108,10 +112,15 @@ def figures(data: dict[str, Any]) -> list[str]:
             "Gradient norm per layer at chosen steps", notes=[
                 "First, middle and last measured steps. Input side left: a line that falls "
                 "towards the left means the gradient shrinks on its way back to the input."]))
+    return out
 
+
+def _site_figures(data: dict[str, Any]) -> list[str]:
+    """Dead ReLU units and saturated units over time, one line per activation site."""
+    series = data.get("series") or {}
     site_steps = list(series.get("site_step") or [])
     kinds = {s.get("name"): s.get("kind") for s in (data.get("facts") or {}).get("sites") or []}
-
+    out = []
     for key, kind, title, what in (
             ("dead_fraction", "dead-fraction", "Dead ReLU units over time",
              "Fraction of each ReLU site's units that output 0 for every sample of the batch."),
@@ -128,16 +137,44 @@ def figures(data: dict[str, Any]) -> list[str]:
                 {f"{name} ({kinds[name]})" if kinds.get(name) else name: (site_steps, values)
                  for name, values in sites.items()}, title, "step",
                 "fraction of units", kind=kind, y_range=(0.0, 1.0), notes=notes))
+    return out
 
-    through = series.get("through_time") or {}
-    if through:
-        out.append(plots.line_chart(
-            {name: (m.get("step") or [], m.get("ratio_first_to_last_timestep") or [])
-             for name, m in through.items()},
-            "Gradient through time: first timestep / last timestep", "step",
-            "ratio (log scale)", log_y=True, kind="through-time", notes=[
-                "How much of the gradient at the last timestep of the sequence reaches the "
-                "first one; far below 1 means the recurrent layer forgets early inputs."]))
+
+def _through_time_figure(data: dict[str, Any]) -> list[str]:
+    through = (data.get("series") or {}).get("through_time") or {}
+    if not through:
+        return []
+    return [plots.line_chart(
+        {name: (m.get("step") or [], m.get("ratio_first_to_last_timestep") or [])
+         for name, m in through.items()},
+        "Gradient through time: first timestep / last timestep", "step",
+        "ratio (log scale)", log_y=True, kind="through-time", notes=[
+            "How much of the gradient at the last timestep of the sequence reaches the "
+            "first one; far below 1 means the recurrent layer forgets early inputs."])]
+
+
+def figures(data: dict[str, Any]) -> list[str]:
+    """The report's plots as SVG figures: loss, gradient flow, profiles, sites, through time."""
+    return [fig for draw in _builders(data) for fig in draw(data)]
+
+
+def _builders(data: dict[str, Any]) -> list[Any]:
+    if (data.get("run") or {}).get("mode") == "preflight":
+        return [_preflight_figures]
+    return [_loss_figure, _gradient_figures, _site_figures, _through_time_figure]
+
+
+def drawn_figures(data: dict[str, Any]) -> list[str]:
+    """:func:`figures`, each plot on its own: one that cannot be drawn from this report's
+    series (a report read back from an edited file) is replaced by a sentence saying so,
+    and the rest of the page is still written."""
+    out: list[str] = []
+    for draw in _builders(data):
+        try:
+            out += draw(data)
+        except Exception as exc:
+            out.append(f"<p class='gw-figure'>Could not draw {_e(draw.__name__.strip('_'))}: "
+                       f"{_e(type(exc).__name__)}: {_e(str(exc)[:200])}</p>")
     return out
 
 
@@ -199,9 +236,11 @@ def render_html(data: dict[str, Any]) -> str:
     ]
     if run.get("error"):
         parts.append(f"<p><b>The run ended with:</b> {_e(run['error'])}</p>")
+    parts += [f"<p class='coverage'><b>Not measured:</b> {_e(note)}</p>"
+              for note in coverage_notes(data)]
     problems = [f for f in data["findings"] if f["severity"] != "info"]
     parts += _glance(data["findings"])
-    figs = figures(data)
+    figs = drawn_figures(data)
     if figs:
         parts.append("<h2>Plots</h2><div class='gw-figs'>")
         parts += figs

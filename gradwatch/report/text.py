@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from collections import Counter
 from typing import Any
 
-__all__ = ["render_text"]
+from .coverage import coverage_notes
+
+__all__ = ["printable", "render_text"]
 
 _MARK = {"error": "ERROR", "warning": "WARN ", "info": "info "}
 
@@ -34,8 +37,8 @@ def _rates(optimizer: dict[str, Any], lr_series: list[float | None]) -> str:
     used = [v for v in lr_series if v is not None]
     if len(optimizer["groups"]) == 1 and used and min(used) != max(used):
         return f"{min(used):.3g} to {max(used):.3g} over the run"
-    return ", ".join(f"{g['lr']:.3g}" if isinstance(g["lr"], (int, float)) else str(g["lr"])
-                     for g in optimizer["groups"])
+    rates = [g.get("lr") for g in optimizer["groups"]]
+    return ", ".join(f"{r:.3g}" if isinstance(r, (int, float)) else "?" for r in rates)
 
 
 def _loss(value: Any) -> str:
@@ -112,9 +115,20 @@ def render_text(data: dict[str, Any], width: int = 100) -> str:
             if others:
                 lines.append(f"  also: {', '.join(others)}")
             lines += _verified_lines(f["remedies"], width)
-    internal = run.get("internal_errors") or []
-    if internal:
+    notes = coverage_notes(data)
+    if notes:
         lines.append("")
-        lines.append(f"gradwatch hit {len(internal)} internal error(s) and stopped measuring "
-                     f"(your run was not affected): {internal[0]}")
-    return "\n".join(lines) + "\n"
+        for note in notes:
+            lines += _wrap(f"not measured: {note}", width, "", "  ")
+    return "\n".join(map(printable, lines)) + "\n"
+
+
+# C0 and C1 control characters (the newline is added between lines) and the bidirectional
+# overrides: names from the user's code must not move the cursor, retitle the terminal or
+# reorder what the reader sees.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters written as escapes (``\\x1b``), safe for a terminal."""
+    return _CONTROL.sub(lambda m: ascii(m.group())[1:-1], text)
