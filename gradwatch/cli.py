@@ -186,13 +186,13 @@ def _write_outputs(report: Any, outputs: Sequence[str | None], quiet: bool, prog
 def _check_writable(parser: argparse.ArgumentParser, path: str) -> None:
     """Refuse, before the script runs, a report path that could not be written after it."""
     p = Path(path)
+    if p.is_dir():
+        parser.error(f"cannot write {path}: it is a folder; give a file name")
     if p.suffix.lower() not in (".json", ".html", ".htm", ".txt", ".md", ".log"):
         parser.error(f"cannot tell the report format from {path!r}: use .json, .html or .txt")
     folder = p.parent if str(p.parent) else Path(".")
     if not folder.is_dir():
         parser.error(f"cannot write {path}: folder {folder} does not exist")
-    if p.is_dir():
-        parser.error(f"cannot write {path}: it is a folder; give a file name")
     try:
         # The report is written through a temporary file in the same folder: try one.
         with tempfile.TemporaryFile(dir=folder):

@@ -182,6 +182,7 @@ _BACKGROUND: list[Any] = []  # what those modules started; closed at the end
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "needs_demo: the test reads the session's "
                             "`gradwatch demo` run (added to every test using demo_run)")
+    config.addinivalue_line("markers", "slow: a heavy test (pytest -m 'not slow' skips it)")
 
 
 @pytest.hookimpl(trylast=True)  # after -k/-m/--deselect: start only what selected tests need
@@ -241,9 +242,9 @@ def demo_run() -> DemoRun:
     return _DEMO[0].wait()
 
 
-# tests/scripts/ holds training scripts that `gradwatch run` executes in a subprocess;
-# --doctest-modules must not import (and so run) them.
-collect_ignore = ["scripts"]
+# tests/scripts/ and tests/reliability/scripts/ hold training scripts that `gradwatch run`
+# executes; --doctest-modules must not import (and so run) them.
+collect_ignore = ["scripts", "reliability/scripts"]
 
 # Tiny models run fastest on one thread, and two test processes (or CI's other jobs) on
 # a 2-core machine otherwise fight over the cores.

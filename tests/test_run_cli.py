@@ -96,15 +96,16 @@ def _lower_priority() -> None:
 
 
 class Launcher:
-    """Starts every command of ``RUNS`` in parallel, each in its own folder of a temporary
-    one; hands out results as they finish."""
+    """Starts every command of ``runs`` (default ``RUNS``) in parallel, each in its own
+    folder of a temporary one; hands out results as they finish."""
 
-    def __init__(self) -> None:
+    def __init__(self, runs: dict[str, list[str]] | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="gradwatch-run-test-"))
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
         self._procs: dict[str, tuple[subprocess.Popen[str], Path]] = {}
         self._done: dict[str, Finished] = {}
-        for name, argv in RUNS.items():
+        for name, argv in (RUNS if runs is None else runs).items():
             folder = self.root / name
             folder.mkdir()
             proc = subprocess.Popen(argv, cwd=folder, env=env, stdout=subprocess.PIPE,

@@ -167,11 +167,15 @@ class Context:
     def name(self, i: int) -> str:
         """Display name: prefixed by the model's name when the run trained several."""
         info = self.h.layers[i]
-        roots = {layer.root for layer in self.h.layers if layer.root >= 0}
-        if info.root >= 0 and len(roots) > 1:
+        if info.root >= 0 and self._several_models:
             prefix = self.h.roots[info.root]
             return f"{prefix}.{info.name}" if info.name else prefix
         return info.name or (self.h.roots[info.root] if info.root >= 0 else "tensor")
+
+    @cached_property
+    def _several_models(self) -> bool:
+        """Whether layers of more than one model were watched (names get a model prefix)."""
+        return len({layer.root for layer in self.h.layers if layer.root >= 0}) > 1
 
     def label(self, i: int) -> str:
         """Name for a sentence: ``layer 0`` for an nn.Sequential index, else the name."""

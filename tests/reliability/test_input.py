@@ -90,7 +90,7 @@ def in_range(name: str) -> st.SearchStrategy[float | int]:
     closed_low, low, high, closed_high = valid_range(name)._parts()
     field = next(f for f in dataclasses.fields(Thresholds) if f.name == name)
     if field.type in ("int", int):
-        first = int(low) if closed_low else int(math.floor(low)) + 1
+        first = int(low) if closed_low else math.floor(low) + 1
         return st.integers(first, first + 200)
     low, high = max(low, -1e12), min(high, 1e12)
     return st.floats(low, high, exclude_min=not closed_low, exclude_max=not closed_high,
@@ -210,5 +210,5 @@ def test_a_report_with_any_part_replaced_loads_or_is_refused(
 def test_malformed_files_are_value_errors(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "r.json"
     path.write_bytes(content)
-    with pytest.raises(ValueError, match="^not a gradwatch report: "):
+    with pytest.raises(ValueError, match=r"^not a gradwatch report: "):
         gradwatch.Report.load(path)
