@@ -147,6 +147,7 @@ class Monitor:
         self._nan_grad = np.zeros((0, 0), dtype=bool)
         self._xshapes: dict[str, tuple[int, ...]] = {}  # extension buffers: per-row shape
         self._wants_pre: dict[int, bool] = {}  # layer -> an extension pre-hooks it
+        self._act_step: dict[int, int] = {}  # layer -> step whose output RMS it holds
         self.last_layer = -1  # the layer whose forward ran last (feeds the next activation)
         self.suspended = 0  # > 0 while gradwatch itself runs the model: hooks do nothing
         # ids of tensors gradwatch made this step (input probes): never adopted as bare
@@ -634,11 +635,15 @@ class Monitor:
         if info.order is None:
             info.order = self._forward_counter
             self._forward_counter += 1
-        if not torch.is_grad_enabled() or not self._is_detail(self.step):
+        if not torch.is_grad_enabled() or not self._is_detail(self.step) or \
+                self._act_step.get(layer) == self.step:
             return
         out = _first_tensor(output)
         if out is None or not out.is_floating_point():
             return
+        # The layer's first call of the step: an RNN cell called once per timestep, or a
+        # closure evaluated twenty times by LBFGS, is measured once, not per call.
+        self._act_step[layer] = self.step
         row = self._row()
         self._buf["act"][row, layer] = stats.rms(out).to(self._buf["act"].device)
 

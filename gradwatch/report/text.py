@@ -41,6 +41,10 @@ def _rates(optimizer: dict[str, Any], lr_series: list[float | None]) -> str:
     return ", ".join(f"{r:.3g}" if isinstance(r, (int, float)) else "?" for r in rates)
 
 
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
 def _loss(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, (int, float)) else "not finite"
 
@@ -85,15 +89,19 @@ def render_text(data: dict[str, Any], width: int = 100) -> str:
     lines = [head]
     types = Counter(layer["type"] for layer in layers)
     opt = data.get("facts", {}).get("optimizers", [])
-    model = ", ".join(f"{t} x{n}" if n > 1 else t for t, n in types.most_common())
+    model = ", ".join(f"{t} x{n}" if n > 1 else t for t, n in types.most_common()) or "none"
     lr_series = data["series"].get("lr", []) if len(opt) == 1 else []
     # A sweep trains one model after another: the same optimizer once per model, grouped.
     described = Counter(f"{o['type']} (lr {_rates(o, lr_series)})" for o in opt)
     opts = ", ".join(f"{d} x{n}" if n > 1 else d for d, n in described.items()) or "none seen"
-    lines.append(f"model: {len(layers)} layers with parameters ({model}); optimizer: {opts}")
+    lines.append(f"model: {len(layers)} layer{'s' if len(layers) != 1 else ''} with "
+                 f"parameters ({model}); optimizer: {opts}")
     if run.get("error"):
-        lines += _wrap(f"the run ended with {run['error']}", width, "")
-    if not problems:
+        error = " ".join(str(run["error"]).split())
+        lines += _wrap(f"the run ended with {_shorten(error, 300)}", width, "")
+    if not problems and not run.get("steps"):
+        lines.append("no step was completed: nothing to judge.")
+    elif not problems:
         lines.append("no problems found" + (f" ({counts['info']} note"
                                              f"{'s' if counts['info'] != 1 else ''})"
                                              if counts["info"] else "") + ".")

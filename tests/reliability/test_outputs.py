@@ -118,6 +118,30 @@ def test_a_full_disk_is_one_line_and_leaves_the_old_file(
     assert sorted(p.name for p in folder.iterdir()) == ["a.json", "ran.marker", "s.py"]
 
 
+def test_a_failing_detector_is_named_and_measuring_goes_on(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from gradwatch import detectors
+
+    def broken(ctx: object) -> list:
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setitem(detectors.REGISTRY, "loss_plateau", broken)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradwatch.watch(model, opt) as gw:
+        for _ in range(40):
+            opt.zero_grad()
+            model(torch.randn(16, 4)).square().mean().backward()
+            opt.step()
+    report = gw.report()
+    assert report.run["measured_steps"] is None, "measuring did not stop"
+    assert report.run["detector_errors"] == [
+        "detector loss_plateau failed: ZeroDivisionError: division by zero"]
+    summary = report.summary()
+    assert "detector loss_plateau failed" in summary and "missing from this report" in summary
+    assert "stopped measuring" not in summary
+
+
 # --------------------------------------------------------------------------- refused early
 @pytest.mark.parametrize("args, message", [
     (["--threshold", "explosion_lr_reduction=0"], "must be in [1, inf)"),
