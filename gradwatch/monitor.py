@@ -485,16 +485,20 @@ class Monitor:
                     self._grad_row("grad")
                 self._grads_taken = True
             return
+        if not self.discover and self.mode != "explicit":
+            self._mark_grads()
+            if self._grad_mark is None:
+                # No watched parameter has a gradient: this backward trained another
+                # model (one the watch cannot tell by its output), not this one.
+                return
         self._losses.append(loss)
         if self._is_sampled(self.step):
             self._grad_row("grad")  # accumulation: the last call holds the summed gradients
         self._grads_taken = True
-        if self.mode == "optimizer":
-            self._mark_grads()
-        elif self.mode == "backward":
+        if self.mode == "backward":
             if self._is_detail(self.step):
                 self._take_snapshot()
-        else:
+        elif self.mode != "optimizer":
             self._probe_norms = self._weight_norms()
             if self._is_detail(self.step):
                 self._take_snapshot()

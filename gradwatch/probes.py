@@ -99,11 +99,7 @@ class _BackwardInterceptor:
         if loss is None and isinstance(tensors, (tuple, list)) and len(tensors) == 1 \
                 and isinstance(tensors[0], torch.Tensor):
             loss = tensors[0]
-        # A watch takes the backward calls of the thread that trains its model, so that
-        # two threads training two watched models never see each other's steps;
-        # `gradwatch run` watches the whole process.
-        thread = threading.get_ident()
-        monitors = [m for m in self._monitors if m.discover or m.thread == thread]
+        monitors = self._for_this_thread()
         if loss is None or kwargs.get("create_graph") or (args and len(args) > 2 and args[2]):
             # Higher-order gradients (gradient penalties, meta-learning) are not a
             # training step's loss: let them through untouched.
@@ -117,10 +113,24 @@ class _BackwardInterceptor:
             # (flag set by a grad_fn pre-hook in forward): another model trained in the
             # same loop is not its business. Where no output could be hooked (the model
             # is only run through torch.compile, or through submodules), every backward
-            # counts; `gradwatch run` watches the whole process anyway.
-            if m.discover or self.flags.get(id(m)) or id(m) not in self.armed:
+            # counts that reaches its parameters; `gradwatch run` watches the whole process.
+            if m.discover or self.flags.get(id(m)) or id(m) not in self.armed or \
+                    not m.root_forwards:
                 m.on_backward_end(loss)
         return result
+
+
+    def _for_this_thread(self) -> list[Monitor]:
+        """The monitors a backward in this thread goes to. A watch takes the backward
+        calls of the thread that trains its model (where its forward or step last ran), so
+        that two threads training two watched models never see each other's steps; when no
+        watch trains in this thread (a loop moved to another thread, DataParallel's replicas
+        running the forward elsewhere), every watch takes it, as in a single thread.
+        `gradwatch run` watches the whole process."""
+        monitors = list(self._monitors)
+        thread = threading.get_ident()
+        mine = [m for m in monitors if not m.discover and m.thread == thread]
+        return [m for m in monitors if m.discover or not mine or m.thread == thread]
 
 
 _ORIGINAL_BACKWARD = torch.autograd.backward

@@ -103,6 +103,29 @@ def test_two_threads_with_a_watch_each_keep_their_own_rows() -> None:
         np.testing.assert_array_equal(recorded(report), losses)
 
 
+def test_a_watch_follows_its_loop_into_another_thread() -> None:
+    """Made in this thread, trained in another, its own forward never seen (only its
+    submodules are called): every step is still its."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    losses: list[float] = []
+
+    def loop() -> None:
+        for _ in range(30):
+            opt.zero_grad()
+            loss = model[2](model[1](model[0](torch.randn(16, 4)))).square().mean()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+
+    with gradwatch.watch(model, opt) as gw:
+        worker = threading.Thread(target=loop)
+        worker.start()
+        worker.join()
+    np.testing.assert_array_equal(recorded(gw.report()), losses)
+
+
 def test_a_model_that_fits_exactly_is_converged() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
