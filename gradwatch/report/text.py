@@ -35,7 +35,7 @@ def _layers(names: list[str]) -> str:
 def _rates(optimizer: dict[str, Any], lr_series: list[float | None]) -> str:
     """An optimizer's learning rates, or the range a schedule moved them through."""
     used = [v for v in lr_series if v is not None]
-    if len(optimizer["groups"]) == 1 and used and min(used) != max(used):
+    if used and min(used) != max(used):  # a schedule (the largest group's rate)
         return f"{min(used):.3g} to {max(used):.3g} over the run"
     rates = [g.get("lr") for g in optimizer["groups"]]
     return ", ".join(f"{r:.3g}" if isinstance(r, (int, float)) else "?" for r in rates)
