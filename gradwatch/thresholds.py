@@ -227,8 +227,8 @@ class Thresholds:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             _check(field, value)
-            if field.type in ("int", int):
-                object.__setattr__(self, field.name, int(value))
+            whole = field.type in ("int", int)
+            object.__setattr__(self, field.name, int(value) if whole else float(value))
 
     def replace(self, **overrides: float) -> Thresholds:
         """Return a copy with some fields changed; unknown names raise a clear error."""

@@ -75,10 +75,16 @@ def test_watch_takes_any_options_or_raises_a_documented_error(options: dict[str,
                                        + ["vanishing", "MIN_STEPS"]), ANY_SCALAR, max_size=5))
 def test_threshold_tables_are_valid_or_refused(overrides: dict[str, Any]) -> None:
     try:
+        direct = Thresholds(**overrides)
+    except (TypeError, ValueError):
+        direct = None
+    try:
         t = resolve_thresholds(None, overrides)
     except (TypeError, ValueError) as exc:
         assert "threshold" in str(exc)
+        assert direct is None, "the constructor took what resolve_thresholds refused"
         return
+    assert direct == t
     for field in dataclasses.fields(t):
         value = getattr(t, field.name)
         assert value in valid_range(field.name), (field.name, value)
