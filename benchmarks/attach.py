@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 import gradwatch
-from gradwatch.monitor import Monitor
-from gradwatch.probes import INTERCEPTOR, GlobalProbes, Handles
+from gradwatch.measure.monitor import Monitor
+from gradwatch.measure.probes import INTERCEPTOR, GlobalProbes, Handles
 from gradwatch.watch import default_extensions
 
 TARGET_STEPS = 20.0  # attach(2000 layers) must stay well under this many bare steps

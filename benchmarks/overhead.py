@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradwatch
-from gradwatch.monitor import Options
+from gradwatch.measure.monitor import Options
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 WARMUP_STEPS = 8  # a fresh watch measures everything on steps 0-7; keep them out of timing

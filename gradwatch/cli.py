@@ -109,7 +109,7 @@ def cmd_run(argv: list[str]) -> int:
         parser.error("--budget and --repeats take a positive integer, --verify-time a "
                      "positive number of seconds")
     # torch is imported only now, so that usage errors answer at once.
-    from .monitor import Options
+    from .measure.monitor import Options
     from .runner import run_script
     from .thresholds import resolve_thresholds
 

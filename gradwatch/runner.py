@@ -13,8 +13,8 @@ from typing import Any
 
 from torch import nn
 
-from .monitor import Monitor, Options
-from .probes import INTERCEPTOR, GlobalProbes, Handles, unwrap_compiled
+from .measure.monitor import Monitor, Options
+from .measure.probes import INTERCEPTOR, GlobalProbes, Handles, unwrap_compiled
 from .report import Report, build_report
 from .thresholds import Thresholds
 from .verify import ChildControl, StopRun

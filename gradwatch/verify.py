@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn.modules import module as module_hooks
 from torch.optim import optimizer as optimizer_hooks
 
-from .probes import _compiling, unwrap_compiled
+from .measure.probes import _compiling, unwrap_compiled
 from .remedies.apply import run_added_pre_hooks
 
 __all__ = ["ChildControl", "StopRun", "VerifySettings", "verify_report"]
@@ -75,7 +75,7 @@ class ChildControl:
 
     ``remedies`` are ``(id, params)`` pairs applied in order: usually one, two when a
     combination is verified (a re-initialisation and a lower learning rate). Global hooks,
-    like :class:`~gradwatch.probes.GlobalProbes`: :meth:`attach_first` is called before
+    like :class:`~gradwatch.measure.probes.GlobalProbes`: :meth:`attach_first` is called before
     GlobalProbes registers (so that the model is changed before gradwatch adopts it, and the
     optimizer before gradwatch reads its learning rate), :meth:`attach_last` after (so that
     the stopping step is committed to the report first).

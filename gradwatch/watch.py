@@ -10,12 +10,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .activations import ActivationSites
-from .evalmode import EvalModeCheck
-from .extension import Extension
-from .monitor import Monitor, Options
-from .probes import INTERCEPTOR, Handles, attach_model, attach_optimizer, unwrap_compiled
-from .recurrent import RecurrentGradients
+from .measure.extension import Extension
+from .measure.extensions.activations import ActivationSites
+from .measure.extensions.evalmode import EvalModeCheck
+from .measure.extensions.recurrent import RecurrentGradients
+from .measure.monitor import Monitor, Options
+from .measure.probes import INTERCEPTOR, Handles, attach_model, attach_optimizer, unwrap_compiled
 from .report import Report, build_report
 from .thresholds import Thresholds, resolve_thresholds
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gradwatch.monitor import Options
+from gradwatch.measure.monitor import Options
 from gradwatch.thresholds import Thresholds, valid_range
 
 ROOT = Path(__file__).resolve().parent.parent

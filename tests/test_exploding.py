@@ -15,10 +15,10 @@ from conftest import linear_stack, only
 from torch import nn
 
 import gradwatch
-from gradwatch.detectors import exploding
-from gradwatch.detectors.context import Context
 from gradwatch.findings import Finding
 from gradwatch.history import History
+from gradwatch.judge.context import Context
+from gradwatch.judge.detectors import exploding
 from gradwatch.thresholds import Thresholds
 
 T = Thresholds()

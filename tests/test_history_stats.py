@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import gradwatch
-from gradwatch import stats
 from gradwatch.history import History, LayerInfo, Series
+from gradwatch.measure import stats
 
 
 def reference_norm(t: torch.Tensor) -> float:

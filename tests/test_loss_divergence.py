@@ -12,10 +12,10 @@ from conftest import only
 from torch import nn
 
 import gradwatch
-from gradwatch.detectors import loss_divergence
-from gradwatch.detectors.context import Context
 from gradwatch.findings import Finding
 from gradwatch.history import History, LayerInfo
+from gradwatch.judge.context import Context
+from gradwatch.judge.detectors import loss_divergence
 from gradwatch.thresholds import Thresholds
 
 T = Thresholds()

@@ -10,10 +10,10 @@ from conftest import deep_net, linear_stack, only, seed_data, train_full_batch
 from torch import nn
 
 import gradwatch
-from gradwatch.detectors import loss_plateau
-from gradwatch.detectors.context import Context
 from gradwatch.findings import Finding
 from gradwatch.history import History
+from gradwatch.judge.context import Context
+from gradwatch.judge.detectors import loss_plateau
 from gradwatch.thresholds import Thresholds
 
 T = Thresholds()

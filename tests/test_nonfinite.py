@@ -14,10 +14,10 @@ from conftest import deep_net, linear_stack, only, seed_data
 from torch import nn
 
 import gradwatch
-from gradwatch.detectors import nonfinite
-from gradwatch.detectors.context import Context
 from gradwatch.findings import Finding
 from gradwatch.history import History
+from gradwatch.judge.context import Context
+from gradwatch.judge.detectors import nonfinite
 from gradwatch.thresholds import Thresholds
 
 T = Thresholds()

@@ -14,11 +14,11 @@ from conftest import deep_net, seed_data, train_full_batch
 from torch import nn
 
 import gradwatch
-from gradwatch import causes
+from gradwatch.judge import causes
 from gradwatch.remedies import CATALOGUE, remedy
 
 PACKAGE = Path(gradwatch.__file__).parent
-SOURCES = [*sorted((PACKAGE / "detectors").glob("*.py")), PACKAGE / "causes.py"]
+SOURCES = sorted((PACKAGE / "judge").rglob("*.py"))
 
 
 

@@ -13,10 +13,10 @@ from conftest import deep_net, only, seed_data, train_full_batch
 from torch import nn
 
 import gradwatch
-from gradwatch.detectors import vanishing
-from gradwatch.detectors.context import Context
 from gradwatch.findings import Finding
 from gradwatch.history import History, LayerInfo
+from gradwatch.judge.context import Context
+from gradwatch.judge.detectors import vanishing
 from gradwatch.thresholds import Thresholds
 
 T = Thresholds()

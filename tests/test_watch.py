@@ -15,7 +15,7 @@ from torch.nn.modules import module as module_hooks
 from torch.optim import optimizer as optimizer_hooks
 
 import gradwatch
-from gradwatch.monitor import Monitor
+from gradwatch.measure.monitor import Monitor
 from gradwatch.report import atomic
 
 ORIGINAL_BACKWARD = torch.autograd.backward

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..detectors.context import fmt
 from ..findings import Cause, Finding
+from ..judge.context import fmt
 from ..remedies import remedy
 from .judge import Measured, depth_causes, depth_remedies, geomean, input_cause, label, ordered
 from .tables import finite, ratio

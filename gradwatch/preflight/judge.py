@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from ..detectors.advice import remedies_for_depth
-from ..detectors.context import fmt
 from ..findings import Cause, Remedy
+from ..judge.advice import remedies_for_depth
+from ..judge.context import fmt
 from ..thresholds import Thresholds
 from .tables import finite
 

@@ -4,8 +4,8 @@ Layers are the modules that own trainable parameters; module hooks record their 
 and, through a tensor hook, the gradient norm at their output. Activation calls, modules
 and functional calls alike, are seen by a ``TorchFunctionMode`` active only during the
 forward; the table of which torch functions are activations (and ReLU6's hardtanh
-bounds) is the one training runs use, in :mod:`gradwatch.activations`. Everything stays on
-device until :func:`to_host` copies it in one transfer per device.
+bounds) is the one training runs use, in :mod:`gradwatch.measure.extensions.activations`.
+Everything stays on device until :func:`to_host` copies it in one transfer per device.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import stats
-from ..activations import (
+from ..measure import stats
+from ..measure.extensions.activations import (
     ACTIVATION_MODULES,
     BOUNDS,
     CHANNEL_NORMS,
@@ -28,7 +28,7 @@ from ..activations import (
     ActivationMode,
     hardtanh_bounds,
 )
-from ..structure import walk_graph
+from ..measure.structure import walk_graph
 from .batch import call, describe, first_float, tensors
 
 

@@ -6,8 +6,8 @@ import textwrap
 from typing import Any
 
 from .._version import __version__
-from ..detectors.context import fmt
 from ..findings import Finding, jsonable
+from ..judge.context import fmt
 from ..report import SCHEMA, Report
 from .judge import Measured
 

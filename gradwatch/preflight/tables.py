@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ..structure import init_scale
+from ..measure.structure import init_scale
 from .measure import Probe
 
 

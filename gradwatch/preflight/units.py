@@ -1,7 +1,7 @@
 """Predictions on activation units at init: dead ReLU units, saturated sigmoid/tanh outputs.
 
 The severity of dead units follows the training-time ``dying_relu`` detector
-(``detectors/dying.py``): a site whose every unit is dead passes no gradient at all (error);
+(``judge/detectors/dying.py``): a site whose every unit is dead passes no gradient at all (error);
 units held below zero by a large negative bias are a defect (error from
 ``dying_fraction_error`` on, warning below); dead units that nothing at init explains cost
 capacity, and whether training revives them cannot be known yet (info). Sites after an
@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..detectors.context import fmt
 from ..findings import Cause, Finding, Remedy
+from ..judge.context import fmt
 from ..remedies import remedy
 from .judge import (
     SEVERITY_RANK,

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..activations import ActivationMode
-from ..structure import recommended_init
+from ..measure.extensions.activations import ActivationMode
+from ..measure.structure import recommended_init
 from .catalogue import CATALOGUE
 
 __all__ = ["APPLIERS", "Application", "Applier", "NotApplicable", "apply",

@@ -10,9 +10,10 @@ from typing import Any
 import numpy as np
 
 from .._version import __version__
-from ..detectors import run_detectors, through_time
-from ..detectors.context import Context
 from ..findings import Finding, jsonable
+from ..judge.context import Context
+from ..judge.detectors import through_time
+from ..judge.registry import run_detectors
 from .atomic import write_text_atomic
 from .schema import SCHEMA, check_report
 

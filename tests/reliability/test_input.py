@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.modules import module as module_hooks
 
 import gradwatch
-from gradwatch.monitor import Monitor
+from gradwatch.measure.monitor import Monitor
 from gradwatch.report import build_report
 from gradwatch.thresholds import Thresholds, resolve_thresholds, valid_range
 from gradwatch.watch import OPTION_NAMES
@@ -44,7 +44,7 @@ JSON = st.recursive(
 def no_hooks_left() -> None:
     assert not module_hooks._global_forward_hooks
     assert not module_hooks._global_forward_pre_hooks
-    assert torch.autograd.backward is gradwatch.probes._ORIGINAL_BACKWARD
+    assert torch.autograd.backward is gradwatch.measure.probes._ORIGINAL_BACKWARD
 
 
 # --------------------------------------------------------------------------- watch options

@@ -43,8 +43,8 @@ def test_a_sweep_under_run_frees_every_model(capfd: pytest.CaptureFixture[str]) 
 
 def test_models_of_a_sweep_die_while_a_run_goes_on() -> None:
     """Dying models are forgotten at once: a new model at a dead one's address is new."""
-    from gradwatch.monitor import Monitor
-    from gradwatch.probes import INTERCEPTOR, GlobalProbes, Handles
+    from gradwatch.measure.monitor import Monitor
+    from gradwatch.measure.probes import INTERCEPTOR, GlobalProbes, Handles
     from gradwatch.watch import default_extensions
 
     monitor, handles = Monitor(discover=True, extensions=default_extensions()), Handles()

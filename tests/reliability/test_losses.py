@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import gradwatch
-from gradwatch.monitor import Monitor
+from gradwatch.measure.monitor import Monitor
 
 
 def recorded(report: gradwatch.Report) -> np.ndarray:

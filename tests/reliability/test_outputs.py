@@ -120,7 +120,7 @@ def test_a_full_disk_is_one_line_and_leaves_the_old_file(
 
 def test_a_failing_detector_is_named_and_measuring_goes_on(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from gradwatch import detectors
+    from gradwatch.judge import registry as detectors
 
     def broken(ctx: object) -> list:
         raise ZeroDivisionError("division by zero")

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...findings import Finding, Remedy
+from ...remedies import remedy
 from .. import causes as C
-from ..findings import Finding, Remedy
-from ..remedies import remedy
+from ..advice import clip_threshold, depth_remedies, lower_lr, standardize
+from ..context import Context, fmt
 from . import through_time
-from .advice import clip_threshold, depth_remedies, lower_lr, standardize
-from .context import Context, fmt
 
 KIND = "exploding_gradient"
 

@@ -27,7 +27,7 @@ def standardize(ctx: Context, causes: list[Cause]) -> Remedy | None:
     """Input standardisation where a cause found the inputs unscaled, with the inputs' mean
     and std measured over the whole run: every finding that offers it proposes the same
     numbers, so one ``--verify`` re-run answers for all of them."""
-    from .. import causes as C
+    from . import causes as C
 
     stats = C.input_stats(ctx) if _ratio(causes, "unscaled_inputs") else None
     if stats is None:

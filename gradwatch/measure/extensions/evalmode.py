@@ -46,7 +46,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.parameter import is_lazy
 
-from .extension import Extension
+from ..extension import Extension
 
 __all__ = ["EvalModeCheck", "mode_dependent"]
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...findings import Finding
+from ...remedies import remedy
 from .. import causes as C
-from ..findings import Finding
-from ..remedies import remedy
-from .advice import clip_threshold, lower_lr, standardize
-from .context import Context, fmt
+from ..advice import clip_threshold, lower_lr, standardize
+from ..context import Context, fmt
 
 KIND = "loss_divergence"
 

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..history import History, LayerInfo
 from . import structure
-from .history import History, LayerInfo
 
 __all__ = ["Watched"]
 

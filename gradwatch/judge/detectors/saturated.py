@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...findings import Cause, Finding, Remedy
+from ...remedies import remedy
 from .. import causes as C
-from ..findings import Cause, Finding, Remedy
-from ..remedies import remedy
-from .advice import lower_lr, standardize
-from .context import Context, fmt
+from ..advice import lower_lr, standardize
+from ..context import Context, fmt
 
 KIND = "saturated_activation"
 SATURATING = ("sigmoid", "tanh", "hardtanh", "softsign", "hardsigmoid")

@@ -1,6 +1,6 @@
 """vanishing_gradient / exploding_gradient *through time*, for nn.RNN, nn.LSTM and nn.GRU.
 
-The measure (``gradwatch/recurrent.py``): on detail steps, the L2 norm of the gradient of
+The measure (``gradwatch/measure/extensions/recurrent.py``): on detail steps, the L2 norm of the gradient of
 the loss with respect to each timestep's input, at 16 evenly spaced timesteps that include
 the first and the last. The ratio ``||dL/dx_0|| / ||dL/dx_{T-1}||`` says how much of the
 gradient that reaches the last timestep survives the trip back to the first.
@@ -33,12 +33,12 @@ from typing import Any
 
 import numpy as np
 
+from ...findings import Finding, Remedy
+from ...measure.extensions.recurrent import PROFILE_POINTS, sampled_timesteps
+from ...remedies import remedy
 from .. import causes as C
-from ..findings import Finding, Remedy
-from ..recurrent import PROFILE_POINTS, sampled_timesteps
-from ..remedies import remedy
-from .advice import clip_threshold
-from .context import Context, fmt
+from ..advice import clip_threshold
+from ..context import Context, fmt
 
 __all__ = ["Measured", "also", "detect", "measurements", "report_series"]
 

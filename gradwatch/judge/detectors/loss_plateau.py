@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...findings import Cause, Finding
+from ...remedies import remedy
 from .. import causes as C
-from ..findings import Cause, Finding
-from ..remedies import remedy
+from ..advice import depth_remedies
+from ..context import Context, fmt
 from . import through_time, vanishing
-from .advice import depth_remedies
-from .context import Context, fmt
 
 KIND = "loss_plateau"
 

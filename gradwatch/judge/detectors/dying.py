@@ -12,12 +12,12 @@ import math
 
 import numpy as np
 
+from ...findings import Cause, Finding, Remedy
+from ...remedies import remedy
 from .. import causes as C
-from ..findings import Cause, Finding, Remedy
-from ..remedies import remedy
+from ..advice import lower_lr, standardize
+from ..context import Context, Group, fmt
 from . import vanishing
-from .advice import lower_lr, standardize
-from .context import Context, Group, fmt
 
 KIND = "dying_relu"
 RELU_KINDS = ("relu", "relu6")

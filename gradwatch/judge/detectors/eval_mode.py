@@ -1,6 +1,6 @@
 """eval_mode: a model run without gradients while Dropout or BatchNorm were in training mode.
 
-Reads the facts of ``gradwatch/evalmode.py`` (``facts["eval_mode"]``, one entry per
+Reads the facts of ``gradwatch/measure/extensions/evalmode.py`` (``facts["eval_mode"]``, one entry per
 model). Severity:
 
 * warning: the output of the first such forward differs from eval mode by more than
@@ -22,10 +22,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ...findings import Cause, Finding, Remedy
+from ...remedies import remedy
 from .. import causes as C
-from ..findings import Cause, Finding, Remedy
-from ..remedies import remedy
-from .context import Context, fmt
+from ..context import Context, fmt
 
 KIND = "eval_mode"
 

@@ -1,6 +1,6 @@
 """The base of the monitor's forward-side extensions (activation sites, through time, eval mode).
 
-An extension is handed to the :class:`~gradwatch.monitor.Monitor` by whoever builds it
+An extension is handed to the :class:`~gradwatch.measure.monitor.Monitor` by whoever builds it
 (``watch``, ``gradwatch run``), so that the monitor, one engine with one host copy, does not
 depend on what its extensions measure.
 """

@@ -11,8 +11,8 @@ import math
 
 import numpy as np
 
-from .detectors.context import Context, Group, fmt
-from .findings import Cause
+from ..findings import Cause
+from .context import Context, Group, fmt
 
 __all__ = [
     "CAUSE_IDS",

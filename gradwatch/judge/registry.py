@@ -1,6 +1,6 @@
 """Detectors: pure functions ``Context -> list[Finding]``, one file per finding kind.
 
-To add one: write ``detectors/<kind>.py`` with ``KIND`` and ``detect(ctx)``, add it to
+To add one: write ``judge/detectors/<kind>.py`` with ``KIND`` and ``detect(ctx)``, add it to
 ``REGISTRY`` below, and add ``tests/test_<kind>.py``.
 """
 
@@ -14,7 +14,8 @@ import numpy as np
 from ..findings import Finding
 from ..history import History
 from ..thresholds import Thresholds
-from . import (
+from .context import Context
+from .detectors import (
     dying,
     eval_mode,
     exploding,
@@ -24,7 +25,6 @@ from . import (
     saturated,
     vanishing,
 )
-from .context import Context
 
 __all__ = ["REGISTRY", "Context", "run_detectors"]
 

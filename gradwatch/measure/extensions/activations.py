@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .extension import Extension
-from .history import SITE_STATS, SiteInfo
+from ...history import SITE_STATS, SiteInfo
+from ..extension import Extension
 
 __all__ = ["SITE_STATS", "ActivationMode", "ActivationSites", "activation_kind"]
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...findings import Cause, Finding, Remedy
+from ...remedies import remedy
 from .. import causes as C
-from ..findings import Cause, Finding, Remedy
-from ..remedies import remedy
-from .advice import clip_threshold, depth_remedies, lower_lr
-from .context import Context, fmt
+from ..advice import clip_threshold, depth_remedies, lower_lr
+from ..context import Context, fmt
 
 KIND = "nonfinite"
 

@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..history import History
+from ..thresholds import Thresholds
 from . import stats, structure
 from .extension import Extension
-from .history import History
 from .layers import Watched
-from .thresholds import Thresholds
 
 __all__ = ["Monitor", "Options"]
 

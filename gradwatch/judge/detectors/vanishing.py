@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...findings import Finding
+from ...remedies import remedy
 from .. import causes as C
-from ..findings import Finding
-from ..remedies import remedy
+from ..advice import depth_remedies
+from ..context import Context, Group, fmt
 from . import through_time
-from .advice import depth_remedies
-from .context import Context, Group, fmt
 
 KIND = "vanishing_gradient"
 

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .extension import Extension
+from ..extension import Extension
 
 __all__ = ["COLUMNS", "PROFILE_POINTS", "RecurrentGradients", "sampled_timesteps"]
 

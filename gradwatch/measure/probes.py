@@ -1,6 +1,6 @@
 """Hook attachment only: every registration returns a handle kept in a :class:`Handles`.
 
-Three kinds of probe feed a :class:`~gradwatch.monitor.Monitor`:
+Three kinds of probe feed a :class:`~gradwatch.measure.monitor.Monitor`:
 
 * module forward hooks (per model for ``watch``, process-global for ``gradwatch run``):
   forward order, activation scale, model input/output;
