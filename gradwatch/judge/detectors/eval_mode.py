@@ -1,6 +1,6 @@
 """eval_mode: a model run without gradients while Dropout or BatchNorm were in training mode.
 
-Reads the facts of ``gradwatch/measure/extensions/evalmode.py`` (``facts["eval_mode"]``, one entry per
+Reads the facts of ``measure/extensions/evalmode.py`` (``facts["eval_mode"]``, one entry per
 model). Severity:
 
 * warning: the output of the first such forward differs from eval mode by more than

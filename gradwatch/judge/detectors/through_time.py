@@ -1,6 +1,6 @@
 """vanishing_gradient / exploding_gradient *through time*, for nn.RNN, nn.LSTM and nn.GRU.
 
-The measure (``gradwatch/measure/extensions/recurrent.py``): on detail steps, the L2 norm of the gradient of
+The measure (``measure/extensions/recurrent.py``): on detail steps, the L2 norm of the gradient of
 the loss with respect to each timestep's input, at 16 evenly spaced timesteps that include
 the first and the last. The ratio ``||dL/dx_0|| / ||dL/dx_{T-1}||`` says how much of the
 gradient that reaches the last timestep survives the trip back to the first.
