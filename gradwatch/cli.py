@@ -127,7 +127,7 @@ def cmd_run(argv: list[str]) -> int:
     if ns.apply_remedy is not None or ns.max_steps is not None:
         import json
 
-        from .verify import ChildControl
+        from .verify.child import ChildControl
 
         ids = ns.apply_remedy.split("+") if ns.apply_remedy else []
         params = json.loads(ns.apply_params)
@@ -143,7 +143,7 @@ def cmd_run(argv: list[str]) -> int:
     if result.report is None:
         return result.exit_code  # a process the script forked: only the parent reports
     if ns.verify:
-        from .verify import VerifySettings, verify_report
+        from .verify.run import VerifySettings, verify_report
 
         only = frozenset(r.strip() for r in ns.verify_remedies.split(",") if r.strip()) \
             if ns.verify_remedies else None

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any, Literal
 
-__all__ = ["KINDS", "SEVERITIES", "Cause", "Finding", "Remedy", "jsonable"]
+__all__ = ["KINDS", "SEVERITIES", "Cause", "Finding", "Remedy", "jsonable", "set_applier"]
 
 KINDS = ("vanishing_gradient", "exploding_gradient", "dying_relu", "saturated_activation",
          "nonfinite", "loss_plateau", "loss_divergence", "eval_mode")
@@ -14,6 +15,16 @@ KINDS = ("vanishing_gradient", "exploding_gradient", "dying_relu", "saturated_ac
 
 SEVERITIES = ("error", "warning", "info")
 Severity = Literal["error", "warning", "info"]
+
+
+_APPLIER: Callable[[Remedy, Any, Any], Any] | None = None
+
+
+def set_applier(applier: Callable[[Remedy, Any, Any], Any]) -> None:
+    """Install how :meth:`Remedy.apply` applies a remedy (``gradwatch.remedies`` does, when
+    imported): findings are plain data and import nothing of gradwatch."""
+    global _APPLIER
+    _APPLIER = applier
 
 
 def jsonable(value: Any) -> Any:
@@ -66,10 +77,10 @@ class Remedy:
 
     def apply(self, model: Any, optimizer: Any = None) -> Any:
         """Apply this remedy to a live model (and optimizer) in place, with its measured
-        parameters; returns a :class:`gradwatch.remedies.apply.Application`."""
-        from .remedies.apply import apply
-
-        return apply(model, optimizer, self.id, **self.params)
+        parameters; returns a :class:`gradwatch.remedies.Application`."""
+        if _APPLIER is None:
+            raise RuntimeError("import gradwatch (or gradwatch.remedies) to apply a remedy")
+        return _APPLIER(self, model, optimizer)
 
 
 @dataclasses.dataclass

@@ -17,7 +17,7 @@ from .measure.monitor import Monitor, Options
 from .measure.probes import INTERCEPTOR, GlobalProbes, Handles, unwrap_compiled
 from .report import Report, build_report
 from .thresholds import Thresholds
-from .verify import ChildControl, StopRun
+from .verify.child import ChildControl, StopRun
 from .watch import default_extensions
 
 __all__ = ["RunResult", "run_script"]

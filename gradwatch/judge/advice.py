@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
 from ..findings import Cause, Remedy
-from ..remedies import remedy
+from .causes import input_stats
 from .context import Context, Group, fmt
 
-__all__ = ["clip_threshold", "depth_remedies", "lower_lr", "round_sig", "standardize"]
+__all__ = ["clip_threshold", "depth_remedies", "lower_lr", "remedy", "round_sig",
+           "standardize"]
+
+
+def remedy(remedy_id: str, **params: Any) -> Remedy:
+    """Remedy ``remedy_id`` with the parameters measured on this run. The judge says which
+    remedy and with what numbers; its text, code and applier are ``gradwatch.remedies``',
+    which fills them in when the report is built."""
+    return Remedy(remedy_id, "", "", params=dict(params))
 
 
 def round_sig(x: float, digits: int = 1) -> float:
@@ -27,9 +36,7 @@ def standardize(ctx: Context, causes: list[Cause]) -> Remedy | None:
     """Input standardisation where a cause found the inputs unscaled, with the inputs' mean
     and std measured over the whole run: every finding that offers it proposes the same
     numbers, so one ``--verify`` re-run answers for all of them."""
-    from . import causes as C
-
-    stats = C.input_stats(ctx) if _ratio(causes, "unscaled_inputs") else None
+    stats = input_stats(ctx) if _ratio(causes, "unscaled_inputs") else None
     if stats is None:
         return None
     return remedy("standardize_inputs", mean=fmt(stats[1]), std=fmt(stats[2]))

@@ -24,10 +24,11 @@ from torch.optim import optimizer as optimizer_hooks
 
 from .monitor import Monitor
 
-__all__ = ["INTERCEPTOR", "GlobalProbes", "Handles", "attach_model", "attach_optimizer"]
+__all__ = ["INTERCEPTOR", "GlobalProbes", "Handles", "attach_model", "attach_optimizer",
+           "compiling", "unwrap_compiled"]
 
 
-def _compiling() -> bool:
+def compiling() -> bool:
     """True while torch.compile traces: hooks then do nothing, so that they add no guards,
     graph breaks or recompilations to the user's compiled model. Its parameters' gradients,
     the loss and the optimizer steps are still measured, outside the compiled region."""
@@ -173,21 +174,21 @@ def attach_model(monitor: Monitor, model: nn.Module, handles: Handles) -> None:
     """Forward hooks on the model and on each of its parameter-owning modules."""
 
     def root_pre(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if not _compiling():
+        if not compiling():
             monitor.on_root_forward_pre(module, args, kwargs)
 
     def root_post(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                   output: Any) -> None:
-        if not _compiling():
+        if not compiling():
             monitor.root_forwards += 1
             monitor.on_root_forward(module, output, args, kwargs)
             _flag_output(monitor, output)
 
     def layer_pre(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        return None if _compiling() else monitor.on_layer_forward_pre(module, args)
+        return None if compiling() else monitor.on_layer_forward_pre(module, args)
 
     def layer_post(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if not _compiling():
+        if not compiling():
             monitor.on_layer_forward(module, output)
 
     handles.add(model.register_forward_pre_hook(root_pre, with_kwargs=True))
@@ -237,7 +238,7 @@ class GlobalProbes:
         handles.add(optimizer_hooks.register_optimizer_step_post_hook(self._step_post))
 
     def _pre(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        if _compiling():
+        if compiling():
             return None
         monitor = self.monitor
         monitor.reap()
@@ -261,7 +262,7 @@ class GlobalProbes:
         return None
 
     def _post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if _compiling():
+        if compiling():
             return
         self._depth = max(0, self._depth - 1)
         monitor = self.monitor

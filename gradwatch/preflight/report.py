@@ -8,6 +8,7 @@ from typing import Any
 from .._version import __version__
 from ..findings import Finding, jsonable
 from ..judge.context import fmt
+from ..remedies import describe_findings
 from ..report import SCHEMA, Report
 from .judge import Measured
 
@@ -82,7 +83,7 @@ def build_report(m: Measured, found: list[Finding], *, duration_s: float, model_
                 "duration_s": round(duration_s, 3), "mode": "preflight",
                 "internal_errors": []},
         "layers": [{k: r[k] for k in ("name", "type", "depth", "params")} for r in m.rows],
-        "findings": [f.to_dict() for f in found],
+        "findings": [f.to_dict() for f in describe_findings(found)],
         "series": {"step": [0], "loss": [m.loss], "lr": [None],
                    "grad_norm": {r["name"]: [r["grad_norm"]] for r in m.rows},
                    "activation_rms": {r["name"]: [r["output_rms"]] for r in m.rows},

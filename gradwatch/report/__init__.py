@@ -14,6 +14,7 @@ from ..findings import Finding, jsonable
 from ..judge.context import Context
 from ..judge.detectors import through_time
 from ..judge.registry import run_detectors
+from ..remedies import describe_findings
 from .atomic import write_text_atomic
 from .schema import SCHEMA, check_report
 
@@ -138,6 +139,7 @@ def build_report(monitor: Any) -> Report:
     """
     try:
         findings, detector_errors = run_detectors(monitor.history, monitor.thresholds)
+        describe_findings(findings)
     except Exception as exc:
         findings, detector_errors = [], [f"the detectors could not run: "
                                           f"{type(exc).__name__}: {exc}"]

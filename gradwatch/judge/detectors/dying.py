@@ -13,9 +13,8 @@ import math
 import numpy as np
 
 from ...findings import Cause, Finding, Remedy
-from ...remedies import remedy
 from .. import causes as C
-from ..advice import lower_lr, standardize
+from ..advice import lower_lr, remedy, standardize
 from ..context import Context, Group, fmt
 from . import vanishing
 

@@ -23,8 +23,8 @@ import math
 from typing import Any
 
 from ...findings import Cause, Finding, Remedy
-from ...remedies import remedy
 from .. import causes as C
+from ..advice import remedy
 from ..context import Context, fmt
 
 KIND = "eval_mode"

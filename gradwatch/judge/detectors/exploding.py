@@ -6,9 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from ...findings import Finding, Remedy
-from ...remedies import remedy
 from .. import causes as C
-from ..advice import clip_threshold, depth_remedies, lower_lr, standardize
+from ..advice import clip_threshold, depth_remedies, lower_lr, remedy, standardize
 from ..context import Context, fmt
 from . import through_time
 

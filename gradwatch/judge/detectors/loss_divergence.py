@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from ...findings import Finding
-from ...remedies import remedy
 from .. import causes as C
-from ..advice import clip_threshold, lower_lr, standardize
+from ..advice import clip_threshold, lower_lr, remedy, standardize
 from ..context import Context, fmt
 
 KIND = "loss_divergence"

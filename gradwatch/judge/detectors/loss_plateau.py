@@ -10,9 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from ...findings import Cause, Finding
-from ...remedies import remedy
 from .. import causes as C
-from ..advice import depth_remedies
+from ..advice import depth_remedies, remedy
 from ..context import Context, fmt
 from . import through_time, vanishing
 

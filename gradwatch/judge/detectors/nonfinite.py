@@ -7,9 +7,8 @@ from __future__ import annotations
 import numpy as np
 
 from ...findings import Cause, Finding, Remedy
-from ...remedies import remedy
 from .. import causes as C
-from ..advice import clip_threshold, depth_remedies, lower_lr
+from ..advice import clip_threshold, depth_remedies, lower_lr, remedy
 from ..context import Context, fmt
 
 KIND = "nonfinite"

@@ -35,9 +35,8 @@ import numpy as np
 
 from ...findings import Finding, Remedy
 from ...measure.extensions.recurrent import PROFILE_POINTS, sampled_timesteps
-from ...remedies import remedy
 from .. import causes as C
-from ..advice import clip_threshold
+from ..advice import clip_threshold, remedy
 from ..context import Context, fmt
 
 __all__ = ["Measured", "also", "detect", "measurements", "report_series"]

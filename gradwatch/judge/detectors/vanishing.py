@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from ...findings import Finding
-from ...remedies import remedy
 from .. import causes as C
-from ..advice import depth_remedies
+from ..advice import depth_remedies, remedy
 from ..context import Context, Group, fmt
 from . import through_time
 

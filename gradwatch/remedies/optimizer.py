@@ -1,0 +1,162 @@
+"""Remedies that change the optimizer: clipping, a lower rate, Adam, skipping bad steps."""
+
+from __future__ import annotations
+
+import gc
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
+
+from .base import NotApplicable, RemedyEntry, all_params, fmt, number
+
+__all__ = ["ENTRIES"]
+
+
+def _clip_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module | None,
+                    params: dict[str, Any], changes: list[str]) -> None:
+    max_norm = number(params, "max_norm")
+    if not max_norm > 0 or not math.isfinite(max_norm):
+        raise ValueError(f"max_norm must be a positive finite number, got {max_norm}")
+
+    def clip(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        grads = [p for p in all_params(opt) if p.grad is not None]
+        if grads:
+            torch.nn.utils.clip_grad_norm_(grads, max_norm)
+
+    optimizer.register_step_pre_hook(clip)
+    changes.append(f"clip the total gradient norm of {type(optimizer).__name__}'s "
+                   f"{len(all_params(optimizer))} parameters at {fmt(max_norm)} before "
+                   "each step")
+
+
+def _schedulers(optimizer: torch.optim.Optimizer) -> list[Any]:
+    """Learning-rate schedulers attached to ``optimizer`` (found through the objects that
+    refer to it: the optimizer does not know its schedulers)."""
+
+    found: list[Any] = []
+    for ref in gc.get_referrers(optimizer):
+        owners = [ref] if isinstance(ref, LRScheduler) else \
+            [o for o in gc.get_referrers(ref) if isinstance(o, LRScheduler)] \
+            if isinstance(ref, dict) else []
+        for owner in owners:
+            if getattr(owner, "optimizer", None) is optimizer and \
+                    all(owner is not f for f in found):
+                found.append(owner)
+    return found
+
+
+def _lr_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module | None,
+                  params: dict[str, Any], changes: list[str]) -> None:
+    factor = number(params, "factor")
+    if not 0 < factor < math.inf:
+        raise ValueError(f"factor must be a positive number, got {factor}")
+    old = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * factor
+        if "initial_lr" in group:
+            group["initial_lr"] = group["initial_lr"] * factor
+    new = [group["lr"] for group in optimizer.param_groups]
+    if isinstance(optimizer.defaults.get("lr"), (int, float)):
+        optimizer.defaults["lr"] *= factor
+    said = (f"{fmt(old[0])} -> {fmt(new[0])}" if len(set(old)) == 1 else
+            ", ".join(f"{fmt(a)} -> {fmt(b)}" for a, b in zip(old, new, strict=True)))
+    changes.append(f"scaled the learning rate of {len(old)} param group(s) by {fmt(factor)}: "
+                   f"{said}")
+    for sched in _schedulers(optimizer):
+        if hasattr(sched, "base_lrs"):
+            sched.base_lrs = [b * factor for b in sched.base_lrs]
+            changes.append(f"scaled the base rates of the {type(sched).__name__} schedule "
+                           f"by {fmt(factor)}")
+
+
+def _adam_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module | None,
+                    params: dict[str, Any], changes: list[str]) -> None:
+    adaptive = (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.NAdam,
+                torch.optim.RAdam, torch.optim.Adagrad, torch.optim.Adadelta,
+                torch.optim.RMSprop)
+    if isinstance(optimizer, adaptive):
+        raise NotApplicable(f"the optimizer is already adaptive ({type(optimizer).__name__})")
+    if type(optimizer) is not torch.optim.SGD:
+        raise NotApplicable(f"only an SGD optimizer is turned into Adam in place, not "
+                            f"{type(optimizer).__name__}; create torch.optim.Adam instead")
+    lr = number(params, "lr", 1e-3)
+    old = optimizer.param_groups[0]["lr"]
+    # Building one Adam installs the step wrapper that runs step hooks on the class.
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+    defaults = dict(lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
+                    maximize=False, foreach=None, capturable=False, differentiable=False,
+                    fused=None, decoupled_weight_decay=False)
+    for group in optimizer.param_groups:
+        for key in ("momentum", "dampening", "nesterov"):
+            group.pop(key, None)
+        decay = group.get("weight_decay", 0.0)
+        group.update({k: v for k, v in defaults.items() if k != "weight_decay"})
+        group["weight_decay"] = decay
+        if "initial_lr" in group:
+            group["initial_lr"] = lr
+    optimizer.defaults = dict(defaults)
+    optimizer.state.clear()  # SGD's momentum buffers mean nothing to Adam
+    optimizer.__class__ = torch.optim.Adam
+    changes.append(f"turned the SGD optimizer (lr {fmt(old)}) into torch.optim.Adam with lr "
+                   f"{fmt(lr)} in place: same object and param groups, momentum discarded")
+
+
+def _guard_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module | None,
+                     params: dict[str, Any], changes: list[str]) -> None:
+    def guard(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        grads = [p.grad for p in all_params(opt) if p.grad is not None]
+        if not grads:
+            return
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        if not bool(finite):
+            for p in all_params(opt):
+                p.grad = None  # every optimizer skips a parameter without a gradient
+
+    optimizer.register_step_pre_hook(guard)
+    changes.append(f"skip {type(optimizer).__name__}.step() when any gradient is not finite "
+                   "(the step's gradients are dropped: no update, no momentum or Adam state "
+                   "change)")
+
+
+ENTRIES = [
+    RemedyEntry(
+        "clip_grad_norm",
+        lambda p: (f"clip the total gradient norm at {p['max_norm']}, the median norm of this "
+                   f"run's healthy early steps, between backward() and step()"),
+        lambda p: (f"torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={p['max_norm']})"
+                   "  # after loss.backward(), before optimizer.step()"),
+        to_optimizer=_clip_optimizer,
+        needs_optimizer=True),
+    RemedyEntry(
+        "lower_learning_rate",
+        lambda p: (f"lower the learning rate from {p['old_lr']} to {p['lr']}"
+                   + (f" ({p['factor']}x: the updates measured while the gradients blew up, "
+                      f"{p['measured']} of the weights, are sized by the gradients, so the "
+                      f"rate is cut by a fixed step, not to match them)" if p.get("capped")
+                      else f": that brings the measured update size ({p['measured']} of the "
+                      f"weights) near {p['target']} per step")),
+        lambda p: ("for group in optimizer.param_groups:\n"
+                   f"    group[\"lr\"] *= {p['factor']}  # {p['old_lr']} -> {p['lr']}"),
+        to_optimizer=_lr_optimizer,
+        needs_optimizer=True),
+    RemedyEntry(
+        "adaptive_optimizer",
+        lambda p: ("use Adam, whose per-parameter step size does not shrink with the "
+                   "gradient's scale, so starved layers still move"),
+        lambda p: "optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)",
+        to_optimizer=_adam_optimizer,
+        needs_optimizer=True,
+        after_first_step=True),
+    RemedyEntry(
+        "guard_nonfinite_loss",
+        lambda p: ("skip the update when the loss is not finite, so that one bad batch "
+                   "cannot turn every weight into NaN"),
+        lambda p: ("if torch.isfinite(loss):\n"
+                   "    optimizer.step()\n"
+                   "optimizer.zero_grad()"),
+        to_optimizer=_guard_optimizer,
+        needs_optimizer=True),
+]

@@ -1,0 +1,186 @@
+"""The processes of a ``--verify`` pass: one re-run of the script per candidate, forked from
+a server that imported torch once, each in its own folder, killed at the deadline."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..runner import run_script
+from .child import ChildControl
+from .verdict import Outcome, Parts, window_loss
+
+__all__ = ["Job", "VerifySettings", "child_main", "forkserver", "run_job"]
+
+
+@dataclasses.dataclass
+class VerifySettings:
+    """How ``--verify`` re-runs: steps per re-run, seconds for the whole pass, repeats
+    when the script is not deterministic, how many re-runs at once, and whether to try
+    pairs of remedies where no single one fixes a finding."""
+
+    budget: int = 200
+    time_s: float = 600.0
+    repeats: int = 3
+    workers: int = 2
+    only: frozenset[str] | None = None  # remedy ids to verify (None: every one offered)
+    combine: bool = True
+    options: Any = None  # the first run's Options and Thresholds, used by every re-run
+    thresholds: Any = None
+
+
+@dataclasses.dataclass
+class Job:
+    key: str  # "baseline" or a candidate key
+    parts: Parts
+    repeat: int
+
+
+def child_command(script: Path, args: Sequence[str], job: Job, report_path: Path,
+                   steps: int) -> list[str]:
+    cmd = [sys.executable, "-m", "gradwatch", "run", "--json", str(report_path), "--quiet",
+           "--max-steps", str(steps)]
+    if job.parts:
+        params: Any = [p for _, p in job.parts] if len(job.parts) > 1 else job.parts[0][1]
+        cmd += ["--apply-remedy", "+".join(rid for rid, _ in job.parts), "--apply-params",
+                json.dumps(params, default=str)]
+    return [*cmd, "--", str(script), *args]
+
+
+def follow_ups(findings: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The remedies of a re-run's warning/error findings, errors first, one per id."""
+    order = {"error": 0, "warning": 1}
+    seen: set[str] = set()
+    out: list[dict[str, Any]] = []
+    for f in sorted((f for f in findings if f["severity"] in order),
+                    key=lambda f: order[f["severity"]]):
+        for r in f["remedies"]:
+            if r["id"] not in seen and "+" not in r["id"]:
+                seen.add(r["id"])
+                out.append({k: r.get(k) for k in ("id", "text", "code", "params")})
+    return out
+
+
+def read_outcome(report_path: Path, steps: int, returncode: int | None,
+                  log: Path) -> Outcome:
+    if not report_path.is_file():
+        tail = log.read_text(errors="replace")[-400:] if log.is_file() else ""
+        return Outcome("failed", note=f"the re-run wrote no report (exit {returncode}):"
+                        f" {tail.strip()}")
+    data = json.loads(report_path.read_text())
+    applied = data.get("applied") or {}
+    run = data["run"]
+    series = data["series"]
+    losses = list(zip(series.get("step", []), series.get("loss", []), strict=False))
+    kinds = {f["kind"] for f in data["findings"] if f["severity"] in ("warning", "error")}
+    out = Outcome("ok", steps=int(run["steps"]), losses=losses, kinds=kinds,
+                   changes=list(applied.get("changes") or []),
+                   follow_ups=follow_ups(data["findings"]))
+    if applied.get("status") in ("not_applicable", "failed"):
+        out.status, out.note = applied["status"], applied.get("error")
+        return out
+    missed = applied.get("not_reached") or []
+    if applied.get("status") == "applied" and missed:
+        out.status, out.note = "not_applicable", f"{', '.join(missed)} never applied: the " \
+            "script never reached the moment it applies at (an optimizer's first step)"
+        return out
+    if applied.get("remedy") and applied.get("status") != "applied":
+        out.status, out.note = "not_applicable", "the script never reached the moment " \
+            "this remedy applies at (a model's first forward or an optimizer's first step)"
+        return out
+    if run["status"] != "completed":
+        out.status, out.note = "failed", run.get("error") or f"run {run['status']}"
+        return out
+    out.loss = window_loss(losses, out.steps)
+    out.first_loss = losses[0][1] if losses else None
+    return out
+
+
+def run_job(script: Path, args: Sequence[str], job: Job, steps: int, workdir: Path,
+             deadline: float, settings: VerifySettings | None = None) -> Outcome:
+    """One re-run in a fresh process and its own temporary folder, killed at the deadline."""
+    left = deadline - time.monotonic()
+    if left <= 1:
+        return Outcome("not_finished", note="the --verify-time budget ran out before it "
+                        "started")
+    folder = Path(tempfile.mkdtemp(prefix="rerun-", dir=workdir))
+    report_path, log = folder / "gradwatch-report.json", folder / "output.log"
+    settings = settings or VerifySettings()
+    context = forkserver()
+    if context is not None:
+        process = context.Process(target=child_main, args=(
+            str(script), list(args), job.parts, steps, str(folder), str(report_path), str(log),
+            settings.options, settings.thresholds), daemon=True)
+        process.start()
+        process.join(left)
+        if process.is_alive():
+            process.kill()
+            process.join()
+            return Outcome("not_finished", note="stopped when the --verify-time budget ran "
+                            "out")
+        returncode = process.exitcode
+    else:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        with open(log, "w") as out:
+            try:
+                returncode = subprocess.run(
+                    child_command(script, args, job, report_path, steps), cwd=folder, env=env,
+                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    timeout=left).returncode
+            except subprocess.TimeoutExpired:
+                return Outcome("not_finished", note="stopped when the --verify-time budget "
+                                "ran out")
+    return read_outcome(report_path, steps, returncode, log)
+
+
+_FORKSERVER: list[Any] = []
+
+
+def forkserver() -> Any:
+    """A multiprocessing context whose server has imported torch and gradwatch once, so that
+    a re-run starts in a fresh process forked from it without paying the imports again (2-3 s
+    each); None where there is no fork server (Windows) or GRADWATCH_VERIFY_SPAWN is set,
+    and re-runs start as ``python -m gradwatch run`` processes instead."""
+    if os.environ.get("GRADWATCH_VERIFY_SPAWN"):
+        return None
+    if not _FORKSERVER:
+        try:
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload(["gradwatch.verify.launch"])
+        except (ValueError, AttributeError):
+            context = None
+        _FORKSERVER.append(context)
+    return _FORKSERVER[0]
+
+
+def child_main(script: str, args: list[str], parts: Parts, steps: int, folder: str,
+                report_path: str, log: str, options: Any, thresholds: Any) -> None:
+    """A re-run inside a process forked from the fork server: the same as ``gradwatch run
+    --max-steps N --apply-remedy ...``, with the script's output in ``log``."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.chdir(folder)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    try:
+        result = run_script(script, args, options, thresholds, ChildControl(parts, steps))
+        if result.report is None:  # a process the re-run forked: not the re-run's report
+            return
+        result.report.save(report_path)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()

@@ -1,0 +1,149 @@
+"""``verify_report``: one ``--verify`` pass over a report, its re-runs and their verdicts."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..remedies import CATALOGUE, refuses
+from ..report import Report
+from .launch import Job, VerifySettings, run_job
+from .search import asked, candidate_key, pairs, remedy_parts
+from .verdict import WINDOW, Outcome, Parts, deterministic, rank, verdict
+
+__all__ = ["VerifySettings", "verify_report"]
+
+
+class _Pass:
+    """Re-runs of one ``--verify`` pass: a thread pool of child processes against one
+    deadline, and their outcomes by candidate key."""
+
+    def __init__(self, script: Path, args: Sequence[str], steps: int, workdir: Path,
+                 deadline: float, pool: concurrent.futures.Executor,
+                 settings: VerifySettings) -> None:
+        self.script, self.args, self.steps, self.workdir = script, args, steps, workdir
+        self.deadline, self.pool, self.settings = deadline, pool, settings
+        self.results: dict[str, list[Outcome]] = {}
+
+    def submit(self, key: str, parts: Parts, repeat: int
+               ) -> tuple[Job, concurrent.futures.Future[Outcome]]:
+        job = Job(key, parts, repeat)
+        return job, self.pool.submit(run_job, self.script, self.args, job, self.steps,
+                                     self.workdir, self.deadline, self.settings)
+
+    def run(self, candidates: dict[str, Parts], repeats: int, first: int = 0,
+            say: Callable[[str], None] = lambda _m: None) -> None:
+        """Re-run every candidate ``repeats`` times (repeat numbers from ``first``)."""
+        futures = [self.submit(key, parts, r) for r in range(first, repeats)
+                   for key, parts in candidates.items()]
+        for job, future in futures:
+            outcome = future.result()
+            self.results.setdefault(job.key, []).append(outcome)
+            if job.key != "baseline" and job.repeat == repeats - 1:
+                say(f"verify: {'+'.join(rid for rid, _ in job.parts)}: {outcome.status}")
+
+
+def verify_report(report: Any, script: str | os.PathLike[str], args: Sequence[str] = (),
+                  settings: VerifySettings | None = None,
+                  progress: Callable[[str], None] | None = None) -> Any:
+    """Re-run ``script`` with each remedy of each warning/error finding; return the report
+    with ``verified`` in every remedy tried and each finding's remedies ordered by effect.
+
+    Where no single remedy settles a finding (it stays, or new problems come with it), the
+    best of them is re-run again together with the remedy its own re-run's report offers
+    for what is still wrong: a re-initialisation that stops the overflow, then a lower
+    learning rate for the updates that kill the units. Such pairs are added to the
+    finding's remedies with an id like ``kaiming_init+lower_learning_rate``.
+    """
+    settings = settings or VerifySettings()
+    say = progress or (lambda _msg: None)
+    started = time.monotonic()
+    deadline = started + settings.time_s
+    script = Path(script).resolve()
+    problems = [f for f in report.findings if f.severity in ("warning", "error")]
+    candidates: dict[str, Parts] = {}
+    results: dict[str, list[Outcome]] = {}
+    for finding in problems:
+        for remedy in finding.remedies:
+            parts = remedy_parts(remedy)
+            key = candidate_key(parts)
+            if not asked(settings, parts):
+                continue  # not asked for (--verify-remedies): left without "verified"
+            if any(rid not in CATALOGUE for rid, _ in parts):
+                # No process for what gradwatch cannot do itself (residual connections, ...).
+                results[key] = [Outcome("not_applicable", note="gradwatch cannot apply this "
+                                         "remedy itself: change the code as shown")]
+                continue
+            why = next((w for w in (refuses(rid) for rid, _ in parts) if w), None)
+            if why:  # no process for a remedy that needs what only the script has
+                results[key] = [Outcome("not_applicable", note=why)]
+                continue
+            candidates.setdefault(key, parts)
+    original_steps = int(report.run.get("steps") or 0)
+    steps = min(settings.budget, original_steps) if original_steps > 0 else settings.budget
+    summary: dict[str, Any] = {"budget": steps, "candidates": len(candidates),
+                               "window": WINDOW}
+    combos: dict[str, Parts] = {}
+    if candidates:
+        original = list(zip(report.series.get("step", []), report.series.get("loss", []),
+                            strict=False))
+        with tempfile.TemporaryDirectory(prefix="gradwatch-verify-") as tmp, \
+                concurrent.futures.ThreadPoolExecutor(max(1, settings.workers)) as pool:
+            runs = _Pass(script, args, steps, Path(tmp), deadline, pool, settings)
+            base_future = runs.submit("baseline", (), 0)[1]
+            say(f"verify: {len(candidates)} remedies, {steps} steps each, "
+                f"{settings.workers} at a time")
+            firsts = [runs.submit(key, parts, 0) for key, parts in candidates.items()]
+            base = base_future.result()
+            runs.results["baseline"] = [base]
+            repeatable = base.status == "ok" and deterministic(original, base.losses)
+            summary["deterministic"] = repeatable
+            if base.status != "ok":
+                note = base.note or base.status
+                if "No such file" in note or "FileNotFound" in note:
+                    note += " (re-runs start in a temporary folder: a path relative to the " \
+                        "current folder is not found there)"
+                summary["baseline_error"] = note
+            repeats = 1 if repeatable or base.status != "ok" else max(1, settings.repeats)
+            summary["repeats"] = repeats
+            if repeats > 1:
+                say(f"verify: the first losses differ between runs (no fixed seed?): "
+                    f"{repeats} repeats each")
+            for job, future in firsts:
+                outcome = future.result()
+                runs.results.setdefault(job.key, []).append(outcome)
+                if repeats == 1:
+                    say(f"verify: {'+'.join(rid for rid, _ in job.parts)}: {outcome.status}")
+            if repeats > 1:
+                runs.run({"baseline": (), **candidates}, repeats, first=1, say=say)
+            results.update(runs.results)
+            if settings.combine and base.status == "ok":
+                combos = pairs(problems, candidates, results, steps, settings)
+            if combos:
+                say(f"verify: {len(combos)} pairs of remedies where no single one settled "
+                    "a finding")
+                runs.run(combos, repeats, say=say)
+                results.update(runs.results)
+    base_runs = results.get("baseline", [])
+    for finding in problems:
+        for remedy in finding.remedies:
+            if not asked(settings, remedy_parts(remedy)):
+                continue  # not asked for: no "verified", ranked after the verified ones
+            key = candidate_key(remedy_parts(remedy))
+            remedy.verified = verdict(finding.kind, base_runs, results.get(key, []), steps,
+                                      remedy_parts(remedy)).to_dict()
+        finding.remedies.sort(key=lambda r: rank(r.verified))
+    summary["combined"] = ["+".join(rid for rid, _ in parts) for parts in combos.values()]
+    summary["not_finished"] = sorted({
+        "+".join(rid for rid, _ in parts)
+        for key, parts in {**candidates, **combos}.items()
+        if any(o.status == "not_finished" for o in results.get(key, []))})
+    summary["duration_s"] = round(time.monotonic() - started, 3)
+    data = report.to_dict()
+    data["verify"] = summary
+    return Report(data)
