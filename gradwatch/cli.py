@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -10,7 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
+from .lab.main import main as lab_main
+from .measure.monitor import Options
+from .preflight import load_factory, preflight, resolve_factory_result
 from .report.text import printable
+from .runner import run_script
+from .thresholds import resolve_thresholds
+from .verify.child import ChildControl
+from .verify.run import VerifySettings, verify_report
 
 __all__ = ["main"]
 
@@ -108,11 +116,6 @@ def cmd_run(argv: list[str]) -> int:
     if ns.budget < 1 or ns.repeats < 1 or ns.verify_time <= 0:
         parser.error("--budget and --repeats take a positive integer, --verify-time a "
                      "positive number of seconds")
-    # torch is imported only now, so that usage errors answer at once.
-    from .measure.monitor import Options
-    from .runner import run_script
-    from .thresholds import resolve_thresholds
-
     kwargs = {k: v for k, v in (("sync_every", ns.sync_every),
                                 ("detail_every", ns.detail_every)) if v is not None}
     try:
@@ -125,10 +128,6 @@ def cmd_run(argv: list[str]) -> int:
             _check_writable(parser, out)
     control = None
     if ns.apply_remedy is not None or ns.max_steps is not None:
-        import json
-
-        from .verify.child import ChildControl
-
         ids = ns.apply_remedy.split("+") if ns.apply_remedy else []
         params = json.loads(ns.apply_params)
         params = params if isinstance(params, list) else [params] * len(ids)
@@ -143,8 +142,6 @@ def cmd_run(argv: list[str]) -> int:
     if result.report is None:
         return result.exit_code  # a process the script forked: only the parent reports
     if ns.verify:
-        from .verify.run import VerifySettings, verify_report
-
         only = frozenset(r.strip() for r in ns.verify_remedies.split(",") if r.strip()) \
             if ns.verify_remedies else None
         settings = VerifySettings(budget=ns.budget, time_s=ns.verify_time,
@@ -203,15 +200,11 @@ def _check_writable(parser: argparse.ArgumentParser, path: str) -> None:
 
 def cmd_demo(argv: list[str]) -> int:
     """Every lab experiment with the default seeds: the README's main job."""
-    from .lab.main import main as lab_main
-
     return lab_main(argv, command="demo")
 
 
 def cmd_lab(argv: list[str]) -> int:
     """Chosen lab experiments over chosen seeds."""
-    from .lab.main import main as lab_main
-
     return lab_main(argv, command="lab")
 
 
@@ -255,15 +248,10 @@ def cmd_check(argv: list[str]) -> int:
     for out in (ns.json, ns.html, ns.text):
         if out:
             _check_writable(parser, out)
-    from .thresholds import resolve_thresholds
-
     try:
         thresholds = resolve_thresholds(None, _parse_thresholds(ns.threshold))
     except (TypeError, ValueError) as exc:
         parser.error(str(exc))
-
-    from .preflight import load_factory, preflight, resolve_factory_result
-
     try:
         factory = load_factory(module_part, factory_name)
         model, batch, loss_fn = resolve_factory_result(factory, factory_name, shape, ns.seed)

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["SITE_STATS", "Events", "History", "LayerInfo", "Series", "SiteInfo"]
+__all__ = ["PROFILE_POINTS", "SITE_STATS", "Events", "History", "LayerInfo", "Series", "SiteInfo",
+           "sampled_timesteps"]
 
 DEFAULT_CAPACITY = 2048
 
@@ -25,6 +26,19 @@ ReLU sites: fraction of units dead for the whole batch, fraction dead on
 ``dying_persist_measurements`` consecutive measurements, ..., the dead units' mean largest
 pre-activation; saturating sites: fraction of outputs saturated, fraction of units
 saturated for the whole batch, ..., NaN; both: pre-activation mean, std and RMS."""
+
+
+PROFILE_POINTS = 16
+"""Timesteps whose input-gradient norm is kept per module and step (first and last included)."""
+
+
+def sampled_timesteps(length: int, points: int = PROFILE_POINTS) -> np.ndarray:
+    """The timesteps kept for a sequence of ``length``: all of them if it is short, else
+    ``points`` evenly spaced ones (integer rounding, half up), the first and last included."""
+    if length <= points:
+        return np.arange(length)
+    i = np.arange(points)
+    return (i * (length - 1) + (points - 1) // 2) // (points - 1)
 
 
 class Series:

@@ -9,7 +9,7 @@ import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from torch import nn
 
@@ -17,12 +17,31 @@ from .measure.monitor import Monitor, Options
 from .measure.probes import INTERCEPTOR, GlobalProbes, Handles, unwrap_compiled
 from .report import Report, build_report
 from .thresholds import Thresholds
-from .verify.child import ChildControl, StopRun
 from .watch import default_extensions
 
-__all__ = ["RunResult", "run_script"]
+__all__ = ["Control", "RunResult", "StopRun", "run_script"]
 
 _COMPILE_HOOK_WARNING = r"Using `torch.compile\(module\)` when there are global hooks"
+
+
+class StopRun(BaseException):
+    """Raised inside the script to end a run cleanly (a ``--verify`` re-run at its step
+    budget); a BaseException so that the script's own ``except Exception`` does not
+    swallow it. The run counts as completed."""
+
+
+class Control(Protocol):
+    """Something that steers a run from outside (``verify.child.ChildControl``): global
+    hooks registered around gradwatch's own, and what it did, for the report."""
+
+    def attach_first(self, handles: Handles, monitor: Monitor) -> None:
+        """Register hooks that must run before gradwatch's (change the model first)."""
+
+    def attach_last(self, handles: Handles) -> None:
+        """Register hooks that must run after gradwatch's (the stopping step committed)."""
+
+    def summary(self) -> dict[str, Any]:
+        """What it did, written into the report as ``applied``."""
 
 
 class RunResult:
@@ -89,7 +108,7 @@ def _main_models(untracked: set[int]) -> list[tuple[str, nn.Module]]:
 def run_script(script: str | os.PathLike[str], args: Sequence[str] = (),
                options: Options | None = None,
                thresholds: Thresholds | None = None,
-               control: ChildControl | None = None) -> RunResult:
+               control: Control | None = None) -> RunResult:
     """Run ``script`` with ``args`` as ``__main__``, watching every model and optimizer.
 
     Returns the script's own exit status (0, its ``sys.exit`` code, 1 when it raised,

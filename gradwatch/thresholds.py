@@ -8,7 +8,9 @@ in step.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import itertools
 import math
 import re
@@ -241,9 +243,6 @@ class Thresholds:
 
 def _field_docs() -> dict[str, str]:
     """Field name -> its docstring (the string literal under it in the class body)."""
-    import ast
-    import inspect
-
     tree = ast.parse(inspect.getsource(Thresholds))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs: dict[str, str] = {}

@@ -33,15 +33,10 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import gradwatch
-from gradwatch.history import History, LayerInfo
+from gradwatch.history import PROFILE_POINTS, History, LayerInfo, sampled_timesteps
 from gradwatch.judge.context import Context
 from gradwatch.judge.detectors import through_time
-from gradwatch.measure.extensions.recurrent import (
-    COLUMNS,
-    PROFILE_POINTS,
-    per_timestep_norms,
-    sampled_timesteps,
-)
+from gradwatch.measure.extensions.recurrent import COLUMNS, per_timestep_norms
 from gradwatch.thresholds import Thresholds
 
 SCRIPTS = Path(__file__).parent / "scripts"

@@ -23,6 +23,7 @@ from .._version import __version__
 from ..findings import jsonable
 from ..report.atomic import write_text_atomic
 from .core import ArmResults, Experiment, RunResult, stat
+from .page import render_lab_page
 
 __all__ = ["LAB_SCHEMA", "Progress", "run_lab"]
 
@@ -170,8 +171,6 @@ def run_lab(experiments: Sequence[Experiment], seeds: Sequence[int], out: Path,
     lab["duration_s"] = round(time.perf_counter() - started, 1)
     lab = jsonable(lab)
     write_text_atomic(out / "lab.json", json.dumps(lab, indent=2, allow_nan=False) + "\n")
-    from .page import render_lab_page
-
     write_text_atomic(out / "index.html", render_lab_page(lab))
     return lab
 

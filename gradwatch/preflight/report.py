@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+from html import escape
 from typing import Any
 
 from .._version import __version__
@@ -10,6 +11,8 @@ from ..findings import Finding, jsonable
 from ..judge.context import fmt
 from ..remedies import describe_findings
 from ..report import SCHEMA, Report
+from ..report import html as report_html
+from ..report import text as report_text
 from .judge import Measured
 
 
@@ -47,24 +50,19 @@ class PreflightReport(Report):
 
     def summary(self, width: int = 100) -> str:
         """The text report: what ran, the layer table, then the findings."""
-        from ..report.text import render_text
-
         p = self.preflight
         grad = "the loss's gradient" if p["gradient"] == "loss_fn" else \
             f"a random N(0, 1) output gradient (seed {p['seed']})"
         head = (f"gradwatch {self._data['tool']['version']} preflight: one forward/backward at "
                 f"init, model in {p['model_mode']} mode, example batch {p['batch']}, {grad}")
-        rest = render_text(self.to_dict(), width).splitlines()[2:]  # after head and model
+        # After the head and model lines of the usual summary.
+        rest = report_text.render_text(self.to_dict(), width).splitlines()[2:]
         return "\n".join([*textwrap.wrap(head, width, subsequent_indent="  "), self.table(),
                           *rest]) + "\n"
 
     def to_html(self) -> str:
         """The HTML report with the layer table above the per-layer section."""
-        from html import escape
-
-        from ..report.html import render_html
-
-        page = render_html(self.to_dict())
+        page = report_html.render_html(self.to_dict())
         table = "<h2>Preflight: one forward/backward at init</h2><pre>" + \
             escape(self.table(max_rows=10_000)) + "</pre>"
         marker = "<h2>Layers"

@@ -12,9 +12,10 @@ import numpy as np
 from .._version import __version__
 from ..findings import Finding, jsonable
 from ..judge.context import Context
-from ..judge.detectors import through_time
 from ..judge.registry import run_detectors
+from ..judge.timesteps import report_series
 from ..remedies import describe_findings
+from . import html, text
 from .atomic import write_text_atomic
 from .schema import SCHEMA, check_report
 
@@ -59,14 +60,11 @@ class Report:
 
     def summary(self, width: int = 100) -> str:
         """A one-page plain-text summary for a terminal."""
-        from .text import render_text
-
-        return render_text(self.to_dict(), width)
+        return text.render_text(self.to_dict(), width)
 
     def to_html(self) -> str:
-        from .html import render_html
-
-        return render_html(self.to_dict())
+        """A self-contained HTML page: the findings, their causes and remedies, the plots."""
+        return html.render_html(self.to_dict())
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write atomically; the format follows the suffix: .json, .html/.htm, .txt/.md."""
@@ -199,7 +197,7 @@ def _assemble(monitor: Any, findings: list[Finding], detector_errors: list[str])
                       for i in order},
         "stride": history.steps.stride,
         **_site_series(ctx),
-        "through_time": through_time.report_series(ctx),
+        "through_time": report_series(ctx),
     }
     data = {
         "schema": SCHEMA,

@@ -14,13 +14,9 @@ from torch.optim import optimizer as optimizer_hooks
 from ..measure.probes import compiling, unwrap_compiled
 from ..remedies import CATALOGUE
 from ..remedies.base import NotApplicable, run_added_pre_hooks
+from ..runner import StopRun
 
 __all__ = ["ChildControl", "StopRun"]
-
-
-class StopRun(BaseException):
-    """Raised inside the script to end a re-run cleanly; a BaseException so that the
-    script's own ``except Exception`` does not swallow it."""
 
 
 class ChildControl:

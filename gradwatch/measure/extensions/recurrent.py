@@ -47,26 +47,16 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
+from ...history import PROFILE_POINTS, sampled_timesteps
 from ..extension import Extension
 
 __all__ = ["COLUMNS", "PROFILE_POINTS", "RecurrentGradients", "sampled_timesteps"]
 
-PROFILE_POINTS = 16
-"""Timesteps whose input-gradient norm is kept per module and step (first and last included)."""
 
 COLUMNS = 2 + PROFILE_POINTS
 """Per module and step: sequence length, mean norm over all timesteps, the sampled norms."""
 
 _TYPES = (nn.RNN, nn.LSTM, nn.GRU)
-
-
-def sampled_timesteps(length: int, points: int = PROFILE_POINTS) -> np.ndarray:
-    """The timesteps kept for a sequence of ``length``: all of them if it is short, else
-    ``points`` evenly spaced ones (integer rounding, half up), the first and last included."""
-    if length <= points:
-        return np.arange(length)
-    i = np.arange(points)
-    return (i * (length - 1) + (points - 1) // 2) // (points - 1)
 
 
 def _sampled_index(length: int, device: torch.device) -> torch.Tensor:
