@@ -124,7 +124,7 @@ def run_script(script: str | os.PathLike[str], args: Sequence[str] = (),
         raise FileNotFoundError(f"no such training script: {path}")
     started_in = os.getpid()
     monitor = Monitor(options, thresholds, discover=True, extensions=default_extensions())
-    monitor.namer = _main_namer()
+    monitor.watched.namer = _main_namer()
     monitor.models_of = _main_models
     handles = Handles()
     saved_argv, saved_path = sys.argv[:], sys.path[:]
@@ -132,7 +132,7 @@ def run_script(script: str | os.PathLike[str], args: Sequence[str] = (),
     try:
         if control is not None:
             control.attach_first(handles, monitor)  # before GlobalProbes: change, then adopt
-        GlobalProbes(monitor, handles, monitor.namer)
+        GlobalProbes(monitor, handles, monitor.watched.namer)
         if control is not None:
             control.attach_last(handles)  # after GlobalProbes: the last step is committed
         handles.add(INTERCEPTOR.register(monitor))

@@ -83,7 +83,7 @@ class Watch:
         if compiled or getattr(model, "_compiled_call_impl", None) is not None:
             self.monitor.note_compiled(model)
         for opt in optimizers:
-            if not self.monitor.owns_params_of(opt):
+            if not self.monitor.watched.owns_params_of(opt):
                 raise ValueError(f"the {type(opt).__name__} optimizer passed to watch() "
                                  f"updates none of the model's parameters; pass the "
                                  f"optimizer that trains this model")

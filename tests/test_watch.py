@@ -15,7 +15,7 @@ from torch.nn.modules import module as module_hooks
 from torch.optim import optimizer as optimizer_hooks
 
 import gradwatch
-from gradwatch.measure.monitor import Monitor
+from gradwatch.measure.measures import StepMeasures
 from gradwatch.report import atomic
 
 ORIGINAL_BACKWARD = torch.autograd.backward
@@ -406,13 +406,13 @@ def _train_copy(strict: bool | None, steps: int = 8) -> tuple[nn.Module, gradwat
     return model, gw
 
 
-def _broken_grad_row(self: Monitor, key: str) -> None:
+def _broken_grad_row(self: StepMeasures, row: int, key: str) -> None:
     raise RuntimeError("injected failure inside gradwatch")
 
 
 def test_internal_error_does_not_break_training(monkeypatch: pytest.MonkeyPatch) -> None:
     reference, _ = _train_copy(strict=None)
-    monkeypatch.setattr(Monitor, "_grad_row", _broken_grad_row)
+    monkeypatch.setattr(StepMeasures, "gradients", _broken_grad_row)
     watched, gw = _train_copy(strict=False)
     assert gw is not None
     for p, q in zip(reference.parameters(), watched.parameters(), strict=True):
@@ -426,7 +426,7 @@ def test_internal_error_does_not_break_training(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_strict_mode_reraises_internal_errors(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(Monitor, "_grad_row", _broken_grad_row)
+    monkeypatch.setattr(StepMeasures, "gradients", _broken_grad_row)
     model, (x, y) = mlp(), batch()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     with pytest.raises(RuntimeError, match="injected failure inside gradwatch"):

@@ -27,7 +27,10 @@ from torch import nn
 from ..history import History, LayerInfo
 from . import structure
 
-__all__ = ["Watched"]
+__all__ = ["ModelFinder", "Watched"]
+
+ModelFinder = Callable[[set[int]], list[tuple[str, nn.Module]]]
+"""Finds the models that own parameters (by id): ``gradwatch run`` looks in the script."""
 
 
 class Watched:
@@ -95,9 +98,20 @@ class Watched:
             structure.module_facts([module])
         return root
 
-    def add_tensors(self, tensors: Iterable[torch.Tensor], skip: set[int]) -> None:
-        """Track parameters that no tracked module owns (bare tensors, optimizer-only);
-        ``skip`` holds ids of tensors gradwatch made itself."""
+    def add_tensors(self, tensors: Iterable[torch.Tensor], skip: set[int],
+                    models_of: ModelFinder = lambda ids: []) -> None:
+        """Track parameters that no tracked module owns: those of a model ``models_of``
+        finds (the script's global models, under ``gradwatch run``) with their model, the
+        rest as bare tensors; ``skip`` holds ids of tensors gradwatch made itself."""
+        tensors = list(tensors)
+        untracked = {id(t) for t in tensors if t.requires_grad and
+                     id(t) not in self._slot_of and id(t) not in skip}
+        for name, module in models_of(untracked) if untracked else ():
+            # Its forward was not seen, or it would be a root already: it runs compiled
+            # (``model.compile()``) or only through its submodules.
+            if self.add_root(module, name) is not None:
+                compiled = getattr(module, "_compiled_call_impl", None) is not None
+                self.note_root(module, "compiled_roots" if compiled else "forward_unseen")
         for t in tensors:
             if not t.requires_grad or id(t) in self._slot_of or id(t) in skip or \
                     nn.parameter.is_lazy(t):
@@ -128,6 +142,14 @@ class Watched:
             if self.device is None:
                 self.device = p.device
         return layer
+
+    def note_root(self, module: nn.Module, fact: str) -> None:
+        """Name this root in ``facts[fact]`` (``compiled_roots``, ``forward_unseen``)."""
+        index = self._root_of.get(id(module))
+        if index is not None:
+            names = self.history.facts.setdefault(fact, [])
+            if self.history.roots[index] not in names:
+                names.append(self.history.roots[index])
 
     def add_optimizer(self, optimizer: torch.optim.Optimizer) -> bool:
         """Track an optimizer's settings; True if it was not tracked before."""

@@ -193,7 +193,7 @@ def attach_model(monitor: Monitor, model: nn.Module, handles: Handles) -> None:
 
     handles.add(model.register_forward_pre_hook(root_pre, with_kwargs=True))
     for module in model.modules():
-        if monitor.layer_of_module(module) is not None:
+        if monitor.watched.layer_of_module(module) is not None:
             if monitor.wants_layer_pre(module):
                 handles.add(module.register_forward_pre_hook(layer_pre))
             handles.add(module.register_forward_hook(layer_post))
@@ -248,10 +248,10 @@ class GlobalProbes:
             # forward is not measured: a function mode or hook inside it while Dynamo
             # traces would break the graph and change the compiled numbers.
             module = unwrap_compiled(module)
-            if not monitor.is_root(module) and any(
+            if not monitor.watched.is_root(module) and any(
                     p.requires_grad for p in module.parameters()):
                 self._adopt(module)
-            if monitor.is_root(module):
+            if monitor.watched.is_root(module):
                 if compiled:
                     monitor.note_compiled(module)
                 else:
@@ -268,9 +268,10 @@ class GlobalProbes:
         monitor = self.monitor
         if not monitor.enabled:
             return
-        if monitor.layer_of_module(module) is not None:
+        if monitor.watched.layer_of_module(module) is not None:
             monitor.on_layer_forward(module, output)
-        if self._depth == 0 and module is unwrap_compiled(module) and monitor.is_root(module):
+        if self._depth == 0 and module is unwrap_compiled(module) and \
+                monitor.watched.is_root(module):
             monitor.on_root_forward(module, output, args)
 
     def _adopt(self, module: nn.Module) -> None:
@@ -296,5 +297,5 @@ class GlobalProbes:
             # now on. Done after the step, because a closure (LBFGS) runs the model only
             # inside step().
             params = [p for g in optimizer.param_groups for p in g["params"]]
-            if any(not monitor.tracks(p) for p in params):
+            if any(not monitor.watched.tracks(p) for p in params):
                 monitor.add_tensors(params)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import gradwatch
-from gradwatch.measure.monitor import Monitor
+from gradwatch.measure.measures import StepMeasures
 
 
 def recorded(report: gradwatch.Report) -> np.ndarray:
@@ -145,10 +145,10 @@ def test_a_model_that_fits_exactly_is_converged() -> None:
 
 def test_after_an_internal_error_the_steps_are_still_counted(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(self: Monitor, key: str) -> None:
+    def broken(self: StepMeasures, row: int, key: str) -> None:
         raise RuntimeError("injected failure inside gradwatch")
 
-    monkeypatch.setattr(Monitor, "_grad_row", broken)
+    monkeypatch.setattr(StepMeasures, "gradients", broken)
     model = nn.Linear(3, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with gradwatch.watch(model, opt) as gw:

@@ -143,7 +143,7 @@ class ActivationSites(Extension):
                 not module.training:
             return
         self._counts = {}
-        self._root = m.root_of_module(module) or 0
+        self._root = m.watched.root_of_module(module) or 0
         m.last_layer = -1
         self._mode = _SiteMode(self)
         self._mode.__enter__()
@@ -206,7 +206,7 @@ class ActivationSites(Extension):
                   x: torch.Tensor, unit_dim: int, feeding: int | None,
                   args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Site:
         m = self.monitor
-        path = m.module_name(module) if module is not None else None
+        path = m.watched.module_name(module) if module is not None else None
         functional = not isinstance(module, ACTIVATION_MODULES)
         if module is None:
             name = f"{kind}@{key[3]}"
@@ -241,7 +241,7 @@ class ActivationSites(Extension):
             code = frame.f_code
             if code.co_argcount and code.co_varnames[0] == "self":
                 obj = frame.f_locals.get("self")
-                if isinstance(obj, nn.Module) and m.module_name(obj) is not None:
+                if isinstance(obj, nn.Module) and m.watched.module_name(obj) is not None:
                     return obj
             frame = frame.f_back
         return None
@@ -256,7 +256,7 @@ class ActivationSites(Extension):
             return None
         m = self.monitor
         names = m.history.layers[layer].param_names
-        for name, p in zip(names, m.layer_params(layer), strict=False):
+        for name, p in zip(names, m.watched.layer_params(layer), strict=False):
             if name.endswith("bias") and p.dim() == 1:
                 return p
         return None

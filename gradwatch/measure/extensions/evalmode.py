@@ -236,7 +236,7 @@ class EvalModeCheck(Extension):
         m = self.monitor
         st = self._states.get(id(module))
         if st is None:
-            index = m.root_of_module(module)
+            index = m.watched.root_of_module(module)
             if index is None:
                 return
             name = m.history.roots[index] if index < len(m.history.roots) else str(index)

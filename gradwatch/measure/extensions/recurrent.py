@@ -144,10 +144,10 @@ class RecurrentGradients(Extension):
         entry = self._modules.get(id(module))
         if entry is None:
             m = self.monitor
-            layer = m.layer_of_module(module)
+            layer = m.watched.layer_of_module(module)
             root = m.history.layers[layer].root if layer is not None else 0
             entry = self._modules[id(module)] = _Module(
-                len(self._modules) + len(self._done), module, m.module_name(module) or "",
+                len(self._modules) + len(self._done), module, m.watched.module_name(module) or "",
                 layer, root)
             m.add_buffer(entry.key, (COLUMNS,))
             entry.initial = _weights(entry.config, entry.params or [])
