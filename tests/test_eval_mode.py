@@ -13,7 +13,7 @@ from conftest import only
 from torch import nn
 
 import gradwatch
-from gradwatch.judge import causes
+from gradwatch.judge import registry as causes
 from gradwatch.runner import run_script
 
 SCRIPTS = Path(__file__).parent / "scripts"

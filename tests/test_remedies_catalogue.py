@@ -14,7 +14,7 @@ from conftest import deep_net, seed_data, train_full_batch
 from torch import nn
 
 import gradwatch
-from gradwatch.judge import causes
+from gradwatch.judge import registry as causes
 from gradwatch.remedies import CATALOGUE, remedy
 
 PACKAGE = Path(gradwatch.__file__).parent

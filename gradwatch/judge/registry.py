@@ -1,7 +1,10 @@
-"""Detectors: pure functions ``Context -> list[Finding]``, one file per finding kind.
+"""The detectors, and running them: pure functions ``Context -> list[Finding]``, one file per
+finding kind.
 
-To add one: write ``judge/detectors/<kind>.py`` with ``KIND`` and ``detect(ctx)``, add it to
-``REGISTRY`` below, and add ``tests/test_<kind>.py``.
+To add one: write ``judge/detectors/<kind>.py`` with ``KIND``, ``CAUSES`` (the ids of its
+own causes), ``detect(ctx)`` and, if it judges the whole run rather than each model,
+``WHOLE_RUN = True``; add the module to ``DETECTORS`` below; put its limits in
+``Thresholds``; add ``tests/test_<kind>.py``.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import numpy as np
 from ..findings import Finding
 from ..history import History
 from ..thresholds import Thresholds
+from . import causes
 from .context import Context
 from .detectors import (
     dying,
@@ -26,15 +30,19 @@ from .detectors import (
     vanishing,
 )
 
-__all__ = ["REGISTRY", "Context", "run_detectors"]
+__all__ = ["CAUSE_IDS", "DETECTORS", "REGISTRY", "WHOLE_RUN_KINDS", "Context", "run_detectors"]
 
-REGISTRY: dict[str, Callable[[Context], list[Finding]]] = {
-    m.KIND: m.detect for m in (nonfinite, exploding, vanishing, dying, saturated,
-                               loss_divergence, loss_plateau, eval_mode)
-}
+DETECTORS = (nonfinite, exploding, vanishing, dying, saturated, loss_divergence, loss_plateau,
+             eval_mode)
+"""One entry per detector module, in the order they run."""
 
-# Eval-mode facts are per model already, and cover models that are only evaluated.
-GLOBAL_KINDS = {nonfinite.KIND, eval_mode.KIND}
+Detect = Callable[[Context], list[Finding]]
+REGISTRY: list[tuple[str, Detect]] = [(m.KIND, m.detect) for m in DETECTORS]
+"""(kind, detect) of every detector."""
+WHOLE_RUN_KINDS = frozenset(m.KIND for m in DETECTORS if getattr(m, "WHOLE_RUN", False))
+"""Kinds judged on the whole run even when it trained several models."""
+CAUSE_IDS = tuple(dict.fromkeys((*causes.CAUSE_IDS, *(c for m in DETECTORS for c in m.CAUSES))))
+"""Every cause id a detector can name (the shared ones and each detector's own)."""
 _SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
 
 
@@ -47,8 +55,8 @@ def run_detectors(history: History, thresholds: Thresholds) -> tuple[list[Findin
     views = [whole] if len(roots) <= 1 else [Context(history, thresholds, r) for r in roots]
     findings: list[Finding] = []
     errors: list[str] = []
-    jobs = [(kind, detect, ctx) for kind, detect in REGISTRY.items()
-            for ctx in (views if kind not in GLOBAL_KINDS else [whole])]
+    jobs = [(kind, detect, ctx) for kind, detect in REGISTRY
+            for ctx in (views if kind not in WHOLE_RUN_KINDS else [whole])]
     for kind, detect, ctx in jobs:
         try:
             # NaN marks unmeasured entries; all-NaN reductions are expected, not news.

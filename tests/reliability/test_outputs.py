@@ -22,6 +22,7 @@ from torch import nn
 
 import gradwatch
 from gradwatch import cli
+from gradwatch.judge import registry
 from gradwatch.report import atomic
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -120,12 +121,11 @@ def test_a_full_disk_is_one_line_and_leaves_the_old_file(
 
 def test_a_failing_detector_is_named_and_measuring_goes_on(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from gradwatch.judge import registry as detectors
-
     def broken(ctx: object) -> list:
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setitem(detectors.REGISTRY, "loss_plateau", broken)
+    monkeypatch.setattr(registry, "REGISTRY", [(kind, broken if kind == "loss_plateau" else d)
+                                               for kind, d in registry.REGISTRY])
     model = nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with gradwatch.watch(model, opt) as gw:

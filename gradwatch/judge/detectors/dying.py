@@ -19,6 +19,8 @@ from ..context import Context, Group, fmt
 from . import vanishing
 
 KIND = "dying_relu"
+CAUSES = ("large_negative_bias", "learning_rate_spike", "dead_at_init")
+"""The ids of the causes this detector names besides the shared ones of ``causes.py``."""
 RELU_KINDS = ("relu", "relu6")
 
 
@@ -139,8 +141,8 @@ def _site_finding(ctx: Context, i: int) -> Finding | None:
     killed = first_frac < t.dying_fraction or grew
 
     causes: list[Cause] = [c for c in (
-        C.negative_bias(ctx, i), C.dead_at_init(ctx, i),
-        C.learning_rate_spike(ctx, since, site.layer) if killed else None,
+        negative_bias(ctx, i), dead_at_init(ctx, i),
+        learning_rate_spike(ctx, since, site.layer) if killed else None,
         C.learning_rate_too_high(ctx, until=since) if killed else None,
         C.unscaled_inputs(ctx)) if c]
     ids = {c.id for c in causes}
@@ -206,3 +208,88 @@ def _site_finding(ctx: Context, i: int) -> Finding | None:
     return Finding(kind=KIND, severity=severity, first_step=first_step,
                    last_step=int(steps[-1]), layers=[*layers, name], summary=summary,
                    evidence=evidence, causes=causes, remedies=remedies)
+
+
+# ------------------------------------------------------------ this kind's causes
+def _site_first_last(ctx: Context, i: int, stat: str) -> tuple[float, float] | None:
+    """A site's statistic at its first and last measurement in this view."""
+    v = ctx.site_stat(stat)[:, i]
+    v = v[np.isfinite(v)]
+    return (float(v[0]), float(v[-1])) if v.size else None
+
+
+def negative_bias(ctx: Context, i: int) -> Cause | None:
+    """The bias feeding a ReLU site's dead units is more negative than the pre-activation
+    spread: no input of the batch lifts those units above zero."""
+    site = ctx.site(i)
+    b_dead = site.final.get("bias_dead_mean")
+    spread = _site_first_last(ctx, i, "pre_std")
+    if b_dead is None or spread is None or site.layer is None or b_dead >= 0:
+        return None
+    fan_in = ctx.layer(site.layer).fan_in
+    default = 1 / math.sqrt(fan_in) if fan_in else 0.0
+    # Both beyond the spread of the pre-activations and beyond anything PyTorch's default
+    # init draws (U(-1/sqrt(fan_in), 1/sqrt(fan_in))): a bias someone or something set.
+    if -b_dead < spread[0] or -b_dead <= default:
+        return None
+    alive = site.final.get("bias_alive_mean")
+    origin = ("it was set so at initialisation" if site.bias_init is not None
+              and site.bias_init <= b_dead / 2 else
+              f"updates drove it there (mean bias {fmt(site.bias_init)} when first seen)")
+    return Cause("large_negative_bias",
+                 f"the bias of {ctx.label(site.layer)} on the dead units is {fmt(b_dead)} "
+                 f"(mean; {fmt(alive)} on the live ones), larger in magnitude than the "
+                 f"pre-activation spread at the first measurement (std {fmt(spread[0])}): no "
+                 f"input lifts them above 0; {origin}")
+
+
+def learning_rate_spike(ctx: Context, since: int, layer: int | None) -> Cause | None:
+    """Units died right after the learning rate rose, or after an update far larger than
+    the weights' own scale (measured at the layer feeding them)."""
+    lr = ctx.h.steps.block("lr")[:, 0]
+    steps = ctx.h.steps.steps
+    # The units died between the measurement before ``since`` and ``since``.
+    earlier = ctx.site_steps[ctx.site_steps < since]
+    prev = int(earlier[-1]) if earlier.size else since - 1
+    ok = np.isfinite(lr)
+    before = ok & (steps <= prev)
+    near = ok & (steps > prev) & (steps <= since)
+    if before.any() and near.any():
+        base, peak = float(np.median(lr[before])), float(np.max(lr[near]))
+        if base > 0 and peak >= 2 * base:
+            k = int(steps[near][int(np.argmax(lr[near]))])
+            return Cause("learning_rate_spike",
+                         f"the learning rate rose to {fmt(peak)} at step {k} (from "
+                         f"{fmt(base)} before), and the units died from step {since} on: one "
+                         f"large update pushed their pre-activations below 0 for every input")
+    if layer is None:
+        return None
+    ratio = ctx.update_ratio[:, layer] if ctx.update_ratio.shape[1] > layer else None
+    if ratio is None:
+        return None
+    window = ctx.detail_window(prev, since)
+    r = ratio[window]
+    r = r[np.isfinite(r)]
+    if r.size and float(r.max()) >= ctx.t.large_update_ratio:
+        return Cause("learning_rate_spike",
+                     f"an update around step {since}, when the units died, changed "
+                     f"{ctx.label(layer)} by {fmt(100 * float(r.max()))}% of its norm "
+                     f"(healthy: about {fmt(100 * ctx.t.target_update_ratio)}%): such a step "
+                     f"can push a unit's pre-activation below 0 for every input")
+    return None
+
+
+def dead_at_init(ctx: Context, i: int) -> Cause | None:
+    """A ReLU site was already mostly dead at the first measurement, before updates mattered."""
+    first = _site_first_last(ctx, i, "fraction")
+    steps = ctx.site_steps[np.isfinite(ctx.site_stat("fraction")[:, i])]
+    if first is None or not steps.size or steps[0] > 0 or first[0] < ctx.t.dying_fraction:
+        return None
+    site = ctx.site(i)
+    scale = ctx.init_scale(site.layer) if site.layer is not None else None
+    how = (f"; {ctx.label(site.layer)} starts at {fmt(scale['ratio'])}x the "
+           f"{scale['family'].capitalize()} std" if scale and
+           not ctx.t.init_scale_low <= scale["ratio"] <= ctx.t.init_scale_high else "")
+    return Cause("dead_at_init",
+                 f"{fmt(100 * first[0])}% of the units were already dead at the first forward "
+                 f"pass (step 0), before any update: the initialisation put them there{how}")

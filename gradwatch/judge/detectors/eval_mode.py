@@ -23,11 +23,15 @@ import math
 from typing import Any
 
 from ...findings import Cause, Finding, Remedy
-from .. import causes as C
 from ..advice import remedy
+from ..causes import span
 from ..context import Context, fmt
 
 KIND = "eval_mode"
+WHOLE_RUN = True  # its facts are per model already, and cover models only evaluated
+CAUSES = ("dropout_active_in_eval", "batchnorm_stats_updated_by_eval",
+          "training_mode_code_in_eval", "no_grad_forward_inside_training_step")
+"""The ids of the causes this detector names besides the shared ones of ``causes.py``."""
 
 
 def detect(ctx: Context) -> list[Finding]:
@@ -67,8 +71,8 @@ def _judge(ctx: Context, f: dict[str, Any], several: bool) -> Finding | None:
     layers = [f"{prefix}{name}" for name in f.get("layers_in_training") or []]
 
     causes: list[Cause] = [c for c in (
-        C.dropout_active_in_eval(ctx, f), C.batchnorm_stats_updated_by_eval(ctx, f),
-        C.training_mode_code_in_eval(ctx, f), C.no_grad_forward_inside_training_step(ctx, f),
+        dropout_active_in_eval(ctx, f), batchnorm_stats_updated_by_eval(ctx, f),
+        training_mode_code_in_eval(ctx, f), no_grad_forward_inside_training_step(ctx, f),
     ) if c is not None]
     var = _variable(f)
     remedies: list[Remedy] = [remedy("call_model_eval", model=var)]
@@ -103,7 +107,7 @@ def _judge(ctx: Context, f: dict[str, Any], several: bool) -> Finding | None:
                 "num_batches_tracked_before", "num_batches_tracked_after"):
         if key in bn:
             evidence[f"bn_{key}"] = bn[key]
-    share = C.eval_share(f) if norms else None
+    share = eval_share(f) if norms else None
     if share is not None:
         evidence["bn_share_from_longest_pass"] = share
 
@@ -158,3 +162,113 @@ def _variable(f: dict[str, Any]) -> str:
     if name.isidentifier() and name.lower() != type_name.lower():
         return name
     return "model"
+
+
+# ------------------------------------------------------------ this kind's causes
+def _rates(rows: list[dict], key: str) -> str:
+    values = sorted({r.get(key) for r in rows if r.get(key) is not None})
+    if not values:
+        return ""
+    return f" ({key}={', '.join(fmt(v) for v in values[:4])})"
+
+
+def _quoted(rows: list[dict]) -> str:
+    """Module paths of layers without parameters, quoted: '3', 'encoder.dropout'."""
+    return span([f"'{r['name']}'" for r in rows])
+
+
+def dropout_active_in_eval(ctx: Context, facts: dict) -> Cause | None:
+    """Dropout layers in training mode during forwards without gradient."""
+    rows = facts.get("dropout_layers") or []
+    if not rows:
+        return None
+    measured = facts.get("measured") or {}
+    rel = measured.get("output_rel_diff")
+    tail = ""
+    if isinstance(rel, float) and not math.isnan(rel):
+        tail = (f"; the first one's output differs from the eval-mode output by "
+                f"{fmt(100 * rel)}% of the latter's norm")
+    n = facts["forwards"]
+    return Cause("dropout_active_in_eval",
+                 f"the Dropout layer{'s' if len(rows) > 1 else ''} {_quoted(rows)}"
+                 f"{_rates(rows, 'p')} stayed in training mode during {n} forward"
+                 f"{'s' if n > 1 else ''} without gradient: dropout zeroes a random fraction "
+                 f"p of the units and scales the rest by 1/(1-p), so every evaluation runs "
+                 f"another random sub-network{tail}")
+
+
+def batchnorm_stats_updated_by_eval(ctx: Context, facts: dict) -> Cause | None:
+    """BatchNorm layers normalised no-grad batches with their own statistics and updated
+    their running statistics with them."""
+    rows = facts.get("batchnorm_layers") or []
+    if not rows:
+        return None
+    bn = facts.get("batchnorm") or {}
+    change = bn.get("first_pass_change", bn.get("first_forward_change"))
+    parts = []
+    if isinstance(change, float) and not math.isnan(change):
+        n = bn.get("first_pass_forwards")
+        over = f" over the first pass of {n} forward{'s' if n != 1 else ''}" if n else ""
+        parts.append(f"the running statistics changed by {fmt(100 * change)}%{over}")
+    before, after = bn.get("num_batches_tracked_before"), bn.get("num_batches_tracked_after")
+    if before is not None and after is not None:
+        parts.append(f"num_batches_tracked went from {before} to {after}")
+    share = eval_share(facts)
+    if share is not None:
+        parts.append(f"with momentum {fmt(bn.get('momentum'))}, after a pass of "
+                     f"{facts['longest_pass']} batches {fmt(100 * share)}% of the running "
+                     f"statistics come from these batches")
+    measured = "; ".join(parts)
+    one = len(rows) == 1
+    return Cause("batchnorm_stats_updated_by_eval",
+                 f"the BatchNorm layer{'' if one else 's'} {_quoted(rows)} stayed in training "
+                 f"mode: {'it' if one else 'they'} normalised each of these batches with the "
+                 f"batch's own mean and variance instead of the running statistics, and "
+                 f"updated the running statistics with it"
+                 + (f" ({measured})" if measured else "")
+                 + "; eval mode, and the saved model, use those statistics")
+
+
+def eval_share(facts: dict) -> float | None:
+    """Fraction of the BatchNorm running statistics that the longest no-grad pass wrote."""
+    bn = facts.get("batchnorm") or {}
+    momentum, n = bn.get("momentum"), facts.get("longest_pass", 0)
+    if not n:
+        return None
+    if momentum is None:  # cumulative average: each batch weighs 1 / num_batches_tracked
+        after = bn.get("num_batches_tracked_after")
+        return min(1.0, n / after) if after else None
+    return 1.0 - (1.0 - float(momentum)) ** n
+
+
+def training_mode_code_in_eval(ctx: Context, facts: dict) -> Cause | None:
+    """The output depends on the mode through code that is not a Dropout/BatchNorm module."""
+    rows = facts.get("other_layers") or []
+    rel = (facts.get("measured") or {}).get("output_rel_diff")
+    if facts.get("generic") and isinstance(rel, float):
+        return Cause("training_mode_code_in_eval",
+                     f"the model has no Dropout or BatchNorm module, yet its output in "
+                     f"training mode differs from eval mode by {fmt(100 * rel)}%: code "
+                     f"in its forward depends on self.training (F.dropout(x, p, "
+                     f"training=self.training), a DropPath, a custom module)")
+    if rows:
+        return Cause("training_mode_code_in_eval",
+                     f"{_quoted(rows)} ({', '.join(sorted({r['type'] for r in rows}))}) "
+                     f"stayed in training mode, where it is random (RReLU samples its "
+                     f"negative slope per element)")
+    return None
+
+
+def no_grad_forward_inside_training_step(ctx: Context, facts: dict) -> Cause | None:
+    """The no-grad forwards come one at a time, in most training steps."""
+    total = ctx.h.total_steps
+    steps = facts.get("steps_with_forwards", 0)
+    if facts.get("longest_pass") != 1 or total < 4 or \
+            steps < ctx.t.eval_mode_in_step_fraction * total:
+        return None
+    return Cause("no_grad_forward_inside_training_step",
+                 f"the no-grad forwards come one at a time, in {steps} of the {total} "
+                 f"training steps: they run inside the training loop (a target or teacher "
+                 f"network, a training-metric pass, or a validation after every update). If "
+                 f"training-mode behaviour is intended there, this is by design; otherwise "
+                 f"the same remedies apply")

@@ -12,6 +12,9 @@ from ..context import Context, fmt
 from . import through_time
 
 KIND = "exploding_gradient"
+CAUSES = (*through_time.CAUSES,)
+"""The ids of the causes this detector names besides the shared ones of ``causes.py``
+(through time too)."""
 
 
 def _grad_to_weight(ctx: Context) -> tuple[np.ndarray, np.ndarray]:

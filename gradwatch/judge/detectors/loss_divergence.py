@@ -10,6 +10,8 @@ from ..advice import clip_threshold, lower_lr, remedy, standardize
 from ..context import Context, fmt
 
 KIND = "loss_divergence"
+CAUSES: tuple[str, ...] = ()
+"""The ids of the causes this detector names besides the shared ones of ``causes.py``."""
 
 
 def detect(ctx: Context) -> list[Finding]:

@@ -16,6 +16,8 @@ from ..context import Context, fmt
 from . import through_time, vanishing
 
 KIND = "loss_plateau"
+CAUSES = ("constant_output", "weights_frozen", "gradient_vanishes")
+"""The ids of the causes this detector names besides the shared ones of ``causes.py``."""
 
 
 def detect(ctx: Context) -> list[Finding]:

@@ -12,6 +12,9 @@ from ..advice import clip_threshold, depth_remedies, lower_lr, remedy
 from ..context import Context, fmt
 
 KIND = "nonfinite"
+WHOLE_RUN = True  # one NaN is a fact of the process
+CAUSES = ("nonfinite_input", "invalid_forward_op", "invalid_backward_op")
+"""The ids of the causes this detector names besides the shared ones of ``causes.py``."""
 
 
 def detect(ctx: Context) -> list[Finding]:
@@ -51,7 +54,7 @@ def detect(ctx: Context) -> list[Finding]:
     last_loss = float(ctx.loss[finite_before][-1]) if finite_before.any() else None
     last_step = int(ctx.steps[finite_before][-1]) if finite_before.any() else None
     overflow = C.forward_overflow(ctx)
-    sudden = None if overflow else C.sudden_nonfinite(ctx, step, origin)
+    sudden = None if overflow else sudden_nonfinite(ctx, step, origin)
     group = max(ctx.groups, key=lambda g: len(g.layers)) if ctx.groups else None
     causes: list[Cause] = [c for c in (overflow, sudden) if c]
     remedies: list[Remedy] = []
@@ -70,7 +73,7 @@ def detect(ctx: Context) -> list[Finding]:
             remedies.append(remedy("assert_finite_inputs"))
     else:
         # Values grew until they overflowed: the updates that made them grow are the cause.
-        growth = C.grad_growth(ctx, step)
+        growth = grad_growth(ctx, step)
         grew = growth is not None and growth[0] > ctx.t.onset_factor
         tail = (f" From step {growth[1]} on, the gradient norm grew {fmt(growth[0])}x over its "
                 f"early level: clipping it or a lower learning rate stops such growth."
@@ -134,3 +137,67 @@ def _layers(ctx: Context, params: list[str]) -> list[str]:
             names.append(ctx.name(i))
     order = {ctx.name(i): k for k, i in enumerate(ctx.h.layer_order())}
     return sorted(names, key=lambda n: order.get(n, 0))
+
+
+# ------------------------------------------------------------ this kind's causes
+def grad_growth(ctx: Context, until: int) -> tuple[float, int] | None:
+    """Largest finite total gradient norm before step ``until`` / its early baseline, and the
+    step its rise began (the step after it was last within ``onset_factor`` of baseline).
+
+    None with too few measured steps to have a baseline (``baseline_steps``).
+    """
+    before = ctx.steps < until
+    total = ctx.total_grad[before]
+    ok = np.isfinite(total) & (total > 0)
+    total, steps = total[ok], ctx.steps[before][ok]
+    if total.size <= ctx.t.baseline_steps:
+        return None
+    growth = total / float(np.median(total[: ctx.t.baseline_steps]))
+    peak = int(np.argmax(growth))
+    near = np.nonzero(growth[: peak + 1] <= ctx.t.onset_factor)[0]
+    onset = int(near[-1]) + 1 if near.size else 0
+    return float(growth[peak]), int(steps[min(onset, peak)])
+
+
+def sudden_nonfinite(ctx: Context, step: int, origin: str) -> Cause | None:
+    """A NaN/Inf that appeared in one step from a normal-sized run: data or an invalid op.
+
+    Holds when, before ``step``, the loss stayed below the overflow level, the gradient
+    norm was measured on more than ``baseline_steps`` steps and never grew
+    ``exploding_growth``-fold over its baseline, and the weights were still finite at
+    ``step``: nothing grew towards the overflow, so the value came from this step's batch
+    or from an operation that is undefined at this input.
+    """
+    if origin not in ("forward", "backward"):
+        return None
+    ev = ctx.h.events
+    if ev.first_nonfinite_weight is not None and ev.first_nonfinite_weight <= step:
+        return None
+    before = ctx.steps < step
+    loss = ctx.loss[before]
+    loss = loss[np.isfinite(loss)]
+    if loss.size and float(np.max(np.abs(loss))) >= ctx.t.forward_overflow:
+        return None
+    growth = grad_growth(ctx, step)
+    if growth is None or growth[0] > ctx.t.exploding_growth:
+        return None  # too short a history to call it normal, or the gradient grew
+    last = f"the loss was {fmt(float(loss[-1]))} the step before and " if loss.size else ""
+    if origin == "backward":
+        return Cause("invalid_backward_op",
+                     f"the loss was finite at step {step} but backward() produced NaN/Inf "
+                     f"while no gradient had grown before: an operation whose derivative is "
+                     f"infinite at this input (sqrt or norm at 0, log of 0, pow with a "
+                     f"fractional exponent at 0, division by a zero std); clipping cannot "
+                     f"repair a NaN gradient")
+    rows = ctx.detail_steps == step
+    x = ctx.io("input_rms")[rows]
+    if x.size and not np.isfinite(x).all():
+        return Cause("nonfinite_input",
+                     f"the model's input at step {step} already contains NaN/Inf (input RMS "
+                     f"{fmt(float(x[0]))}); {last}every weight was finite: the batch is bad, "
+                     f"not the model")
+    return Cause("invalid_forward_op",
+                 f"{last}every weight was finite and no gradient had grown, yet the forward "
+                 f"pass of step {step} produced NaN/Inf: a NaN/Inf in this batch's data or an "
+                 f"operation undefined at this input (log or sqrt of a negative number, "
+                 f"division by zero); clipping cannot help, skipping the step can")

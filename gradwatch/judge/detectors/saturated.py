@@ -18,6 +18,8 @@ from ..advice import lower_lr, remedy, standardize
 from ..context import Context, fmt
 
 KIND = "saturated_activation"
+CAUSES = ("large_preactivations", "preactivation_offset", "weights_grew")
+"""The ids of the causes this detector names besides the shared ones of ``causes.py``."""
 SATURATING = ("sigmoid", "tanh", "hardtanh", "softsign", "hardsigmoid")
 MIN_MEASUREMENTS = 3
 
@@ -63,9 +65,9 @@ def _site_finding(ctx: Context, i: int) -> Finding | None:
                          f"{ctx.label(site.layer)} starts at {fmt(scale['ratio'])}x the "
                          f"{scale['family'].capitalize()} std for the {site.kind} that "
                          f"follows")
-    grew = C.weights_grew(ctx, site.layer)
-    causes: list[Cause] = [c for c in (C.large_preactivations(ctx, i), inputs, init, grew,
-                                       C.preactivation_offset(ctx, i)) if c]
+    grew = weights_grew(ctx, site.layer)
+    causes: list[Cause] = [c for c in (large_preactivations(ctx, i), inputs, init, grew,
+                                       preactivation_offset(ctx, i)) if c]
     ids = {c.id for c in causes}
     remedies: list[Remedy] = []
     scale = standardize(ctx, causes)
@@ -109,3 +111,64 @@ def _site_finding(ctx: Context, i: int) -> Finding | None:
     return Finding(kind=KIND, severity=severity, first_step=first_step,
                    last_step=int(steps[-1]), layers=[*layers, name], summary=summary,
                    evidence=evidence, causes=causes, remedies=remedies)
+
+
+# ------------------------------------------------------------ this kind's causes
+_SATURATES_AT = {"sigmoid": 4.6, "tanh": 2.3, "softsign": 49.0, "hardsigmoid": 3.0}
+
+
+def large_preactivations(ctx: Context, i: int) -> Cause | None:
+    """Pre-activations whose typical size is beyond the activation's saturation point."""
+    site = ctx.site(i)
+    rms = ctx.site_stat("pre_rms")[:, i]
+    rms = rms[np.isfinite(rms)]
+    if not rms.size:
+        return None
+    typical = float(np.median(rms))
+    edge = _SATURATES_AT.get(site.kind)
+    if site.kind == "hardtanh" and site.bounds:
+        edge = max(abs(site.bounds[0]), abs(site.bounds[1]))
+    if edge is None or typical < edge:
+        return None
+    feed = f" from {ctx.label(site.layer)}" if site.layer is not None else ""
+    return Cause("large_preactivations",
+                 f"the pre-activations{feed} have RMS {fmt(typical)} (median over "
+                 f"{rms.size} measurements; {fmt(float(rms[0]))} at the first), while "
+                 f"{site.kind} is within 1% of its bounds beyond |x| = {fmt(edge)}")
+
+
+def preactivation_offset(ctx: Context, i: int) -> Cause | None:
+    """Pre-activations centred far from zero: most inputs sit on one side of the activation."""
+    mean = ctx.site_stat("pre_mean")[:, i]
+    std = ctx.site_stat("pre_std")[:, i]
+    ok = np.isfinite(mean) & np.isfinite(std)
+    if not ok.any():
+        return None
+    m, sd = float(np.median(mean[ok])), float(np.median(std[ok]))
+    if abs(m) < max(sd, 1.0):
+        return None
+    site = ctx.site(i)
+    return Cause("preactivation_offset",
+                 f"the pre-activations of {ctx.site_name(i)} are centred at {fmt(m)} with a "
+                 f"spread of only {fmt(sd)}: most inputs sit on the flat "
+                 f"{'upper' if m > 0 else 'lower'} side of the {site.kind}")
+
+
+def weights_grew(ctx: Context, layer: int | None) -> Cause | None:
+    """The feeding layer's weight norm grew several-fold during the run."""
+    if layer is None:
+        return None
+    w = ctx.detail("weight_norm")
+    if w.shape[1] <= layer:
+        return None
+    col = w[:, layer]
+    ok = np.isfinite(col) & (col > 0)
+    if ok.sum() < 2:
+        return None
+    first, last = float(col[ok][0]), float(col[ok][-1])
+    if last < 3 * first:
+        return None
+    return Cause("weights_grew",
+                 f"the weights of {ctx.label(layer)} grew from norm {fmt(first)} to "
+                 f"{fmt(last)} ({fmt(last / first)}x) during the run, scaling the "
+                 f"pre-activations up with them")

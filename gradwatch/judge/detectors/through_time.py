@@ -32,11 +32,14 @@ from typing import Any
 
 import numpy as np
 
-from ...findings import Finding, Remedy
-from .. import causes as C
+from ...findings import Cause, Finding, Remedy
 from ..advice import clip_threshold, remedy
 from ..context import Context, fmt
 from ..timesteps import Measured, measurements
+
+CAUSES = ("vanilla_rnn_long_sequence", "recurrent_weights_small", "recurrent_weights_large",
+          "forget_gate_bias_low")
+"""The ids of the causes this detector names besides the shared ones of ``causes.py``."""
 
 __all__ = ["Measured", "also", "detect", "effective_memory", "measurements"]
 
@@ -196,9 +199,9 @@ def _vanishing(ctx: Context, m: Measured) -> Finding | None:
     summary = (f"{ctx.subject}Gradients vanish through time in {m.name}: the first of "
                f"{length} timesteps {gets}{per_step}{tail_text}.")
     rnn = m.rnn
-    causes = [c for c in (C.vanilla_rnn_long_sequence(ctx, rnn, length, decay),
-                          C.recurrent_weights(ctx, rnn, "small"),
-                          C.gate_bias_low(ctx, rnn, length, memory)) if c]
+    causes = [c for c in (vanilla_rnn_long_sequence(ctx, rnn, length, decay),
+                          recurrent_weights(ctx, rnn, "small"),
+                          gate_bias_low(ctx, rnn, length, memory)) if c]
     remedies = _remedies(ctx, m, causes, decay, length)
     k = np.nonzero(rows)[0]
     return Finding(VANISHING, severity, int(m.steps[k[0]]), int(m.steps[k[-1]]), [m.name],
@@ -239,7 +242,7 @@ def _exploding(ctx: Context, m: Measured) -> Finding | None:
     summary = (f"{ctx.subject}Gradients explode through time in {m.name}: the first of "
                f"{length} timesteps gets {fmt(median)}x the last one's gradient{per_step}"
                f"{tail_text}.")
-    causes = [c for c in (C.recurrent_weights(ctx, m.rnn, "large"),) if c]
+    causes = [c for c in (recurrent_weights(ctx, m.rnn, "large"),) if c]
     remedies = _remedies(ctx, m, causes, decay, length)
     threshold = clip_threshold(ctx)
     if threshold:
@@ -279,3 +282,90 @@ def _remedies(ctx: Context, m: Measured, causes: list[Any], decay: float | None,
         if rnn["type"] == "LSTM":
             out.append(remedy("chrono_init", module=path, length=length))
     return out
+
+
+# ------------------------------------------------------------ this kind's causes
+def _rnn_name(rnn: dict) -> str:
+    return rnn.get("name") or rnn.get("type", "the recurrent module")
+
+
+def vanilla_rnn_long_sequence(ctx: Context, rnn: dict, length: int,
+                              decay: float | None) -> Cause | None:
+    """A plain nn.RNN: every step back multiplies the gradient by the recurrent Jacobian,
+    with no additive path (an LSTM's cell, a GRU's update gate) around it."""
+    if rnn.get("type") != "RNN":
+        return None
+    act = rnn.get("nonlinearity") or "tanh"
+    slope = ("tanh's slope (at most 1, less where units saturate)" if act == "tanh" else
+             "relu's slope (1 for active units, 0 for the others)")
+    measured = (f"; measured x{fmt(decay)} per step over {length} timesteps" if decay else
+                f" over {length} timesteps")
+    return Cause("vanilla_rnn_long_sequence",
+                 f"{_rnn_name(rnn)} is a plain nn.RNN ({act}): each timestep back multiplies "
+                 f"the gradient by weight_hh transposed and {slope}, and there is no additive "
+                 f"path around that product{measured}")
+
+
+def recurrent_weights(ctx: Context, rnn: dict, direction: str) -> Cause | None:
+    """A vanilla RNN's recurrent matrix at the first forward: spectral radius below 1
+    (``direction="small"``: the linearised recurrence shrinks the gradient every step) or
+    above 1 (``"large"``: it can grow it)."""
+    if rnn.get("type") != "RNN":
+        return None
+    initial = rnn.get("initial") or {}
+    radius = [r for r in initial.get("spectral_radius") or [] if r is not None]
+    sigma = [s for s in initial.get("largest_singular_value") or [] if s is not None]
+    if not radius:
+        return None
+    final = [r for r in (rnn.get("final") or {}).get("spectral_radius") or [] if r is not None]
+    at_end = f"; {fmt(max(final))} at the end" if final else ""
+    if direction == "small" and max(radius) < 1:
+        r = max(radius)
+        return Cause(f"recurrent_weights_{direction}",
+                     f"weight_hh of {_rnn_name(rnn)} starts with spectral radius {fmt(r)} "
+                     f"(largest singular value {fmt(max(sigma)) if sigma else 'n/a'}"
+                     f"{at_end}): repeated multiplication by it shrinks a gradient about "
+                     f"{fmt(r)}x per timestep even before the activation's slope; an "
+                     f"orthogonal init has radius 1")
+    if direction == "large" and max(radius) > 1:
+        r = max(radius)
+        relu = (" and relu passes the gradient of active units unchanged, so nothing damps "
+                "it" if rnn.get("nonlinearity") == "relu" else "")
+        return Cause(f"recurrent_weights_{direction}",
+                     f"weight_hh of {_rnn_name(rnn)} starts with spectral radius {fmt(r)} "
+                     f"(largest singular value {fmt(max(sigma)) if sigma else 'n/a'}"
+                     f"{at_end}): repeated multiplication by it can grow a gradient up to "
+                     f"{fmt(r)}x per timestep{relu}")
+    return None
+
+
+def gate_bias_low(ctx: Context, rnn: dict, length: int, memory: int | None) -> Cause | None:
+    """The gate that decides how much old state an LSTM (forget gate) or GRU (update gate)
+    keeps starts too low: below ``forget_bias_low`` (summed bias, mean over units), or too
+    low for the sequence: the measured gradient reach (``memory`` timesteps) is shorter
+    than the ``length`` of the sequence."""
+    initial = rnn.get("initial") or {}
+    gate, name = ("forget", initial.get("forget_gate_bias")) if rnn.get("type") == "LSTM" \
+        else ("update", initial.get("update_gate_bias"))
+    values = [b for b in name or [] if b is not None]
+    if not values:
+        return None
+    b = min(values)
+    low = b < ctx.t.forget_bias_low
+    short = memory is not None and memory < length
+    if not (low or short):
+        return None
+    keep = 100 / (1 + math.exp(-b))
+    what = "the cell keeps" if gate == "forget" else "each step keeps"
+    text = (f"the {gate} gates of {_rnn_name(rnn)} start with bias {fmt(b)} (bias_ih + "
+            f"bias_hh, mean over units): sigmoid({fmt(b)}) = {fmt(keep)}%, so {what} about "
+            f"{fmt(keep)}% of its state per timestep at the start and the gradient along it "
+            f"decays as fast")
+    if low:
+        text += "; a bias of 1 keeps 73%"
+    else:
+        long_keep = 100 / (1 + 1 / max(length - 1, 1))
+        text += (f"; that is too short a memory for {length} timesteps (the gradient falls "
+                 f"below {fmt(ctx.t.through_time_vanishing_ratio)} of the last one's after "
+                 f"~{memory}): a bias of log({length - 1}) keeps {fmt(long_keep)}%")
+    return Cause("forget_gate_bias_low", text)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...findings import Finding
+from ...findings import Cause, Finding
 from .. import causes as C
 from ..advice import depth_remedies, remedy
 from ..context import Context, Group, fmt
 from . import through_time
 
 KIND = "vanishing_gradient"
+CAUSES = ("dead_units_block_gradient", *through_time.CAUSES)
+"""The ids of the causes this detector names besides the shared ones of ``causes.py``
+(through time too)."""
 
 
 def starved(ctx: Context,
@@ -98,7 +101,7 @@ def detect(ctx: Context) -> list[Finding]:
                               C.signal_shrinks_forward(ctx, group),
                               C.deep_plain_stack(ctx, group)) if c]
         remedies = depth_remedies(ctx, group, causes)
-        blocked = C.dead_units_block(ctx, group)
+        blocked = dead_units_block(ctx, group)
         if blocked is not None:
             # Dead ReLU units pass no gradient at all: that, not the depth, is the cause.
             cause, site, how = blocked
@@ -114,3 +117,26 @@ def detect(ctx: Context) -> list[Finding]:
             KIND, severity, int(steps[0]), int(steps[-1]), starved_layers or
             [ctx.name(group.layers[0])], summary, evidence, causes, remedies))
     return findings
+
+
+# ------------------------------------------------------------ this kind's causes
+def dead_units_block(ctx: Context, group: Group) -> tuple[Cause, str, str] | None:
+    """A ReLU site inside the stack whose units are (nearly) all dead: no gradient passes it.
+
+    Returns the cause, the site's name and a phrase saying how many of its units are dead.
+    """
+    for i in ctx.sites:
+        site = ctx.site(i)
+        units, dead = site.final.get("units"), site.final.get("dead_units", 0)
+        if site.kind not in ("relu", "relu6") or not units or site.layer not in group.layers:
+            continue
+        if dead / units < ctx.t.dying_fraction_error:
+            continue
+        name = ctx.site_name(i)
+        return (Cause("dead_units_block_gradient",
+                      f"{dead} of {units} units at {name} (after {ctx.label(site.layer)}) "
+                      f"output 0 for every sample: they pass no gradient back, so the "
+                      f"layers before them get {'none' if dead == units else 'little'}"),
+                name, f"{name}, where {'all ' if dead == units else ''}{dead} of {units} "
+                f"units are dead")
+    return None
