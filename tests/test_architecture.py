@@ -11,7 +11,7 @@ from pathlib import Path
 import grimp
 
 PACKAGE = Path(__file__).resolve().parent.parent / "gradwatch"
-MAX_LINES = 400
+MAX_LINES = 450  # the limit ../shared/tools/arch_check.py checks; the aim is about 400
 
 
 def _cycles(graph: grimp.ImportGraph) -> list[list[str]]:
