@@ -1,21 +1,26 @@
 """What the measurements say: the shared facts, causes and remedies of the predictions.
 
-:class:`Measured` holds the host-side tables; the causes here (init scale, depth, inputs)
-serve several finding kinds, which live in :mod:`.flow` (gradients through depth) and
-:mod:`.units` (dead and saturated activation units).
+:class:`Measured` holds the host-side tables, and the same measurements as a one-step
+History (:attr:`Measured.context`), so that the causes (init scale, depth, inputs) are
+checked by the training-time judge's own code (``judge.causes``); they serve several
+finding kinds, which live in :mod:`.flow` (gradients through depth) and :mod:`.units`
+(dead and saturated activation units).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
 import numpy as np
 
 from ..findings import Cause, Remedy
+from ..history import History, LayerInfo
+from ..judge import causes as C
 from ..judge.advice import remedies_for_depth
-from ..judge.context import fmt
+from ..judge.context import Context, Group, fmt
 from ..thresholds import Thresholds
 from .tables import finite
 
@@ -52,80 +57,67 @@ class Measured:
         """The layer row of that name, if any."""
         return next((r for r in self.rows if r["name"] == name), None)
 
+    @functools.cached_property
+    def context(self) -> Context:
+        """The measurements as a one-step History, as the training-time judge reads one: the
+        causes are checked by the same code (``judge.causes``) as during training."""
+        h = History()
+        h.roots.append("model")
+        for depth, r in enumerate(self.rows):
+            info = LayerInfo(name=r["name"], type=r["type"], params=r["params"], root=0,
+                             order=depth, fan_in=r["fan_in"], fan_out=r["fan_out"],
+                             activation=r["activation"])
+            if r["init"]:
+                info.init_scale = {**r["init"], "activation": r["activation"] or "unknown"}
+            h.add_layer(info)
+        step = np.array([0])
+        n = len(self.rows)
+        h.record_steps(step, np.array([_num(self.loss)]), np.array([self.loss is not None]),
+                       np.array([[_num(r["grad_norm"]) for r in self.rows]]), np.zeros((1, n)))
+        inp = self.inp or {}
+        io = {"output_spread": math.nan, "input_rms": inp.get("rms"),
+              "input_mean": inp.get("mean"), "input_std": inp.get("std"),
+              "output_rms": self.out_rms}
+        empty = np.full((1, n), np.nan)
+        h.record_detail(step, {"weight_norm": empty, "update_norm": empty,
+                               "grad_norm_applied": empty,
+                               "act_rms": np.array([[_num(r["output_rms"]) for r in self.rows]]),
+                               "model_io": np.array([[_num(io[k]) for k in History.MODEL_IO]])})
+        if self.graph is not None:
+            h.facts["graph"] = {"0": {"norm_ops": self.graph.norm_ops,
+                                      "branch_merges": self.graph.branch_merges,
+                                      "activations": dict(self.graph.activations)}}
+        return Context(h, self.t)
+
+    def group(self, rows: list[dict[str, Any]]) -> Group:
+        """These layer rows as a depth group of the one-step History."""
+        column = {r["name"]: i for i, r in enumerate(self.rows)}
+        return Group(0, "model", [column[r["name"]] for r in rows])
+
+
+def _num(x: float | None) -> float:
+    return math.nan if x is None else float(x)
+
 
 def init_cause(m: Measured, rows: list[dict[str, Any]], kind: str) -> Cause | None:
     """Most weight layers initialised far below ("small") or above ("large") Kaiming/Xavier."""
-    scales = [r for r in rows if r["init"] and finite(r["init"]["ratio"])]
-    if len(scales) < 2:
-        return None
-    low, high = m.t.init_scale_low, m.t.init_scale_high
-    picked = [r for r in scales if (r["init"]["ratio"] < low if kind == "small"
-                                    else r["init"]["ratio"] > high)]
-    if len(picked) * 2 < len(scales):
-        return None
-    parts = []
-    by_act: dict[str, list[dict[str, Any]]] = {}
-    for r in picked:
-        by_act.setdefault(r["activation"] or "none", []).append(r)
-    for act, items in sorted(by_act.items(), key=lambda kv: -len(kv[1])):
-        med = float(np.median([r["init"]["ratio"] for r in items]))
-        fam = items[0]["init"]["family"].capitalize()
-        after = "a layer without activation" if act in ("none", "unknown") else \
-            f"the {act} that follows"
-        ex = items[0]
-        parts.append(f"{fmt(med)}x the {fam} std for {after} ({span(items)}; e.g. "
-                     f"{label(ex['name'])}: std {fmt(ex['init']['std'])} vs "
-                     f"{fmt(ex['init']['recommended_std'])})")
-    text = f"weights start at {'; and '.join(parts)}: " + (
-        "each layer shrinks the signal, forward and backward" if kind == "small"
-        else "each layer multiplies the signal, forward and backward")
-    return Cause(f"init_too_{kind}", text)
+    return C.init_scale(m.context, m.group(rows), (kind,))
 
 
 def span(rows: list[dict[str, Any]]) -> str:
     """A list of layer names, shortened to its ends when longer than three."""
-    names = [label(r["name"]) for r in rows]
-    return ", ".join(names) if len(names) <= 3 else f"{names[0]} .. {names[-1]}"
+    return C.span([label(r["name"]) for r in rows])
 
 
 def depth_causes(m: Measured, rows: list[dict[str, Any]],
                  init_kinds: tuple[str, ...]) -> list[Cause]:
     """Depth-related causes that hold for ``rows``: saturating stack, init scale (of the
     ``init_kinds``, "small" and/or "large"), shrinking forward signal, plain deep stack."""
-    causes: list[Cause] = []
-    acts = [r["activation"] for r in rows]
-    for act in ("sigmoid", "tanh"):
-        n = sum(a == act for a in acts)
-        if n >= max(2, m.t.deep_stack_layers - 1) or (n >= 2 and n >= len(acts) // 2):
-            gains = [r["backward_gain"] for r in rows if finite(r["backward_gain"])]
-            measured = f"; measured here, the gradient at layer outputs changes " \
-                f"{fmt(geomean(gains))}x per layer" if gains else ""
-            bound = "0.25" if act == "sigmoid" else "1 (and far less off-centre)"
-            causes.append(Cause(f"{act}_in_deep_stack",
-                                f"{n} of the {len(acts)} layers feed a {act}; its derivative "
-                                f"is at most {bound}{measured}"))
-            break
-    for kind in init_kinds:
-        c = init_cause(m, rows, kind)
-        if c:
-            causes.append(c)
-    rms = [r["output_rms"] for r in rows]
-    if len(rows) >= m.t.min_layers and finite(rms[0]) and finite(rms[-2]) and rms[0] > 0:
-        factor = (rms[-2] / rms[0]) ** (1 / max(1, len(rms) - 2))
-        if 0 < factor <= m.t.forward_shrink_per_layer:
-            causes.append(Cause(
-                "signal_shrinks_forward",
-                f"the forward signal shrinks {fmt(1 / factor)}x per layer (output RMS "
-                f"{fmt(rms[0])} at {label(rows[0]['name'])}, {fmt(rms[-2])} at "
-                f"{label(rows[-2]['name'])}): the backward signal shrinks with it"))
-    g = m.graph
-    if len(rows) >= m.t.deep_stack_layers and g is not None and not g.norm_ops and \
-            not g.branch_merges:
-        causes.append(Cause("deep_plain_stack",
-                            f"{len(rows)} layers in a plain chain: the autograd graph has no "
-                            f"skip connection and no normalisation layer to keep the gradient "
-                            f"scale from compounding"))
-    return causes
+    ctx, group = m.context, m.group(rows)
+    found = [C.saturating_activation(ctx, group),
+             *(C.init_scale(ctx, group, (kind,)) for kind in init_kinds),
+             C.signal_shrinks_forward(ctx, group), C.deep_plain_stack(ctx, group)]
+    return [c for c in found if c is not None]
 
 
 def geomean(values: list[float]) -> float:
@@ -161,12 +153,4 @@ def ordered(m: Measured, names: list[str]) -> list[str]:
 
 def input_cause(m: Measured) -> Cause | None:
     """Inputs far from unit scale (RMS outside ``input_scale_high`` and its inverse)."""
-    if not m.inp or not finite(m.inp["rms"]) or m.inp["rms"] <= 0:
-        return None
-    rms, limit = m.inp["rms"], m.t.input_scale_high
-    if 1 / limit <= rms <= limit:
-        return None
-    return Cause("unscaled_inputs",
-                 f"the inputs are not standardised: RMS {fmt(rms)} (mean "
-                 f"{fmt(m.inp['mean'])}, std {fmt(m.inp['std'])}), so the first layer sees "
-                 f"{fmt(rms)}x the unit scale its init assumes")
+    return C.unscaled_inputs(m.context)
