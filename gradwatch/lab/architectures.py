@@ -121,13 +121,14 @@ def _vanishing(report: gradwatch.Report, axis: str | None) -> Any:
                  and f.evidence.get("axis") == axis), None)
 
 
-def _train_depth(variant: str, claim: str, seed: int) -> RunResult:
-    """One depth arm: full-batch MSE with Adam under gradwatch.watch; the depth ratios."""
+def _train_depth(variant: str, claim: str, seed: int, steps: int = DEPTH_STEPS) -> RunResult:
+    """One depth arm: full-batch MSE with Adam for ``steps`` (DEPTH_STEPS) steps under
+    gradwatch.watch; the depth ratios."""
     torch.manual_seed(seed)
     model = deep_net(variant)
     x, y = depth_data()
     optimizer = torch.optim.Adam(model.parameters(), lr=DEPTH_LR)
-    losses, report = fit(model, optimizer, x, y, DEPTH_STEPS)
+    losses, report = fit(model, optimizer, x, y, steps)
     ratios = _depth_ratios(report)
     finding = _vanishing(report, None)
     metrics = {
@@ -174,15 +175,15 @@ def _recurrent(kind: str) -> nn.RNNBase:
     return module
 
 
-def _train_time(variant: str, claim: str, seed: int) -> RunResult:
-    """One recurrent arm: full-batch MSE with Adam under gradwatch.watch; the through-time
-    ratios."""
+def _train_time(variant: str, claim: str, seed: int, steps: int = TIME_STEPS) -> RunResult:
+    """One recurrent arm: full-batch MSE with Adam for ``steps`` (TIME_STEPS) steps under
+    gradwatch.watch; the through-time ratios."""
     torch.manual_seed(seed)
     model = LastStepRNN(_recurrent(variant))
     x, y = recall_data()
     optimizer = torch.optim.Adam(model.parameters(), lr=TIME_LR)
     # Through-time ratios are measured on detail steps: every 4th, so 30 steps give ~14.
-    losses, report = fit(model, optimizer, x, y, TIME_STEPS, detail_every=4)
+    losses, report = fit(model, optimizer, x, y, steps, detail_every=4)
     series = report.series["through_time"].get("rnn", {})
     ratios = np.array([np.nan if v is None else v
                        for v in series.get("ratio_first_to_last_timestep", [])], dtype=float)
@@ -317,10 +318,10 @@ CLAIM_LSTM = "vanishing gradients are rarer in LSTM"
 CLAIM_GRU = "vanishing gradients are rarer in GRU"
 
 
-def _runner(train: Callable[[str, str, int], RunResult], variant: str, claim: str,
-            doc: str) -> Callable[[int], RunResult]:
-    def run(seed: int = 0) -> RunResult:
-        return train(variant, claim, seed)
+def _runner(train: Callable[[str, str, int, int], RunResult], variant: str, claim: str,
+            doc: str, steps: int) -> Callable[..., RunResult]:
+    def run(seed: int = 0, steps: int = steps) -> RunResult:
+        return train(variant, claim, seed, steps)
     run.__doc__ = doc
     run.__name__ = run.__qualname__ = f"{variant}_run"
     return run
@@ -336,9 +337,10 @@ _TIME_SETUP = (f"one recurrent layer ({HIDDEN} hidden units) + Linear({HIDDEN}, 
                f"the through-time ratio measured every 4th step")
 
 
-def _arm(train: Callable[[str, str, int], RunResult], name: str, claim: str, text: str,
+def _arm(train: Callable[[str, str, int, int], RunResult], name: str, claim: str, text: str,
          role: str) -> Arm:
-    return Arm(name, claim, text, _runner(train, name, claim, text), role=role)
+    steps = DEPTH_STEPS if train is _train_depth else TIME_STEPS
+    return Arm(name, claim, text, _runner(train, name, claim, text, steps), role=role)
 
 
 _ARMS = {

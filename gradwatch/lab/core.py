@@ -6,8 +6,9 @@ and asks its *judge* for a :class:`Verdict`: does the claim hold, what was obser
 with their spread over seeds), the measured reason (from gradwatch's findings), and the
 repair that really works (an arm with ``role="repair"``, run side by side).
 
-An experiment module defines its arms as functions ``run(seed) -> RunResult`` and one
-:class:`Experiment`; ``gradwatch/lab/__init__.py`` lists them all in ``EXPERIMENTS``.
+An experiment module defines its arms as functions ``run(seed, steps=...) -> RunResult``
+(the length defaults to the one the experiment describes) and one :class:`Experiment`;
+``gradwatch/lab/__init__.py`` lists them all in ``EXPERIMENTS``.
 """
 
 from __future__ import annotations
@@ -52,7 +53,10 @@ class Arm:
     name: str
     claim: str  # the seed's claim about this arm ("" for a repair the seed does not make)
     description: str  # the exact setup: data, layers, init, optimizer, lr, steps
-    run: Callable[[int], RunResult]
+    run: Callable[..., RunResult]
+    """``run(seed)`` trains the arm as described. Every arm also takes its length as a
+    keyword, ``steps`` (full-batch arms) or ``epochs`` (mini-batch arms), whose default is
+    the described one: tests pass fewer where the verdict they check does not need more."""
     role: str = "seed"  # "seed" | "repair"
 
     def __post_init__(self) -> None:

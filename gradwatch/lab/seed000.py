@@ -110,9 +110,10 @@ def _gradwatch_dead(report: gradwatch.Report) -> float:
 
 
 def train_arm(experiment: str, variant: str, claim: str, seed: int, activation: str = "relu",
-              lr: float = LR, bias: float | None = None, bias_layers: tuple[int, ...] = (2,)
-              ) -> RunResult:
-    """Full-batch Adam + MSE for STEPS steps under gradwatch.watch, counting dead units.
+              lr: float = LR, bias: float | None = None, bias_layers: tuple[int, ...] = (2,),
+              steps: int = STEPS) -> RunResult:
+    """Full-batch Adam + MSE for ``steps`` (STEPS) steps under gradwatch.watch, counting dead
+    units.
 
     ``bias``, when given, is written into the bias of the Linear layers ``bias_layers`` right
     after the model is built (the rest is PyTorch's default init).
@@ -134,7 +135,7 @@ def train_arm(experiment: str, variant: str, claim: str, seed: int, activation: 
 
     handles = [layer.register_forward_hook(recorder(k)) for k, layer in enumerate(model.feeding)]
     try:
-        losses, report = fit(model, optimizer, x, y, STEPS)
+        losses, report = fit(model, optimizer, x, y, steps)
         with torch.no_grad():  # the state after the last update, on the whole data set
             model(x)
     finally:
@@ -163,8 +164,9 @@ def train_arm(experiment: str, variant: str, claim: str, seed: int, activation: 
 
 def _arm(experiment: str, variant: str, claim: str, **kwargs: object
          ) -> Callable[[int], RunResult]:
-    def run(seed: int = 0) -> RunResult:
-        return train_arm(experiment, variant, claim, seed, **kwargs)  # type: ignore[arg-type]
+    def run(seed: int = 0, steps: int = STEPS) -> RunResult:
+        return train_arm(experiment, variant, claim, seed, steps=steps,
+                         **kwargs)  # type: ignore[arg-type]
     run.__doc__ = f"{experiment}, arm {variant}: {kwargs}"
     return run
 

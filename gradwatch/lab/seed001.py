@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -188,9 +188,10 @@ def _measure(model: DropoutBNNet, mode: str, x: torch.Tensor, y: torch.Tensor,
     }
 
 
-def train_arm(mode: str, seed: int) -> RunResult:
-    """Adam on mini-batches of 32 for 4 epochs under gradwatch.watch, validating after every
-    epoch the arm's way; then the measurements of :func:`_measure` on the trained model."""
+def train_arm(mode: str, seed: int, epochs: int = EPOCHS) -> RunResult:
+    """Adam on mini-batches of 32 for ``epochs`` (4) epochs under gradwatch.watch, validating
+    after every epoch the arm's way; then the measurements of :func:`_measure` on the trained
+    model."""
     torch.manual_seed(seed)
     x, y, xv, yv = task_data()
     model = DropoutBNNet()
@@ -199,7 +200,7 @@ def train_arm(mode: str, seed: int) -> RunResult:
     losses: list[float] = []
     val_loss: list[float] = []
     with gradwatch.watch(model, optimizer) as gw:
-        for _ in range(EPOCHS):
+        for _ in range(epochs):
             perm = torch.randperm(N_TRAIN)
             for i in range(0, N_TRAIN, BATCH):
                 rows = perm[i: i + BATCH]
@@ -322,16 +323,25 @@ _SETUP = (f"(Linear -> BatchNorm1d -> ReLU -> Dropout({DROPOUT})) x 2 -> Linear(
           f"{N_TRAIN} training and {N_VAL} held-out points, generator seed {DATA_SEED}); Adam "
           f"lr {LR:g}, batches of {BATCH}, {EPOCHS} epochs ({EPOCHS * N_TRAIN // BATCH} steps), "
           f"a validation pass in batches of {VAL_BATCH} after every epoch")
+
+
+def _runner(mode: str) -> Callable[..., RunResult]:
+    def run(seed: int = 0, epochs: int = EPOCHS) -> RunResult:
+        return train_arm(mode, seed, epochs)
+    run.__doc__ = f"{EXP}, arm {mode}: train_arm({mode!r}, seed, epochs)"
+    return run
+
+
 _ARMS = (
     Arm("no_grad_only", CLAIMS["no_grad_only"],
         _SETUP + "; validation: with torch.no_grad(): model(x), without model.eval().",
-        lambda seed=0: train_arm("no_grad_only", seed)),
+        _runner("no_grad_only")),
     Arm("eval_and_no_grad", CLAIMS["eval_and_no_grad"],
         _SETUP + "; validation: model.eval(), with torch.no_grad(): model(x), then "
-        "model.train().", lambda seed=0: train_arm("eval_and_no_grad", seed), role="repair"),
+        "model.train().", _runner("eval_and_no_grad"), role="repair"),
     Arm("eval_only", CLAIMS["eval_only"],
         _SETUP + "; validation: model.eval(), model(x) with gradients on, then model.train().",
-        lambda seed=0: train_arm("eval_only", seed)),
+        _runner("eval_only")),
 )
 EXPERIMENTS: tuple[Experiment, ...] = (
     Experiment(EXP, "seed 001", "Evaluation: model.eval() vs torch.no_grad()",

@@ -42,6 +42,8 @@ __all__ = [
 INPUT_SIZE = 1
 HIDDEN_SIZE = 10
 NUM_LAYERS = 10
+EPOCHS = 500  # experiments 1 and 3, as the seed writes them
+EPOCHS_LARGE_INIT = 50  # experiment 2
 
 
 def seed_data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,18 +111,18 @@ CLAIM_SIGMOID = ("the sigmoid network suffers from vanishing gradients: its loss
 CLAIM_RELU = "the ReLU network avoids vanishing gradients: its loss falls fast"
 
 
-def sigmoid_default_init(seed: int = 0) -> RunResult:
-    """Experiment 1, sigmoid arm: default init, SGD lr 0.01, 500 epochs."""
+def sigmoid_default_init(seed: int = 0, steps: int = EPOCHS) -> RunResult:
+    """Experiment 1, sigmoid arm: default init, SGD lr 0.01, 500 epochs (``steps``)."""
     torch.manual_seed(seed)
     model = DeepNet(nn.Sigmoid)
-    return _train(EXP1, "sigmoid", CLAIM_SIGMOID, model, lr=0.01, epochs=500)
+    return _train(EXP1, "sigmoid", CLAIM_SIGMOID, model, lr=0.01, epochs=steps)
 
 
-def relu_default_init(seed: int = 0) -> RunResult:
-    """Experiment 1, ReLU arm: default init, SGD lr 0.01, 500 epochs."""
+def relu_default_init(seed: int = 0, steps: int = EPOCHS) -> RunResult:
+    """Experiment 1, ReLU arm: default init, SGD lr 0.01, 500 epochs (``steps``)."""
     torch.manual_seed(seed)
     model = DeepNet(nn.ReLU)
-    return _train(EXP1, "relu", CLAIM_RELU, model, lr=0.01, epochs=500)
+    return _train(EXP1, "relu", CLAIM_RELU, model, lr=0.01, epochs=steps)
 
 
 # --- 2. N(0, 10) weights, without vs with clipping ------------------------------------------
@@ -131,18 +133,18 @@ CLAIM_CLIP = ("with clip_grad_norm_(max_norm=10) training is relatively stable a
               "decreases gradually")
 
 
-def large_init_no_clip(seed: int = 0) -> RunResult:
+def large_init_no_clip(seed: int = 0, steps: int = EPOCHS_LARGE_INIT) -> RunResult:
     """Experiment 2, no clipping: all weights N(0, 10), ReLU, SGD lr 0.1, 50 epochs."""
     torch.manual_seed(seed)
     model = DeepNet(nn.ReLU, init=_normal_std10)
-    return _train(EXP2, "no_clip", CLAIM_NO_CLIP, model, lr=0.1, epochs=50)
+    return _train(EXP2, "no_clip", CLAIM_NO_CLIP, model, lr=0.1, epochs=steps)
 
 
-def large_init_clip(seed: int = 0) -> RunResult:
+def large_init_clip(seed: int = 0, steps: int = EPOCHS_LARGE_INIT) -> RunResult:
     """Experiment 2, with clip_grad_norm_(max_norm=10) between backward() and step()."""
     torch.manual_seed(seed)
     model = DeepNet(nn.ReLU, init=_normal_std10)
-    return _train(EXP2, "clip10", CLAIM_CLIP, model, lr=0.1, epochs=50, max_norm=10)
+    return _train(EXP2, "clip10", CLAIM_CLIP, model, lr=0.1, epochs=steps, max_norm=10)
 
 
 # --- 3. Xavier vs Kaiming ---------------------------------------------------------------
@@ -153,30 +155,30 @@ CLAIM_KAIMING = ("Kaiming init is made for ReLU: it keeps the variance after eac
                  "stabilises gradients and eases vanishing gradients in deep networks")
 
 
-def xavier_uniform_relu(seed: int = 0) -> RunResult:
+def xavier_uniform_relu(seed: int = 0, steps: int = EPOCHS) -> RunResult:
     """Experiment 3, Xavier arm: xavier_uniform_ weights, ReLU, SGD lr 0.01, 500 epochs."""
     torch.manual_seed(seed)
     model = DeepNet(nn.ReLU, init=nn.init.xavier_uniform_)
-    return _train(EXP3, "xavier", CLAIM_XAVIER, model, lr=0.01, epochs=500)
+    return _train(EXP3, "xavier", CLAIM_XAVIER, model, lr=0.01, epochs=steps)
 
 
-def kaiming_uniform_relu(seed: int = 0) -> RunResult:
+def kaiming_uniform_relu(seed: int = 0, steps: int = EPOCHS) -> RunResult:
     """Experiment 3, Kaiming arm: kaiming_uniform_ weights (defaults), ReLU, lr 0.01, 500."""
     torch.manual_seed(seed)
     model = DeepNet(nn.ReLU, init=nn.init.kaiming_uniform_)
-    return _train(EXP3, "kaiming", CLAIM_KAIMING, model, lr=0.01, epochs=500)
+    return _train(EXP3, "kaiming", CLAIM_KAIMING, model, lr=0.01, epochs=steps)
 
 
-def kaiming_small_lr(seed: int = 0) -> RunResult:
+def kaiming_small_lr(seed: int = 0, steps: int = EPOCHS_LARGE_INIT) -> RunResult:
     """Repair of experiment 2: Kaiming-uniform instead of N(0, 10), lr 0.01, 50 epochs."""
     torch.manual_seed(seed)
     model = DeepNet(nn.ReLU, init=nn.init.kaiming_uniform_)
-    return _train(EXP2, "kaiming_lr0.01", "", model, lr=0.01, epochs=50)
+    return _train(EXP2, "kaiming_lr0.01", "", model, lr=0.01, epochs=steps)
 
 
 def _kaiming_repair_arm(experiment: str) -> Callable[[int], RunResult]:
-    def run(seed: int = 0) -> RunResult:
-        result = kaiming_uniform_relu(seed)
+    def run(seed: int = 0, steps: int = EPOCHS) -> RunResult:
+        result = kaiming_uniform_relu(seed, steps)
         return RunResult(experiment, "relu_kaiming", "", result.final_loss, result.losses,
                          result.report)
     run.__doc__ = "The ReLU arm with Kaiming-uniform init (experiment 3's), as the repair."

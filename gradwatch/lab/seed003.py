@@ -99,8 +99,8 @@ def _total_norm(model: nn.Module) -> float:
 
 def _train(experiment: str, variant: str, claim: str, model: nn.Module, lr: float,
            max_norm: float | None = None, early_median: bool = False,
-           detail_every: int = 16) -> RunResult:
-    """Full-batch MSE with plain SGD for ``STEPS`` steps under gradwatch.watch.
+           detail_every: int = 16, steps: int = STEPS) -> RunResult:
+    """Full-batch MSE with plain SGD for ``steps`` (STEPS) steps under gradwatch.watch.
 
     ``max_norm``: ``clip_grad_norm_`` at that threshold before every step. ``early_median``:
     no clipping on the first ``BASELINE_STEPS`` steps, then clipping at the median total
@@ -125,7 +125,7 @@ def _train(experiment: str, variant: str, claim: str, model: nn.Module, lr: floa
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=threshold)
             clipped += int(not float(norm) <= threshold)  # NaN/Inf norms count too
 
-    losses, report = fit(model, optimizer, x, y, STEPS, before_step=clip,
+    losses, report = fit(model, optimizer, x, y, steps, before_step=clip,
                          detail_every=detail_every)
     metrics = _metrics(report, losses)
     if max_norm is not None or early_median:
@@ -176,27 +176,28 @@ CLAIM_CLIP = ("when the slope exceeds a value such as 15, setting it to 15 "
               "(clip_grad_norm_(max_norm=15)) is the remedy")
 
 
-def tanh_rnn_high_lr(seed: int = 0) -> RunResult:
-    """Experiment 1, no clipping: tanh RNN, default init, SGD lr 0.25."""
+def tanh_rnn_high_lr(seed: int = 0, steps: int = STEPS) -> RunResult:
+    """Experiment 1, no clipping: tanh RNN, default init, SGD lr 0.35."""
     return _train(EXP1, "no_clip", CLAIM_NO_CLIP, _model("tanh", seed), lr=HIGH_LR,
-                  detail_every=1)
+                  detail_every=1, steps=steps)
 
 
-def tanh_rnn_clip15(seed: int = 0) -> RunResult:
+def tanh_rnn_clip15(seed: int = 0, steps: int = STEPS) -> RunResult:
     """Experiment 1, clip_grad_norm_(max_norm=15) before every step."""
     return _train(EXP1, "clip15", CLAIM_CLIP, _model("tanh", seed), lr=HIGH_LR,
-                  max_norm=SEED_CLIP, detail_every=1)
+                  max_norm=SEED_CLIP, detail_every=1, steps=steps)
 
 
-def tanh_rnn_clip_early_median(seed: int = 0) -> RunResult:
+def tanh_rnn_clip_early_median(seed: int = 0, steps: int = STEPS) -> RunResult:
     """Repair: clip at the median gradient norm of the first 5 steps (gradwatch's advice)."""
     return _train(EXP1, "clip_early_median", "", _model("tanh", seed), lr=HIGH_LR,
-                  early_median=True, detail_every=1)
+                  early_median=True, detail_every=1, steps=steps)
 
 
-def tanh_rnn_low_lr(seed: int = 0) -> RunResult:
+def tanh_rnn_low_lr(seed: int = 0, steps: int = STEPS) -> RunResult:
     """Repair: the same RNN without clipping at lr 0.05."""
-    return _train(EXP1, "lr0.05", "", _model("tanh", seed), lr=LOW_LR, detail_every=1)
+    return _train(EXP1, "lr0.05", "", _model("tanh", seed), lr=LOW_LR, detail_every=1,
+                  steps=steps)
 
 
 # --- 2. ReLU vs tanh (and a sigmoid-gated LSTM) at one learning rate ------------------------
@@ -206,19 +207,19 @@ CLAIM_TANH = ("the explosion does not come from the sigmoid/tanh activation: the
 CLAIM_RELU = "with ReLU instead of sigmoid/tanh the RNN usually does worse"
 
 
-def tanh_rnn(seed: int = 0) -> RunResult:
+def tanh_rnn(seed: int = 0, steps: int = STEPS) -> RunResult:
     """Experiment 2, tanh arm: default init, SGD lr 0.1."""
-    return _train(EXP2, "tanh", CLAIM_TANH, _model("tanh", seed), lr=COMPARE_LR)
+    return _train(EXP2, "tanh", CLAIM_TANH, _model("tanh", seed), lr=COMPARE_LR, steps=steps)
 
 
-def relu_rnn(seed: int = 0) -> RunResult:
+def relu_rnn(seed: int = 0, steps: int = STEPS) -> RunResult:
     """Experiment 2, ReLU arm: nn.RNN(nonlinearity='relu'), default init, SGD lr 0.1."""
-    return _train(EXP2, "relu", CLAIM_RELU, _model("relu", seed), lr=COMPARE_LR)
+    return _train(EXP2, "relu", CLAIM_RELU, _model("relu", seed), lr=COMPARE_LR, steps=steps)
 
 
-def lstm(seed: int = 0) -> RunResult:
+def lstm(seed: int = 0, steps: int = STEPS) -> RunResult:
     """Experiment 2, repair: nn.LSTM (sigmoid gates, tanh cell), default init, lr 0.1."""
-    return _train(EXP2, "lstm", "", _model("lstm", seed), lr=COMPARE_LR)
+    return _train(EXP2, "lstm", "", _model("lstm", seed), lr=COMPARE_LR, steps=steps)
 
 
 # --- judges ---------------------------------------------------------------------------
