@@ -27,7 +27,7 @@ from torch import nn
 import gradwatch
 from gradwatch.thresholds import Thresholds
 
-from .core import Arm, ArmResults, Experiment, RunResult, Verdict, fit, spread
+from .core import Arm, ArmResults, Experiment, RunResult, Verdict, fit, run_length, spread
 from .seed003 import LastStepRNN
 
 __all__ = [
@@ -224,7 +224,7 @@ def _judge_depth(r: ArmResults) -> Verdict:
     verdict = "holds" if vanishes and len(fixed) == 2 else \
         "partly" if vanishes and fixed else "does not hold"
     observed = (
-        f"first layer's / last layer's gradient norm, median over {DEPTH_STEPS} Adam steps: "
+        f"first layer's / last layer's gradient norm, median over {run_length(r)} Adam steps: "
         f"plain {spread(plain, 2)}, BatchNorm {spread(r.metric('batchnorm', metric), 2)}, "
         f"residual {spread(r.metric('residual', metric), 2)}. gradwatch reports "
         f"vanishing_gradient for plain on {_reported(r, 'plain')}, BatchNorm on "
@@ -252,7 +252,7 @@ def _judge_depth(r: ArmResults) -> Verdict:
     repair = (
         f"{' and '.join(names[a] for a in fixed) or 'neither BatchNorm nor residual connections'}"
         f" {'keeps' if len(fixed) == 1 else 'keep'} the first layer's gradient within "
-        f"{1 / VANISHING:.0f}x of the last's on every seed; in {DEPTH_STEPS} steps "
+        f"{1 / VANISHING:.0f}x of the last's on every seed; in {run_length(r)} steps "
         f"{names[best]} {'trains' if best == 'batchnorm' else 'train'} best: loss "
         f"{spread(r.losses(best))}.")
     return Verdict(verdict, observed, reason, repair)
@@ -272,7 +272,7 @@ def _judge_time(r: ArmResults) -> Verdict:
     ratios = ", ".join(f"{names[a]} {spread(r.metric(a, metric), 2)}" for a in names)
     observed = (
         f"gradient reaching the first of {LENGTH} timesteps / the last one's, median over "
-        f"{TIME_STEPS} Adam steps: {ratios}. gradwatch reports vanishing through time for "
+        f"{run_length(r)} Adam steps: {ratios}. gradwatch reports vanishing through time for "
         + ", ".join(f"{names[a]} on {_reported(r, a)}" for a in names)
         + f". Final loss (predicting the mean scores {TIME_CONSTANT_LOSS:.2f}): "
         + ", ".join(f"{names[a]} {spread(r.losses(a))}" for a in names) + ".")
@@ -291,9 +291,9 @@ def _judge_time(r: ArmResults) -> Verdict:
         + (f"; {' and '.join(names[a] for a in better)} "
            f"{'keeps' if len(better) == 1 else 'keep'} >= {BETTER:.0f}x the RNN's gradient at "
            f"the first timestep on every seed" if better else "")
-        + ". " + (f"In {TIME_STEPS} steps only {', '.join(names[a] for a in learned)} "
+        + ". " + (f"In {run_length(r)} steps only {', '.join(names[a] for a in learned)} "
                   f"learned to recall the first input." if learned else
-                  f"In {TIME_STEPS} steps none of them learned to recall the first input yet: "
+                  f"In {run_length(r)} steps none of them learned to recall the first input yet: "
                   f"the measure here is the gradient's path, which decides whether they can."))
     repair = (
         f"an LSTM with forget-gate bias 1 (bias_ih[H:2H] = 1, bias_hh[H:2H] = 0) carries "

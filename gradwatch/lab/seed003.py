@@ -27,7 +27,17 @@ from torch import nn
 import gradwatch
 from gradwatch.thresholds import Thresholds
 
-from .core import Arm, ArmResults, Experiment, RunResult, Verdict, fit, spread
+from .core import (
+    Arm,
+    ArmResults,
+    Experiment,
+    RunResult,
+    Verdict,
+    fit,
+    n_steps,
+    run_length,
+    spread,
+)
 
 __all__ = [
     "CONSTANT_PREDICTION_LOSS",
@@ -251,6 +261,13 @@ def _causes(r: ArmResults, arm: str, kind: str) -> list[str]:
     return sorted(ids)
 
 
+def _flipped_steps(run: RunResult) -> int:
+    """Steps on which the first timestep got at least the last one's gradient."""
+    return sum(1 for m in run.report.series["through_time"].values()
+               for v in m["ratio_first_to_last_timestep"]
+               if v is not None and math.isfinite(v) and v >= 1)
+
+
 def _judge_clipping(r: ArmResults) -> Verdict:
     no_clip, clip = r["no_clip"], r["clip15"]
     exploded = [_diverged(run) and bool({"exploding_gradient", "nonfinite"} & kinds)
@@ -274,7 +291,8 @@ def _judge_clipping(r: ArmResults) -> Verdict:
         f"loss ends at {spread(r.losses('clip15'))} (best "
         f"{spread(r.metric('clip15', 'best_loss'))}; predicting the mean scores "
         f"{CONSTANT_PREDICTION_LOSS:.2f}): it learned on {_count(clip_learns)}. Clipping was "
-        f"active on {spread(r.metric('clip15', 'clipped_steps'))} of {STEPS} steps.")
+        f"active on {spread(r.metric('clip15', 'clipped_steps'))} of {run_length(r, 'clip15')} "
+        f"steps.")
     kinds = r.kinds("no_clip")
     flagged = _count(["exploding_gradient" in k for k in kinds])
     causes = _causes(r, "no_clip", "exploding_gradient")
@@ -283,10 +301,12 @@ def _judge_clipping(r: ArmResults) -> Verdict:
     flips = [p >= 1 for p in peak]
     through = _count([_time_finding(run, "exploding_gradient") is not None for run in no_clip])
     if any(flips):
+        flipped = [_flipped_steps(run) for run in no_clip]
         cliff = (
             f"The spike is a cliff through time: on most steps the first of {LENGTH} timesteps "
             f"gets {median} of the last one's gradient, but at the spike up to "
-            f"{spread(peak, 2)}x it (>= 1 on {_count(flips)}): for a step or two the recurrent "
+            f"{spread(peak, 2)}x it (>= 1 on {_count(flips)}): for "
+            f"{n_steps([n for n in flipped if n > 0])} the recurrent "
             f"weights, moved by the large updates, amplify the gradient going back in time "
             f"instead of shrinking it (too briefly for gradwatch's through-time explosion "
             f"finding, which wants a ratio above "
