@@ -161,6 +161,10 @@ def lab() -> LabRuns:
 # tests run last; nothing else reads its output.
 
 
+def _not_json(token: str) -> None:
+    raise AssertionError(f"lab.json is not strict JSON: it holds {token}")
+
+
 class DemoRun:
     """One `gradwatch demo` subprocess and, once it has finished, what it produced."""
 
@@ -180,7 +184,8 @@ class DemoRun:
             self.stdout, self.stderr = self.proc.communicate(timeout=900)
             self.code = self.proc.returncode
             lab = self.out / "lab.json"
-            self.lab = json.loads(lab.read_text(encoding="utf-8")) if lab.exists() else None
+            self.lab = json.loads(lab.read_text(encoding="utf-8"),
+                                  parse_constant=_not_json) if lab.exists() else None
         return self
 
     def close(self) -> None:

@@ -17,10 +17,9 @@ from typing import Any
 import pytest
 from conftest import LAB_SEEDS, LabRuns
 
-from gradwatch.findings import jsonable
 from gradwatch.lab import EXPERIMENTS, architectures, seed003
 from gradwatch.lab.core import ArmResults, Verdict, n_steps
-from gradwatch.lab.runner import LAB_SCHEMA, experiment_entry
+from gradwatch.lab.runner import LAB_SCHEMA, experiment_entry, lab_json
 
 SEEDS = LAB_SEEDS
 Run = tuple[ArmResults, Verdict, str]
@@ -234,13 +233,12 @@ def _no_constant(token: str) -> None:
 
 def test_lab_entries_are_strict_json_with_numbers_per_seed(
         tmp_path: Path, clipping: Run, relu_tanh: Run, depth: Run, recurrent: Run) -> None:
-    """The runner's lab.json entries for these runs (as run_lab writes them: jsonable,
-    then json.dumps with allow_nan=False), and the reports they point to."""
+    """The runner's lab.json entries for these runs, in lab.json's text as run_lab writes
+    it, and the reports they point to."""
     lab = {"schema": LAB_SCHEMA, "seeds": list(SEEDS), "experiments": [
         experiment_entry(EXPERIMENTS[name], r, SEEDS, tmp_path)
         for r, _, name in (clipping, relu_tanh, depth, recurrent)]}
-    text = json.dumps(jsonable(lab), allow_nan=False)
-    lab = json.loads(text, parse_constant=_no_constant)  # NaN, Infinity: not JSON
+    lab = json.loads(lab_json(lab), parse_constant=_no_constant)  # NaN, Infinity: not JSON
     entries = {e["name"]: e for e in lab["experiments"]}
     for _, verdict, name in (clipping, relu_tanh, depth, recurrent):
         data = entries[name]

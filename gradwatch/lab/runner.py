@@ -24,7 +24,8 @@ from ..findings import jsonable
 from ..report.atomic import write_text_atomic
 from .core import ArmResults, Experiment, RunResult, stat
 
-__all__ = ["LAB_SCHEMA", "Progress", "experiment_entry", "run_experiment", "run_lab"]
+__all__ = ["LAB_SCHEMA", "Progress", "experiment_entry", "lab_json", "run_experiment",
+           "run_lab"]
 
 LAB_SCHEMA = "gradwatch.lab/v1"
 CURVE_POINTS = 200  # loss-curve points kept per run in lab.json
@@ -176,11 +177,16 @@ def run_lab(experiments: Sequence[Experiment], seeds: Sequence[int], out: Path,
         bar.clear()
     lab["duration_s"] = round(time.perf_counter() - started, 1)
     lab = jsonable(lab)
-    write_text_atomic(out / "lab.json", json.dumps(lab, indent=2, allow_nan=False) + "\n")
+    write_text_atomic(out / "lab.json", lab_json(lab))
     from .page import render_lab_page
 
     write_text_atomic(out / "index.html", render_lab_page(lab))
     return lab
+
+
+def lab_json(lab: dict[str, Any]) -> str:
+    """The text of lab.json: strict JSON, every non-finite number written as null."""
+    return json.dumps(jsonable(lab), indent=2, allow_nan=False) + "\n"
 
 
 def print_verdict(entry: dict[str, Any], stream: TextIO) -> None:
