@@ -111,6 +111,7 @@ LAB_LENGTH: dict[str, dict[str, int]] = {
     "sigmoid_vs_relu": {"steps": 200},
 }
 
+
 class LabRuns:
     """The lab runs made by this session's tests: each (experiment, arm, seed, length) once.
 

@@ -23,7 +23,7 @@ from gradwatch.lab import EXPERIMENTS
 from gradwatch.lab.core import ArmResults, RunResult, spread
 from gradwatch.lab.main import main
 from gradwatch.lab.seed002 import CONSTANT_PREDICTION_LOSS, seed_data
-from tests.conftest import LAB_SEEDS, DemoRun, LabRuns
+from tests.conftest import LAB_LENGTH, LAB_SEEDS, DemoRun, LabRuns
 
 
 def _kinds(run: RunResult) -> set[str]:
@@ -248,3 +248,20 @@ def test_lab_json_and_the_saved_reports_give_back_every_verdict(demo_run: DemoRu
                 for run in arm["runs"]]
         assert dataclasses.asdict(exp.judge(results)) == {
             k: entry[k] for k in ("verdict", "observed", "reason", "repair")}, name
+
+
+@pytest.mark.slow
+def test_the_shortened_lab_runs_give_the_demos_verdicts(demo_run: DemoRun,
+                                                        lab: LabRuns) -> None:
+    """The experiments the tests run with fewer steps (conftest.LAB_LENGTH) reach the
+    verdict the demo reaches at full length, with the same findings on every run."""
+    assert demo_run.code == 0 and demo_run.lab is not None, demo_run.stderr[-3000:]
+    assert LAB_LENGTH
+    for name in LAB_LENGTH:
+        entry = _experiment(demo_run, name)
+        r, verdict = lab.experiment(name)
+        assert verdict.verdict == entry["verdict"], name
+        for arm in entry["arms"]:
+            assert [_kinds(run) for run in r[arm["name"]]] == [
+                {f["kind"] for f in run["findings"] if f["severity"] in ("warning", "error")}
+                for run in arm["runs"]], (name, arm["name"])
