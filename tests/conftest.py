@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -21,7 +19,7 @@ from torch import nn
 
 import gradwatch
 from gradwatch.history import History, LayerInfo
-from gradwatch.lab.core import ArmResults, Verdict
+from gradwatch.lab.core import ArmResults, RunResult, Verdict
 
 
 def seed_data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,13 +92,78 @@ def residual_layernorm_mlp(n_in: int = 16, width: int = 32, blocks: int = 6,
                          nn.LayerNorm(width), nn.Linear(width, n_out))
 
 
+# --------------------------------------------------------------------------- the lab
+# The lab tests run the experiment arms they check, in this process, each (experiment, arm,
+# seed, length) once per session (the ``lab`` fixture): test_demo.py, test_lab_*.py and
+# test_activations.py share the runs. An arm's length is the demo's unless LAB_LENGTH
+# shortens it.
+
+LAB_SEEDS = (0, 1, 2)  # gradwatch demo's seeds (DEFAULT_SEEDS = 3)
+
+LAB_LENGTH: dict[str, dict[str, int]] = {
+    # The sigmoid and default-init ReLU nets sit at the constant-prediction loss from step
+    # ~100 on, with the same findings as after 500 epochs, and the Kaiming repair is below
+    # 0.4 on every seed by step 200: the verdict (partly) and every number the tests check
+    # are settled. xavier_vs_kaiming keeps its 500 epochs: Xavier's loss is not monotonic
+    # and is below 0.6 on every seed only at the end. The other experiments are short already
+    # (30-100 steps, under 3 s for all arms and seeds), and their verdicts need the whole
+    # run (the RNN's cliff comes late; dead units must stay dead for the whole run).
+    "sigmoid_vs_relu": {"steps": 200},
+}
+
+
+class LabRuns:
+    """The lab runs made by this session's tests: each (experiment, arm, seed, length) once.
+
+    Get it through the session fixture ``lab`` (this module is imported twice, as
+    ``conftest`` and as ``tests.conftest``; the fixture is one object for every test)."""
+
+    def __init__(self) -> None:
+        self._runs: dict[tuple[str, str, int, tuple[tuple[str, int], ...]], RunResult] = {}
+
+    def run(self, experiment: str, arm: str, seed: int, **length: int) -> RunResult:
+        """One arm of a lab experiment with one torch seed. ``length`` (``steps=`` or
+        ``epochs=``) defaults to LAB_LENGTH's for the experiment, else the demo's."""
+        from gradwatch.lab import EXPERIMENTS
+
+        length = length or LAB_LENGTH.get(experiment, {})
+        key = (experiment, arm, seed, tuple(sorted(length.items())))
+        if key not in self._runs:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # as lab.runner.run_lab runs them
+            try:
+                self._runs[key] = EXPERIMENTS[experiment].arm(arm).run(seed, **length)
+            finally:
+                torch.set_num_threads(threads)
+        return self._runs[key]
+
+    def experiment(self, name: str, seeds: tuple[int, ...] = LAB_SEEDS,
+                   **length: int) -> tuple[ArmResults, Verdict]:
+        """Every arm of one lab experiment over ``seeds``, and its judge's verdict: what
+        ``gradwatch demo`` runs and judges for it (with LAB_LENGTH's shorter runs)."""
+        from gradwatch.lab import EXPERIMENTS
+
+        exp = EXPERIMENTS[name]
+        results = ArmResults({arm.name: [self.run(name, arm.name, seed, **length)
+                                         for seed in seeds] for arm in exp.arms})
+        return results, exp.judge(results)
+
+
+@pytest.fixture(scope="session")
+def lab() -> LabRuns:
+    """The session's lab runs (LabRuns): the lab tests run the arms they check here."""
+    return LabRuns()
+
+
 # --------------------------------------------------------------------------- the demo
-# `gradwatch demo` (every lab experiment, 3 seeds) is the README's main job; several test
-# files read its output, and the lab tests take their experiments' results from it rather
-# than run the same experiments with the same seeds again. It runs once per session, in a
-# subprocess started at collection as soon as a selected test needs it, on the second core
-# while the other tests run on the first; the tests that need it run last (see
-# pytest_collection_modifyitems), so that nothing waits for it while there is other work.
+# `gradwatch demo` itself (every lab experiment, 3 seeds: the README's main job) is run only
+# by the end-to-end tests that use the demo_run fixture; they must be marked slow. When one
+# is selected, the demo starts in a subprocess at collection, on the second core, and those
+# tests run last; nothing else reads its output.
+
+
+def _not_json(token: str) -> None:
+    raise AssertionError(f"lab.json is not strict JSON: it holds {token}")
 
 
 class DemoRun:
@@ -122,7 +185,8 @@ class DemoRun:
             self.stdout, self.stderr = self.proc.communicate(timeout=900)
             self.code = self.proc.returncode
             lab = self.out / "lab.json"
-            self.lab = json.loads(lab.read_text(encoding="utf-8")) if lab.exists() else None
+            self.lab = json.loads(lab.read_text(encoding="utf-8"),
+                                  parse_constant=_not_json) if lab.exists() else None
         return self
 
     def close(self) -> None:
@@ -132,48 +196,6 @@ class DemoRun:
         shutil.rmtree(self.out.parent, ignore_errors=True)
 
 
-def demo_experiment(demo: DemoRun, name: str) -> tuple[ArmResults, Verdict, dict[str, Any]]:
-    """One lab experiment as the demo ran it: its judge's input, rebuilt from lab.json and
-    the runs' saved reports, the verdict the judge gives on it, and its lab.json entry.
-
-    Each run keeps its final loss, metrics and full report; non-finite numbers, null in the
-    JSON, come back as NaN, and ``losses`` is the entry's loss curve (at most 200 points).
-    The judge must give the demo's own verdict, word for word, on the rebuilt results: the
-    tests then read what the demo's judge read.
-    """
-    from gradwatch.lab import EXPERIMENTS
-    from gradwatch.lab.core import RunResult
-
-    assert demo.code == 0 and demo.lab is not None, demo.stderr[-3000:]
-    entry = next(e for e in demo.lab["experiments"] if e["name"] == name)
-
-    def number(value: Any) -> Any:
-        return math.nan if value is None else value
-
-    results = ArmResults()
-    for arm in entry["arms"]:
-        assert [run["seed"] for run in arm["runs"]] == demo.lab["seeds"], (name, arm["name"])
-        results[arm["name"]] = [
-            RunResult(name, arm["name"], arm["claim"], number(run["final_loss"]),
-                      [number(v) for v in run["loss_curve"]["loss"]],
-                      gradwatch.Report.load(demo.out / run["report_json"]),
-                      {k: number(v) for k, v in run["metrics"].items()})
-            for run in arm["runs"]]
-    verdict = EXPERIMENTS[name].judge(results)
-    assert dataclasses.asdict(verdict) == {k: entry[k] for k in
-                                           ("verdict", "observed", "reason", "repair")}, name
-    return results, verdict, entry
-
-
-def demo_report(demo: DemoRun, experiment: str, arm: str, seed: int) -> gradwatch.Report:
-    """The report of one run of the demo (``experiment``, ``arm``, torch seed ``seed``)."""
-    assert demo.code == 0 and demo.lab is not None, demo.stderr[-3000:]
-    entry = next(e for e in demo.lab["experiments"] if e["name"] == experiment)
-    runs = next(a for a in entry["arms"] if a["name"] == arm)["runs"]
-    return gradwatch.Report.load(demo.out / next(r for r in runs if r["seed"] == seed)
-                                 ["report_json"])
-
-
 _DEMO: list[DemoRun] = []
 _PENDING: list[Any] = []  # test modules whose subprocesses wait for the demo's core
 _BACKGROUND: list[Any] = []  # what those modules started; closed at the end
@@ -181,25 +203,29 @@ _BACKGROUND: list[Any] = []  # what those modules started; closed at the end
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "needs_demo: the test reads the session's "
-                            "`gradwatch demo` run (added to every test using demo_run)")
+                            "`gradwatch demo` run (added to every test using demo_run; such "
+                            "a test must also be marked slow)")
     config.addinivalue_line("markers", "slow: a heavy test (pytest -m 'not slow' skips it)")
 
 
 @pytest.hookimpl(trylast=True)  # after -k/-m/--deselect: start only what selected tests need
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
                                   items: list[pytest.Item]) -> None:
-    """Start the demo, and order the tests so that none waits while there is other work.
+    """Start the background work of the selected tests, and order the tests so that none
+    waits while there is other work.
 
     A test module may define ``start_in_background()`` (idempotent): it starts the module's
-    subprocesses and returns something with a ``close()``. It is called when the demo has
-    finished (checked between tests) or when a test is about to wait for the demo, so that
-    the demo keeps a core to itself, and at once when no test needs the demo. Order: the
-    tests that need nothing in the background, then those modules, then the tests that need
-    the demo.
+    subprocesses and returns something with a ``close()``. It is called at once, unless a
+    selected test needs the demo: then when the demo has finished (checked between tests)
+    or when a test is about to wait for it, so that the demo keeps a core to itself. Order:
+    the tests that need nothing in the background, then those modules, then the end-to-end
+    tests of the demo.
     """
     for item in items:
         if "demo_run" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.needs_demo)
+        if item.get_closest_marker("needs_demo") and not item.get_closest_marker("slow"):
+            raise pytest.UsageError(f"{item.nodeid} runs `gradwatch demo`: mark it slow")
     starters = list(dict.fromkeys(
         module for item in items
         if hasattr(module := getattr(item, "module", None), "start_in_background")))
@@ -235,7 +261,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 @pytest.fixture(scope="session")
 def demo_run() -> DemoRun:
-    """The session's `gradwatch demo` run, finished."""
+    """The session's `gradwatch demo` run, finished (only for tests marked slow)."""
     if not _DEMO:
         _DEMO.append(DemoRun())
     _start_pending()  # this process is about to wait: the other core can start them

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import gradwatch
-from tests.conftest import DemoRun, deep_net, demo_report, only, seed_data, train_full_batch
+from tests.conftest import LabRuns, deep_net, only, seed_data, train_full_batch
 
 
 def _problems(report: gradwatch.Report, kind: str) -> list[gradwatch.Finding]:
@@ -211,19 +212,22 @@ def test_site_measurement_does_not_change_the_training() -> None:
     assert losses[0] == losses[1]
 
 
-def test_units_dead_from_init_in_a_stalled_net_are_one_warning(demo_run: DemoRun) -> None:
+def test_units_dead_from_init_in_a_stalled_net_are_one_warning(lab: LabRuns) -> None:
     """SEEDS.md section 7: the default-init ReLU stack stalls with 20-80% of its units dead
     from step 0. One finding sums the sites up, with the init as the cause, next to the
     vanishing finding; the Kaiming-init net's narrow dead layers are only info.
 
-    Both runs (seed 0) are the session's `gradwatch demo`'s: its relu arm of
-    sigmoid_vs_relu is seed002.relu_default_init, its kaiming arm of xavier_vs_kaiming is
-    seed002.kaiming_uniform_relu."""
+    Both runs (seed 0) are the lab's, shared with test_demo.py (the session fixture
+    ``lab``): the relu arm of sigmoid_vs_relu is seed002.relu_default_init (run for
+    conftest.LAB_LENGTH's 200 epochs: it has stalled by then), the kaiming arm of
+    xavier_vs_kaiming is seed002.kaiming_uniform_relu (500 epochs)."""
     from gradwatch.lab import EXPERIMENTS, seed002
 
     assert EXPERIMENTS["sigmoid_vs_relu"].arm("relu").run is seed002.relu_default_init
     assert EXPERIMENTS["xavier_vs_kaiming"].arm("kaiming").run is seed002.kaiming_uniform_relu
-    report = demo_report(demo_run, "sigmoid_vs_relu", "relu", 0)
+    relu = lab.run("sigmoid_vs_relu", "relu", 0)
+    assert relu.final_loss == pytest.approx(seed002.CONSTANT_PREDICTION_LOSS, abs=0.02)
+    report = relu.report
     finding = only(report, "dying_relu")
     assert finding.severity == "warning"
     assert finding.evidence["gradient_vanishes"] is True
@@ -231,7 +235,7 @@ def test_units_dead_from_init_in_a_stalled_net_are_one_warning(demo_run: DemoRun
     assert finding.remedies[0].id == "kaiming_init"
     assert "init_too_small" in [c.id for c in finding.causes]
     assert "where 7 of 10 units are dead" in only(report, "vanishing_gradient").summary
-    healthy = demo_report(demo_run, "xavier_vs_kaiming", "kaiming", 0)
+    healthy = lab.run("xavier_vs_kaiming", "kaiming", 0).report
     assert [f.severity for f in healthy.findings if f.kind == "dying_relu"] == ["info"]
 
 

@@ -316,6 +316,7 @@ def test_whole_pages_render_offline_top_to_bottom(tmp_path: Path,
         _check_whole_page(tmp_path, f"{name}-page", page)
 
 
+@pytest.mark.slow  # it runs `gradwatch demo` (the end-to-end test of the README's main job)
 @pytest.mark.needs_demo  # it asks for demo_run only once it knows chromium is there
 def test_demo_pages_render_offline_with_every_figure_drawn(
         tmp_path: Path, request: pytest.FixtureRequest) -> None:

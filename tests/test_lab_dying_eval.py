@@ -1,9 +1,8 @@
 """The lab's dying-ReLU (seed 000) and eval-mode (seed 001) experiments: run over three
 seeds, their verdicts and the numbers behind them, and gradwatch's findings on every arm.
 
-The runs are the session's `gradwatch demo` (conftest.py): it runs these experiments over
-these seeds, and its lab.json and saved reports give back what the judge saw
-(conftest.demo_experiment checks the judge's verdict on it against the demo's).
+Each experiment runs here, every arm over the demo's seeds, with the demo's lengths
+(the session fixture ``lab``: each run once per session).
 """
 
 from __future__ import annotations
@@ -14,36 +13,29 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import DemoRun, demo_experiment
+from conftest import LAB_SEEDS, LabRuns
 
 from gradwatch.findings import jsonable
 from gradwatch.lab import EXPERIMENTS, seed000, seed001
 from gradwatch.lab.core import ArmResults, Verdict
 from gradwatch.lab.runner import Progress, run_experiment
 
-SEEDS = (0, 1, 2)
-
-
-def _run(demo: DemoRun, name: str) -> tuple[ArmResults, Verdict]:
-    """Every arm of one experiment over SEEDS, and the judge's verdict."""
-    assert demo.lab is not None and demo.lab["seeds"] == list(SEEDS), demo.stderr[-3000:]
-    results, verdict, _ = demo_experiment(demo, name)
-    return results, verdict
+SEEDS = LAB_SEEDS
 
 
 @pytest.fixture(scope="module")
-def high_lr(demo_run: DemoRun) -> tuple[ArmResults, Verdict]:
-    return _run(demo_run, "dying_relu_high_lr")
+def high_lr(lab: LabRuns) -> tuple[ArmResults, Verdict]:
+    return lab.experiment("dying_relu_high_lr")
 
 
 @pytest.fixture(scope="module")
-def negative_bias(demo_run: DemoRun) -> tuple[ArmResults, Verdict]:
-    return _run(demo_run, "dying_relu_negative_bias")
+def negative_bias(lab: LabRuns) -> tuple[ArmResults, Verdict]:
+    return lab.experiment("dying_relu_negative_bias")
 
 
 @pytest.fixture(scope="module")
-def eval_mode(demo_run: DemoRun) -> tuple[ArmResults, Verdict]:
-    return _run(demo_run, "eval_mode")
+def eval_mode(lab: LabRuns) -> tuple[ArmResults, Verdict]:
+    return lab.experiment("eval_mode")
 
 
 def _severities(r: ArmResults, arm: str, kind: str) -> list[str | None]:
@@ -117,6 +109,7 @@ def test_negative_bias_kills_the_layer_and_a_lower_lr_cannot_revive_it(negative_
     assert ev["dead_fraction"] == 1.0 and ev["dead_since_step"] == 0
     assert ev["bias_dead_mean"] == pytest.approx(-3.0)
     assert f.causes[0].id == "large_negative_bias"
+    assert "every unit is <= 0 for every sample from step 0," in verdict.reason
     assert "relu_bias-3_lr0.001 does not help" in verdict.repair
     assert "loss of predicting the mean of y" in verdict.observed
 

@@ -2,51 +2,52 @@
 run over three seeds through the lab's runner, their verdicts, the numbers behind them,
 gradwatch's findings on every arm, and the lab.json entries as strict JSON.
 
-The runs are the session's `gradwatch demo` (conftest.py): it runs these experiments over
-these seeds through the same runner, and its lab.json and saved reports give back what the
-judge saw (conftest.demo_experiment checks the judge's verdict on it against the demo's).
+Each experiment runs here, every arm over the demo's seeds, with the demo's lengths
+(the session fixture ``lab``: each run once per session); the lab.json entries are the
+runner's (lab.runner.experiment_entry) for those runs.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DemoRun, demo_experiment
+from conftest import LAB_SEEDS, LabRuns
 
 from gradwatch.lab import EXPERIMENTS, architectures, seed003
-from gradwatch.lab.core import ArmResults, Verdict
+from gradwatch.lab.core import ArmResults, Verdict, n_steps
+from gradwatch.lab.runner import LAB_SCHEMA, experiment_entry, lab_json
 
-SEEDS = (0, 1, 2)
-Run = tuple[ArmResults, Verdict, dict[str, Any]]
-
-
-def _run(demo: DemoRun, name: str) -> Run:
-    """One experiment over SEEDS: the judge's input, its verdict, the lab.json entry."""
-    assert demo.lab is not None and demo.lab["seeds"] == list(SEEDS), demo.stderr[-3000:]
-    return demo_experiment(demo, name)
+SEEDS = LAB_SEEDS
+Run = tuple[ArmResults, Verdict, str]
 
 
-@pytest.fixture(scope="module")
-def clipping(demo_run: DemoRun) -> Run:
-    return _run(demo_run, "rnn_clipping")
+def _run(lab: LabRuns, name: str) -> Run:
+    """One experiment over SEEDS: the judge's input, its verdict, the experiment's name."""
+    return (*lab.experiment(name), name)
 
 
 @pytest.fixture(scope="module")
-def relu_tanh(demo_run: DemoRun) -> Run:
-    return _run(demo_run, "rnn_relu_vs_tanh")
+def clipping(lab: LabRuns) -> Run:
+    return _run(lab, "rnn_clipping")
 
 
 @pytest.fixture(scope="module")
-def depth(demo_run: DemoRun) -> Run:
-    return _run(demo_run, "deep_architectures")
+def relu_tanh(lab: LabRuns) -> Run:
+    return _run(lab, "rnn_relu_vs_tanh")
 
 
 @pytest.fixture(scope="module")
-def recurrent(demo_run: DemoRun) -> Run:
-    return _run(demo_run, "recurrent_architectures")
+def depth(lab: LabRuns) -> Run:
+    return _run(lab, "deep_architectures")
+
+
+@pytest.fixture(scope="module")
+def recurrent(lab: LabRuns) -> Run:
+    return _run(lab, "recurrent_architectures")
 
 
 def _findings(r: ArmResults, arm: str, kind: str, axis: str | None = None) -> list[Any]:
@@ -90,6 +91,12 @@ def test_rnn_falls_off_a_cliff_without_clipping(clipping: Run) -> None:
     assert all(p > 1e6 * m for p, m in zip(peak, median, strict=True)), (peak, median)
     assert _findings(r, "no_clip", "exploding_gradient", "time") == [None] * len(SEEDS)
     assert "cliff through time" in verdict.reason
+    # The flip lasts a step or two (every step is measured), and the reason says how long.
+    flipped = [sum(1 for m in run.report.series["through_time"].values()
+                   for v in m["ratio_first_to_last_timestep"] if v is not None and v >= 1)
+               for run in r["no_clip"]]
+    assert 0 < max(flipped) <= 3, flipped
+    assert f"for {n_steps([n for n in flipped if n])} the recurrent weights" in verdict.reason
     # The weights are thrown far from where they started before the NaN.
     assert all(g > 100 for g in r.metric("no_clip", "rnn_weight_growth"))
     assert verdict.verdict == "partly"
@@ -225,17 +232,24 @@ def _no_constant(token: str) -> None:
 
 
 def test_lab_entries_are_strict_json_with_numbers_per_seed(
-        demo_run: DemoRun, clipping: Run, relu_tanh: Run, depth: Run, recurrent: Run) -> None:
-    lab = json.loads((demo_run.out / "lab.json").read_text(encoding="utf-8"),
-                     parse_constant=_no_constant)  # NaN, Infinity: not JSON
+        tmp_path: Path, clipping: Run, relu_tanh: Run, depth: Run, recurrent: Run) -> None:
+    """The runner's lab.json entries for these runs, in lab.json's text as run_lab writes
+    it, and the reports they point to."""
+    lab = {"schema": LAB_SCHEMA, "seeds": list(SEEDS), "experiments": [
+        experiment_entry(EXPERIMENTS[name], r, SEEDS, tmp_path)
+        for r, _, name in (clipping, relu_tanh, depth, recurrent)]}
+    lab = json.loads(lab_json(lab), parse_constant=_no_constant)  # NaN, Infinity: not JSON
     entries = {e["name"]: e for e in lab["experiments"]}
-    for _, verdict, entry in (clipping, relu_tanh, depth, recurrent):
-        data = entries[entry["name"]]
+    for _, verdict, name in (clipping, relu_tanh, depth, recurrent):
+        data = entries[name]
         assert data["verdict"] == verdict.verdict
         assert data["observed"] == verdict.observed
         for arm in data["arms"]:
             assert [run["seed"] for run in arm["runs"]] == list(SEEDS)
             assert arm["description"]
+            for run in arm["runs"]:
+                assert (tmp_path / run["report_json"]).is_file()
+                assert (tmp_path / run["report_html"]).is_file()
     arms = {a["name"]: a for a in entries["rnn_clipping"]["arms"]}
     assert [run["final_loss"] for run in arms["no_clip"]["runs"]] == [None] * len(SEEDS)
     assert arms["clip15"]["summary"]["clipped_steps"]["min"] >= 30

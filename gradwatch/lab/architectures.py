@@ -27,7 +27,7 @@ from torch import nn
 import gradwatch
 from gradwatch.thresholds import Thresholds
 
-from .core import Arm, ArmResults, Experiment, RunResult, Verdict, fit, spread
+from .core import Arm, ArmResults, Experiment, RunResult, Verdict, fit, run_length, spread
 from .seed003 import LastStepRNN
 
 __all__ = [
@@ -121,13 +121,14 @@ def _vanishing(report: gradwatch.Report, axis: str | None) -> Any:
                  and f.evidence.get("axis") == axis), None)
 
 
-def _train_depth(variant: str, claim: str, seed: int) -> RunResult:
-    """One depth arm: full-batch MSE with Adam under gradwatch.watch; the depth ratios."""
+def _train_depth(variant: str, claim: str, seed: int, steps: int = DEPTH_STEPS) -> RunResult:
+    """One depth arm: full-batch MSE with Adam for ``steps`` (DEPTH_STEPS) steps under
+    gradwatch.watch; the depth ratios."""
     torch.manual_seed(seed)
     model = deep_net(variant)
     x, y = depth_data()
     optimizer = torch.optim.Adam(model.parameters(), lr=DEPTH_LR)
-    losses, report = fit(model, optimizer, x, y, DEPTH_STEPS)
+    losses, report = fit(model, optimizer, x, y, steps)
     ratios = _depth_ratios(report)
     finding = _vanishing(report, None)
     metrics = {
@@ -174,15 +175,15 @@ def _recurrent(kind: str) -> nn.RNNBase:
     return module
 
 
-def _train_time(variant: str, claim: str, seed: int) -> RunResult:
-    """One recurrent arm: full-batch MSE with Adam under gradwatch.watch; the through-time
-    ratios."""
+def _train_time(variant: str, claim: str, seed: int, steps: int = TIME_STEPS) -> RunResult:
+    """One recurrent arm: full-batch MSE with Adam for ``steps`` (TIME_STEPS) steps under
+    gradwatch.watch; the through-time ratios."""
     torch.manual_seed(seed)
     model = LastStepRNN(_recurrent(variant))
     x, y = recall_data()
     optimizer = torch.optim.Adam(model.parameters(), lr=TIME_LR)
     # Through-time ratios are measured on detail steps: every 4th, so 30 steps give ~14.
-    losses, report = fit(model, optimizer, x, y, TIME_STEPS, detail_every=4)
+    losses, report = fit(model, optimizer, x, y, steps, detail_every=4)
     series = report.series["through_time"].get("rnn", {})
     ratios = np.array([np.nan if v is None else v
                        for v in series.get("ratio_first_to_last_timestep", [])], dtype=float)
@@ -223,7 +224,7 @@ def _judge_depth(r: ArmResults) -> Verdict:
     verdict = "holds" if vanishes and len(fixed) == 2 else \
         "partly" if vanishes and fixed else "does not hold"
     observed = (
-        f"first layer's / last layer's gradient norm, median over {DEPTH_STEPS} Adam steps: "
+        f"first layer's / last layer's gradient norm, median over {run_length(r)} Adam steps: "
         f"plain {spread(plain, 2)}, BatchNorm {spread(r.metric('batchnorm', metric), 2)}, "
         f"residual {spread(r.metric('residual', metric), 2)}. gradwatch reports "
         f"vanishing_gradient for plain on {_reported(r, 'plain')}, BatchNorm on "
@@ -251,7 +252,7 @@ def _judge_depth(r: ArmResults) -> Verdict:
     repair = (
         f"{' and '.join(names[a] for a in fixed) or 'neither BatchNorm nor residual connections'}"
         f" {'keeps' if len(fixed) == 1 else 'keep'} the first layer's gradient within "
-        f"{1 / VANISHING:.0f}x of the last's on every seed; in {DEPTH_STEPS} steps "
+        f"{1 / VANISHING:.0f}x of the last's on every seed; in {run_length(r)} steps "
         f"{names[best]} {'trains' if best == 'batchnorm' else 'train'} best: loss "
         f"{spread(r.losses(best))}.")
     return Verdict(verdict, observed, reason, repair)
@@ -271,7 +272,7 @@ def _judge_time(r: ArmResults) -> Verdict:
     ratios = ", ".join(f"{names[a]} {spread(r.metric(a, metric), 2)}" for a in names)
     observed = (
         f"gradient reaching the first of {LENGTH} timesteps / the last one's, median over "
-        f"{TIME_STEPS} Adam steps: {ratios}. gradwatch reports vanishing through time for "
+        f"{run_length(r)} Adam steps: {ratios}. gradwatch reports vanishing through time for "
         + ", ".join(f"{names[a]} on {_reported(r, a)}" for a in names)
         + f". Final loss (predicting the mean scores {TIME_CONSTANT_LOSS:.2f}): "
         + ", ".join(f"{names[a]} {spread(r.losses(a))}" for a in names) + ".")
@@ -290,9 +291,9 @@ def _judge_time(r: ArmResults) -> Verdict:
         + (f"; {' and '.join(names[a] for a in better)} "
            f"{'keeps' if len(better) == 1 else 'keep'} >= {BETTER:.0f}x the RNN's gradient at "
            f"the first timestep on every seed" if better else "")
-        + ". " + (f"In {TIME_STEPS} steps only {', '.join(names[a] for a in learned)} "
+        + ". " + (f"In {run_length(r)} steps only {', '.join(names[a] for a in learned)} "
                   f"learned to recall the first input." if learned else
-                  f"In {TIME_STEPS} steps none of them learned to recall the first input yet: "
+                  f"In {run_length(r)} steps none of them learned to recall the first input yet: "
                   f"the measure here is the gradient's path, which decides whether they can."))
     repair = (
         f"an LSTM with forget-gate bias 1 (bias_ih[H:2H] = 1, bias_hh[H:2H] = 0) carries "
@@ -317,10 +318,10 @@ CLAIM_LSTM = "vanishing gradients are rarer in LSTM"
 CLAIM_GRU = "vanishing gradients are rarer in GRU"
 
 
-def _runner(train: Callable[[str, str, int], RunResult], variant: str, claim: str,
-            doc: str) -> Callable[[int], RunResult]:
-    def run(seed: int = 0) -> RunResult:
-        return train(variant, claim, seed)
+def _runner(train: Callable[[str, str, int, int], RunResult], variant: str, claim: str,
+            doc: str, steps: int) -> Callable[..., RunResult]:
+    def run(seed: int = 0, steps: int = steps) -> RunResult:
+        return train(variant, claim, seed, steps)
     run.__doc__ = doc
     run.__name__ = run.__qualname__ = f"{variant}_run"
     return run
@@ -336,9 +337,10 @@ _TIME_SETUP = (f"one recurrent layer ({HIDDEN} hidden units) + Linear({HIDDEN}, 
                f"the through-time ratio measured every 4th step")
 
 
-def _arm(train: Callable[[str, str, int], RunResult], name: str, claim: str, text: str,
+def _arm(train: Callable[[str, str, int, int], RunResult], name: str, claim: str, text: str,
          role: str) -> Arm:
-    return Arm(name, claim, text, _runner(train, name, claim, text), role=role)
+    steps = DEPTH_STEPS if train is _train_depth else TIME_STEPS
+    return Arm(name, claim, text, _runner(train, name, claim, text, steps), role=role)
 
 
 _ARMS = {

@@ -6,8 +6,9 @@ and asks its *judge* for a :class:`Verdict`: does the claim hold, what was obser
 with their spread over seeds), the measured reason (from gradwatch's findings), and the
 repair that really works (an arm with ``role="repair"``, run side by side).
 
-An experiment module defines its arms as functions ``run(seed) -> RunResult`` and one
-:class:`Experiment`; ``gradwatch/lab/__init__.py`` lists them all in ``EXPERIMENTS``.
+An experiment module defines its arms as functions ``run(seed, steps=...) -> RunResult``
+(the length defaults to the one the experiment describes) and one :class:`Experiment`;
+``gradwatch/lab/__init__.py`` lists them all in ``EXPERIMENTS``.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from torch import nn
 import gradwatch
 from gradwatch.report import Report
 
-__all__ = ["Arm", "ArmResults", "Experiment", "RunResult", "Verdict", "depth_ratio",
-           "deviating", "fit", "most_seeds", "percent", "spread", "stat"]
+__all__ = ["Arm", "ArmResults", "Experiment", "RunResult", "Verdict", "at_steps", "depth_ratio",
+           "deviating", "fit", "int_range", "most_seeds", "n_steps", "percent", "run_length",
+           "spread", "stat"]
 
 VERDICTS = ("holds", "does not hold", "partly")
 
@@ -52,7 +54,10 @@ class Arm:
     name: str
     claim: str  # the seed's claim about this arm ("" for a repair the seed does not make)
     description: str  # the exact setup: data, layers, init, optimizer, lr, steps
-    run: Callable[[int], RunResult]
+    run: Callable[..., RunResult]
+    """``run(seed)`` trains the arm as described. Every arm also takes its length as a
+    keyword, ``steps`` (full-batch arms) or ``epochs`` (mini-batch arms), whose default is
+    the described one: tests pass fewer where the verdict they check does not need more."""
     role: str = "seed"  # "seed" | "repair"
 
     def __post_init__(self) -> None:
@@ -204,3 +209,32 @@ def deviating(flags: Sequence[bool]) -> str:
     """`` (not on seed 1, 2)`` for the seeds where a condition failed, else ``""``."""
     bad = [str(i) for i, ok in enumerate(flags) if not ok]
     return f" (not on seed {', '.join(bad)})" if bad else ""
+
+
+def int_range(values: Sequence[float]) -> str:
+    """``3`` when every finite value is 3, ``1-4`` when they range from 1 to 4, ``"?"`` when
+    none is finite: counts and step numbers measured over seeds, for a verdict's text."""
+    finite = sorted({int(v) for v in values if v is not None and math.isfinite(v)})
+    if not finite:
+        return "?"
+    return str(finite[0]) if len(finite) == 1 else f"{finite[0]}-{finite[-1]}"
+
+
+def at_steps(values: Sequence[float]) -> str:
+    """``step 1`` when every run measured step 1, ``steps 0-3`` when they differ."""
+    text = int_range(values)
+    return f"step{'s' if '-' in text else ''} {text}"
+
+
+def n_steps(values: Sequence[float]) -> str:
+    """``1 step``, ``2 steps``, ``1-2 steps``: a number of steps measured over seeds."""
+    text = int_range(values)
+    return f"{text} step{'' if text == '1' else 's'}"
+
+
+def run_length(results: ArmResults, *arms: str) -> str:
+    """How many steps the runs of ``arms`` (default: every arm) recorded: ``500``, or
+    ``200-500`` if they differ. Verdicts quote it instead of the length the arm was
+    written with, so that a run with fewer steps is described as it ran."""
+    return int_range([len(run.losses) for arm in (arms or tuple(results))
+                      for run in results[arm]])

@@ -25,7 +25,8 @@ from ..report.atomic import write_text_atomic
 from .core import ArmResults, Experiment, RunResult, stat
 from .page import render_lab_page
 
-__all__ = ["LAB_SCHEMA", "Progress", "run_lab"]
+__all__ = ["LAB_SCHEMA", "Progress", "experiment_entry", "lab_json", "run_experiment",
+           "run_lab"]
 
 LAB_SCHEMA = "gradwatch.lab/v1"
 CURVE_POINTS = 200  # loss-curve points kept per run in lab.json
@@ -125,19 +126,26 @@ def _arm_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def run_experiment(exp: Experiment, seeds: Sequence[int], out: Path,
                    progress: Progress) -> dict[str, Any]:
     """Every arm of one experiment over ``seeds``; its verdict; its lab.json entry."""
-    folder = out / exp.name
-    folder.mkdir(parents=True, exist_ok=True)
     results = ArmResults()
-    entries: dict[str, list[dict[str, Any]]] = {}
     per_run = exp.cost_s / max(len(exp.arms), 1)
     for seed in seeds:
         for arm in exp.arms:
             progress.show(f"{exp.name} ({exp.source}) · {arm.name} · seed {seed}")
-            result = arm.run(seed)
-            results.setdefault(arm.name, []).append(result)
-            entries.setdefault(arm.name, []).append(
-                _run_entry(result, seed, folder, exp.name, seed == seeds[0]))
+            results.setdefault(arm.name, []).append(arm.run(seed))
             progress.advance(per_run)
+    return experiment_entry(exp, results, seeds, out)
+
+
+def experiment_entry(exp: Experiment, results: ArmResults, seeds: Sequence[int],
+                     out: Path) -> dict[str, Any]:
+    """The lab.json entry of one experiment whose arms have run: ``results`` holds every
+    arm's runs over ``seeds``, in that order. Judges them, and saves each run's JSON and
+    HTML report under ``out/<experiment>/``."""
+    folder = out / exp.name
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = {arm.name: [_run_entry(result, seed, folder, exp.name, seed == seeds[0])
+                          for seed, result in zip(seeds, results[arm.name], strict=True)]
+               for arm in exp.arms}
     verdict = exp.judge(results)
     return {"name": exp.name, "source": exp.source, "title": exp.title, "claim": exp.claim,
             "setup": exp.setup, "verdict": verdict.verdict, "observed": verdict.observed,
@@ -170,9 +178,14 @@ def run_lab(experiments: Sequence[Experiment], seeds: Sequence[int], out: Path,
         bar.clear()
     lab["duration_s"] = round(time.perf_counter() - started, 1)
     lab = jsonable(lab)
-    write_text_atomic(out / "lab.json", json.dumps(lab, indent=2, allow_nan=False) + "\n")
+    write_text_atomic(out / "lab.json", lab_json(lab))
     write_text_atomic(out / "index.html", render_lab_page(lab))
     return lab
+
+
+def lab_json(lab: dict[str, Any]) -> str:
+    """The text of lab.json: strict JSON, every non-finite number written as null."""
+    return json.dumps(jsonable(lab), indent=2, allow_nan=False) + "\n"
 
 
 def print_verdict(entry: dict[str, Any], stream: TextIO) -> None:

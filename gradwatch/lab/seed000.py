@@ -35,6 +35,7 @@ from .core import (
     Experiment,
     RunResult,
     Verdict,
+    at_steps,
     deviating,
     fit,
     most_seeds,
@@ -110,9 +111,10 @@ def _gradwatch_dead(report: gradwatch.Report) -> float:
 
 
 def train_arm(experiment: str, variant: str, claim: str, seed: int, activation: str = "relu",
-              lr: float = LR, bias: float | None = None, bias_layers: tuple[int, ...] = (2,)
-              ) -> RunResult:
-    """Full-batch Adam + MSE for STEPS steps under gradwatch.watch, counting dead units.
+              lr: float = LR, bias: float | None = None, bias_layers: tuple[int, ...] = (2,),
+              steps: int = STEPS) -> RunResult:
+    """Full-batch Adam + MSE for ``steps`` (STEPS) steps under gradwatch.watch, counting dead
+    units.
 
     ``bias``, when given, is written into the bias of the Linear layers ``bias_layers`` right
     after the model is built (the rest is PyTorch's default init).
@@ -134,7 +136,7 @@ def train_arm(experiment: str, variant: str, claim: str, seed: int, activation: 
 
     handles = [layer.register_forward_hook(recorder(k)) for k, layer in enumerate(model.feeding)]
     try:
-        losses, report = fit(model, optimizer, x, y, STEPS)
+        losses, report = fit(model, optimizer, x, y, steps)
         with torch.no_grad():  # the state after the last update, on the whole data set
             model(x)
     finally:
@@ -163,8 +165,9 @@ def train_arm(experiment: str, variant: str, claim: str, seed: int, activation: 
 
 def _arm(experiment: str, variant: str, claim: str, **kwargs: object
          ) -> Callable[[int], RunResult]:
-    def run(seed: int = 0) -> RunResult:
-        return train_arm(experiment, variant, claim, seed, **kwargs)  # type: ignore[arg-type]
+    def run(seed: int = 0, steps: int = STEPS) -> RunResult:
+        return train_arm(experiment, variant, claim, seed, steps=steps,
+                         **kwargs)  # type: ignore[arg-type]
     run.__doc__ = f"{experiment}, arm {variant}: {kwargs}"
     return run
 
@@ -314,6 +317,19 @@ def _pre_activation_spread(r: ArmResults, arm: str) -> str:
     return f"std {_num(max(std))} at gradwatch's first measurement" if std else "small"
 
 
+def _dead_since(r: ArmResults, arm: str) -> str:
+    """`` from step 0``: since when gradwatch saw the most-dead site dead, on every seed
+    (``""`` when it reported no dying_relu)."""
+    since = []
+    for k in range(len(r[arm])):
+        f = r.finding(arm, "dying_relu", k)
+        sites = (f.evidence.get("sites") or [f.evidence]) if f is not None else []
+        if sites:
+            worst = max(sites, key=lambda s: s.get("dead_fraction", 0))
+            since.append(worst.get("dead_since_step", math.nan))
+    return f" from {at_steps(since)}" if since else ""
+
+
 def _judge_negative_bias(r: ArmResults) -> Verdict:
     broken, healthy = r.losses("relu_bias-3"), r.losses("relu_bias+0.1")
     dead = r.metric("relu_bias-3", "dead_fraction")
@@ -336,7 +352,8 @@ def _judge_negative_bias(r: ArmResults) -> Verdict:
         f"{revival}.",
         f"that layer's pre-activation is its bias plus a weighted sum of the first layer's "
         f"non-negative outputs, whose spread ({_pre_activation_spread(r, 'relu_bias-3')}) is "
-        f"far smaller than {-NEGATIVE_BIAS:g}: every unit is <= 0 for every sample from step 0, "
+        f"far smaller than {-NEGATIVE_BIAS:g}: every unit is <= 0 for every sample"
+        f"{_dead_since(r, 'relu_bias-3')}, "
         f"the layer outputs 0, the net's output is its last bias, and no gradient reaches the "
         f"layers below, whatever the learning rate. {_dying_text(r, 'relu_bias-3')}. "
         f"{_gradwatch_agrees(r, 'relu_bias-3')}.",

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -188,9 +188,10 @@ def _measure(model: DropoutBNNet, mode: str, x: torch.Tensor, y: torch.Tensor,
     }
 
 
-def train_arm(mode: str, seed: int) -> RunResult:
-    """Adam on mini-batches of 32 for 4 epochs under gradwatch.watch, validating after every
-    epoch the arm's way; then the measurements of :func:`_measure` on the trained model."""
+def train_arm(mode: str, seed: int, epochs: int = EPOCHS) -> RunResult:
+    """Adam on mini-batches of 32 for ``epochs`` (4) epochs under gradwatch.watch, validating
+    after every epoch the arm's way; then the measurements of :func:`_measure` on the trained
+    model."""
     torch.manual_seed(seed)
     x, y, xv, yv = task_data()
     model = DropoutBNNet()
@@ -199,7 +200,7 @@ def train_arm(mode: str, seed: int) -> RunResult:
     losses: list[float] = []
     val_loss: list[float] = []
     with gradwatch.watch(model, optimizer) as gw:
-        for _ in range(EPOCHS):
+        for _ in range(epochs):
             perm = torch.randperm(N_TRAIN)
             for i in range(0, N_TRAIN, BATCH):
                 rows = perm[i: i + BATCH]
@@ -252,6 +253,11 @@ def _gradwatch_text(r: ArmResults) -> str:
         f"{arm} ({clean[arm]} of {n} clean)" for arm in clean)
 
 
+def _zero_or(values: list[float], text: Callable[[list[float]], str] = spread) -> str:
+    """``0`` when every value measured is 0, else the values as ``text`` writes them."""
+    return "0" if all(v == 0 for v in values) else text(values)
+
+
 def _judge(r: ArmResults) -> Verdict:
     bad, good, graph = "no_grad_only", "eval_and_no_grad", "eval_only"
     differs = [v > SAME for v in r.metric(bad, "output_rel_diff")]
@@ -259,8 +265,9 @@ def _judge(r: ArmResults) -> Verdict:
               r.metric(graph, "output_rel_diff")]
     jitter = [v > SAME for v in r.metric(bad, "bn_batch_order_rel_diff")]
     stats_moved = [v > 0 for v in r.metric(bad, "bn_running_stats_change")]
-    stats_kept = [v == 0 for v in r.metric(good, "bn_running_stats_change") +
-                  r.metric(graph, "bn_running_stats_change")]
+    kept_change = r.metric(good, "bn_running_stats_change") + \
+        r.metric(graph, "bn_running_stats_change")
+    stats_kept = [v == 0 for v in kept_change]
     same_outputs = [v <= SAME for v in r.metric(graph, "rel_diff_from_eval")]
     memory = [g == 0 and e > 0 for g, e in zip(r.metric(good, "saved_bytes"),
                                                 r.metric(graph, "saved_bytes"), strict=True)]
@@ -276,6 +283,7 @@ def _judge(r: ArmResults) -> Verdict:
     range_bad = [hi - lo for hi, lo in zip(r.metric(bad, "val_accuracy_max"),
                                            r.metric(bad, "val_accuracy_min"), strict=True)]
     kib = [v / 1024 for v in r.metric(graph, "saved_bytes")]
+    kib_no_grad = [v / 1024 for v in r.metric(good, "saved_bytes")]
     batch1 = sum(v == 1.0 for v in r.metric(bad, "batch1_error"))
     n = len(acc_bad)
     summary = ("every part of the claim measured holds" if all(core) and most_seeds(blows_up) else
@@ -295,13 +303,15 @@ def _judge(r: ArmResults) -> Verdict:
         f"2 they differ from eval mode by {percent(r.metric(bad, 'batch2_bn_rel_diff_from_eval'))} "
         f"(accuracy with Dropout on: {percent(r.metric(bad, 'batch2_accuracy'))}); a batch of 1 "
         f"raises ValueError on {batch1} of {n} seeds; one evaluation pass moves the running "
-        f"statistics by {percent(r.metric(bad, 'bn_running_stats_change'))} (0 with "
-        f"model.eval(){deviating(stats_kept)}). Blow-up: the largest |output| in batches of 2 "
+        f"statistics by {percent(r.metric(bad, 'bn_running_stats_change'))} ("
+        f"{_zero_or(kept_change, percent)} with model.eval(){deviating(stats_kept)}). "
+        f"Blow-up: the largest |output| in batches of 2 "
         f"is {spread(ratio)} times eval mode's: "
         f"{'a blow-up' + deviating(blows_up) if most_seeds(blows_up) else 'none'}. no_grad: "
         f"model.eval() alone gives the same outputs as with torch.no_grad()"
         f"{deviating(same_outputs)}, but autograd keeps {spread(kib)} KiB per evaluation pass "
-        f"for a backward that never comes (0 under no_grad{deviating(memory)}).",
+        f"for a backward that never comes ({_zero_or(kib_no_grad, lambda v: spread(v) + ' KiB')}"
+        f" under no_grad{deviating(memory)}).",
         f"in training mode each Dropout(p={DROPOUT}) zeroes a fresh random {DROPOUT:.0%} of its "
         f"inputs on every call and scales the rest by 1/(1-p), and each BatchNorm normalises "
         f"with the mean and variance of the batch it is given, then mixes them into its "
@@ -313,7 +323,7 @@ def _judge(r: ArmResults) -> Verdict:
         f"model.eval() before evaluating and model.train() after, with torch.no_grad() "
         f"around it: identical outputs on every evaluation, accuracy "
         f"{percent(r.metric(good, 'val_accuracy'))}, running statistics untouched, no graph kept "
-        f"(0 bytes saved for backward).")
+        f"({_zero_or(r.metric(good, 'saved_bytes'))} bytes saved for backward).")
 
 
 _SETUP = (f"(Linear -> BatchNorm1d -> ReLU -> Dropout({DROPOUT})) x 2 -> Linear({HIDDEN}, "
@@ -322,16 +332,25 @@ _SETUP = (f"(Linear -> BatchNorm1d -> ReLU -> Dropout({DROPOUT})) x 2 -> Linear(
           f"{N_TRAIN} training and {N_VAL} held-out points, generator seed {DATA_SEED}); Adam "
           f"lr {LR:g}, batches of {BATCH}, {EPOCHS} epochs ({EPOCHS * N_TRAIN // BATCH} steps), "
           f"a validation pass in batches of {VAL_BATCH} after every epoch")
+
+
+def _runner(mode: str) -> Callable[..., RunResult]:
+    def run(seed: int = 0, epochs: int = EPOCHS) -> RunResult:
+        return train_arm(mode, seed, epochs)
+    run.__doc__ = f"{EXP}, arm {mode}: train_arm({mode!r}, seed, epochs)"
+    return run
+
+
 _ARMS = (
     Arm("no_grad_only", CLAIMS["no_grad_only"],
         _SETUP + "; validation: with torch.no_grad(): model(x), without model.eval().",
-        lambda seed=0: train_arm("no_grad_only", seed)),
+        _runner("no_grad_only")),
     Arm("eval_and_no_grad", CLAIMS["eval_and_no_grad"],
         _SETUP + "; validation: model.eval(), with torch.no_grad(): model(x), then "
-        "model.train().", lambda seed=0: train_arm("eval_and_no_grad", seed), role="repair"),
+        "model.train().", _runner("eval_and_no_grad"), role="repair"),
     Arm("eval_only", CLAIMS["eval_only"],
         _SETUP + "; validation: model.eval(), model(x) with gradients on, then model.train().",
-        lambda seed=0: train_arm("eval_only", seed)),
+        _runner("eval_only")),
 )
 EXPERIMENTS: tuple[Experiment, ...] = (
     Experiment(EXP, "seed 001", "Evaluation: model.eval() vs torch.no_grad()",

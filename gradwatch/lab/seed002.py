@@ -24,7 +24,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from .core import Arm, ArmResults, Experiment, RunResult, Verdict, depth_ratio, fit, spread
+from .core import (
+    Arm,
+    ArmResults,
+    Experiment,
+    RunResult,
+    Verdict,
+    at_steps,
+    depth_ratio,
+    fit,
+    run_length,
+    spread,
+)
 
 __all__ = [
     "CONSTANT_PREDICTION_LOSS",
@@ -42,6 +53,8 @@ __all__ = [
 INPUT_SIZE = 1
 HIDDEN_SIZE = 10
 NUM_LAYERS = 10
+EPOCHS = 500  # experiments 1 and 3, as the seed writes them
+EPOCHS_LARGE_INIT = 50  # experiment 2
 
 
 def seed_data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,18 +122,18 @@ CLAIM_SIGMOID = ("the sigmoid network suffers from vanishing gradients: its loss
 CLAIM_RELU = "the ReLU network avoids vanishing gradients: its loss falls fast"
 
 
-def sigmoid_default_init(seed: int = 0) -> RunResult:
-    """Experiment 1, sigmoid arm: default init, SGD lr 0.01, 500 epochs."""
+def sigmoid_default_init(seed: int = 0, steps: int = EPOCHS) -> RunResult:
+    """Experiment 1, sigmoid arm: default init, SGD lr 0.01, 500 epochs (``steps``)."""
     torch.manual_seed(seed)
     model = DeepNet(nn.Sigmoid)
-    return _train(EXP1, "sigmoid", CLAIM_SIGMOID, model, lr=0.01, epochs=500)
+    return _train(EXP1, "sigmoid", CLAIM_SIGMOID, model, lr=0.01, epochs=steps)
 
 
-def relu_default_init(seed: int = 0) -> RunResult:
-    """Experiment 1, ReLU arm: default init, SGD lr 0.01, 500 epochs."""
+def relu_default_init(seed: int = 0, steps: int = EPOCHS) -> RunResult:
+    """Experiment 1, ReLU arm: default init, SGD lr 0.01, 500 epochs (``steps``)."""
     torch.manual_seed(seed)
     model = DeepNet(nn.ReLU)
-    return _train(EXP1, "relu", CLAIM_RELU, model, lr=0.01, epochs=500)
+    return _train(EXP1, "relu", CLAIM_RELU, model, lr=0.01, epochs=steps)
 
 
 # --- 2. N(0, 10) weights, without vs with clipping ------------------------------------------
@@ -131,18 +144,18 @@ CLAIM_CLIP = ("with clip_grad_norm_(max_norm=10) training is relatively stable a
               "decreases gradually")
 
 
-def large_init_no_clip(seed: int = 0) -> RunResult:
+def large_init_no_clip(seed: int = 0, steps: int = EPOCHS_LARGE_INIT) -> RunResult:
     """Experiment 2, no clipping: all weights N(0, 10), ReLU, SGD lr 0.1, 50 epochs."""
     torch.manual_seed(seed)
     model = DeepNet(nn.ReLU, init=_normal_std10)
-    return _train(EXP2, "no_clip", CLAIM_NO_CLIP, model, lr=0.1, epochs=50)
+    return _train(EXP2, "no_clip", CLAIM_NO_CLIP, model, lr=0.1, epochs=steps)
 
 
-def large_init_clip(seed: int = 0) -> RunResult:
+def large_init_clip(seed: int = 0, steps: int = EPOCHS_LARGE_INIT) -> RunResult:
     """Experiment 2, with clip_grad_norm_(max_norm=10) between backward() and step()."""
     torch.manual_seed(seed)
     model = DeepNet(nn.ReLU, init=_normal_std10)
-    return _train(EXP2, "clip10", CLAIM_CLIP, model, lr=0.1, epochs=50, max_norm=10)
+    return _train(EXP2, "clip10", CLAIM_CLIP, model, lr=0.1, epochs=steps, max_norm=10)
 
 
 # --- 3. Xavier vs Kaiming ---------------------------------------------------------------
@@ -153,30 +166,30 @@ CLAIM_KAIMING = ("Kaiming init is made for ReLU: it keeps the variance after eac
                  "stabilises gradients and eases vanishing gradients in deep networks")
 
 
-def xavier_uniform_relu(seed: int = 0) -> RunResult:
+def xavier_uniform_relu(seed: int = 0, steps: int = EPOCHS) -> RunResult:
     """Experiment 3, Xavier arm: xavier_uniform_ weights, ReLU, SGD lr 0.01, 500 epochs."""
     torch.manual_seed(seed)
     model = DeepNet(nn.ReLU, init=nn.init.xavier_uniform_)
-    return _train(EXP3, "xavier", CLAIM_XAVIER, model, lr=0.01, epochs=500)
+    return _train(EXP3, "xavier", CLAIM_XAVIER, model, lr=0.01, epochs=steps)
 
 
-def kaiming_uniform_relu(seed: int = 0) -> RunResult:
+def kaiming_uniform_relu(seed: int = 0, steps: int = EPOCHS) -> RunResult:
     """Experiment 3, Kaiming arm: kaiming_uniform_ weights (defaults), ReLU, lr 0.01, 500."""
     torch.manual_seed(seed)
     model = DeepNet(nn.ReLU, init=nn.init.kaiming_uniform_)
-    return _train(EXP3, "kaiming", CLAIM_KAIMING, model, lr=0.01, epochs=500)
+    return _train(EXP3, "kaiming", CLAIM_KAIMING, model, lr=0.01, epochs=steps)
 
 
-def kaiming_small_lr(seed: int = 0) -> RunResult:
+def kaiming_small_lr(seed: int = 0, steps: int = EPOCHS_LARGE_INIT) -> RunResult:
     """Repair of experiment 2: Kaiming-uniform instead of N(0, 10), lr 0.01, 50 epochs."""
     torch.manual_seed(seed)
     model = DeepNet(nn.ReLU, init=nn.init.kaiming_uniform_)
-    return _train(EXP2, "kaiming_lr0.01", "", model, lr=0.01, epochs=50)
+    return _train(EXP2, "kaiming_lr0.01", "", model, lr=0.01, epochs=steps)
 
 
 def _kaiming_repair_arm(experiment: str) -> Callable[[int], RunResult]:
-    def run(seed: int = 0) -> RunResult:
-        result = kaiming_uniform_relu(seed)
+    def run(seed: int = 0, steps: int = EPOCHS) -> RunResult:
+        result = kaiming_uniform_relu(seed, steps)
         return RunResult(experiment, "relu_kaiming", "", result.final_loss, result.losses,
                          result.report)
     run.__doc__ = "The ReLU arm with Kaiming-uniform init (experiment 3's), as the repair."
@@ -202,6 +215,15 @@ def _first_ratio(results: ArmResults, arm: str) -> str:
         if ratio is not None else "vanishing"
 
 
+def _init_ratio(result: RunResult) -> float:
+    """Median over the layers of the measured init std / the recommended (Kaiming or
+    Xavier) std, from the report's facts (NaN when not measured)."""
+    layers = result.report.to_dict()["facts"].get("layers", {})
+    ratios = [(info.get("init_scale") or {}).get("ratio") for info in layers.values()]
+    ratios = [v for v in ratios if isinstance(v, (int, float))]
+    return float(np.median(ratios)) if ratios else math.nan
+
+
 def _judge_sigmoid_vs_relu(r: ArmResults) -> Verdict:
     sig, relu, fix = r.losses("sigmoid"), r.losses("relu"), r.losses("relu_kaiming")
     sig_stalls, relu_stalls = all(_stalled(sig)), all(_stalled(relu))
@@ -209,9 +231,11 @@ def _judge_sigmoid_vs_relu(r: ArmResults) -> Verdict:
     verdict = "holds" if sig_stalls and relu_learns else \
         "partly" if sig_stalls or relu_learns else "does not hold"
     dead = r.finding("relu", "dying_relu")
+    since = [s.get("dead_since_step", math.nan) for s in
+             (dead.evidence.get("sites") or [dead.evidence] if dead is not None else [])]
     dead_text = (f"; {dead.evidence['dead_fraction_min'] * 100:.0f}-"
                  f"{dead.evidence['dead_fraction_max'] * 100:.0f}% of the units of each ReLU "
-                 f"layer are dead from step 0" if dead is not None and
+                 f"layer are dead from {at_steps(since)}" if dead is not None and
                  "dead_fraction_min" in dead.evidence else "")
     return Verdict(
         verdict,
@@ -220,10 +244,11 @@ def _judge_sigmoid_vs_relu(r: ArmResults) -> Verdict:
         f"{'both nets stall' if sig_stalls and relu_stalls else 'see the numbers'}.",
         f"both gradients vanish towards the input (sigmoid: {_first_ratio(r, 'sigmoid')}; "
         f"ReLU: {_first_ratio(r, 'relu')}). PyTorch's default Linear init draws weights at "
-        f"about 0.4x the Kaiming std, so every layer shrinks the signal; with ReLU that is "
+        f"about {spread([_init_ratio(run) for run in r['relu']], 2)}x the Kaiming std, so "
+        f"every layer shrinks the signal; with ReLU that is "
         f"not compensated{dead_text}. The activation alone does not decide it: the init does.",
         f"the same ReLU net with Kaiming-uniform init learns: loss {spread(fix)} after the same "
-        f"500 epochs.")
+        f"{run_length(r)} epochs.")
 
 
 def _forward_gain(result: RunResult) -> float:
@@ -244,12 +269,15 @@ def _judge_large_init(r: ArmResults) -> Verdict:
     clip_helps = all(math.isfinite(v) and v < 0.5 * f0 for v, f0 in zip(clip, first, strict=True))
     verdict = "holds" if exploded and clip_helps else \
         "partly" if exploded or clip_helps else "does not hold"
+    nan_from = [next((i for i, v in enumerate(run.losses) if not math.isfinite(v)), math.nan)
+                for run in r["no_clip"]]
     plateau = r.finding("clip10", "loss_plateau")
     zeroed = plateau is not None and any(c.id == "clipping_on_infinite_norm"
                                          for c in plateau.causes)
     return Verdict(
         verdict,
-        f"without clipping the loss starts at {spread(first)} and is NaN from step 1 "
+        f"without clipping the loss starts at {spread(first)} and is NaN from "
+        f"{at_steps(nan_from)} "
         f"({'every seed' if exploded else 'not every seed'}); with clip_grad_norm_(10) it "
         f"stays at {spread(clip)}: {'frozen, not decreasing' if frozen else 'see the numbers'}.",
         f"the very first forward pass already overflows: N(0, 10) weights multiply the "
@@ -260,11 +288,12 @@ def _judge_large_init(r: ArmResults) -> Verdict:
            "clipping_on_infinite_norm). " if zeroed else "")
         + "Clipping cannot repair a forward pass that has already overflowed.",
         f"re-initialising with Kaiming-uniform (lr 0.01, no clipping) trains: loss "
-        f"{spread(fix)} after the same 50 epochs.")
+        f"{spread(fix)} after the same {run_length(r)} epochs.")
 
 
 def _judge_xavier_kaiming(r: ArmResults) -> Verdict:
     xav, kai = r.losses("xavier"), r.losses("kaiming")
+    start = {arm: [run.losses[0] for run in r[arm]] for arm in ("xavier", "kaiming")}
     ratios = {arm: [depth_ratio(run.report) for run in r[arm]] for arm in ("xavier", "kaiming")}
     learn = [v < 0.1 * CONSTANT_PREDICTION_LOSS for v in xav + kai]
     problems = {k for arm in ("xavier", "kaiming") for kinds in r.kinds(arm) for k in kinds}
@@ -273,12 +302,13 @@ def _judge_xavier_kaiming(r: ArmResults) -> Verdict:
     return Verdict(
         verdict,
         f"Xavier-uniform ends at loss {spread(xav)}, Kaiming-uniform at {spread(kai)} "
-        f"(from about 17-23); gradwatch finds "
+        f"(from {spread(start['xavier'])} and {spread(start['kaiming'])} at the first step); "
+        f"gradwatch finds "
         f"{'no warning or error in either' if not problems else ', '.join(sorted(problems))}.",
-        f"both keep the signal's scale through the 10 ReLU layers: the first layer gets "
-        f"{spread(ratios['xavier'], 2)} (Xavier) and {spread(ratios['kaiming'], 2)} (Kaiming) "
-        f"of the last layer's gradient norm (median over the run), against 2e-4 with the "
-        f"default init. Kaiming's std is sqrt(2) times Xavier's for these 10x10 layers, which "
+        f"both keep the signal's scale through the {NUM_LAYERS} ReLU layers: the first layer "
+        f"gets {spread(ratios['xavier'], 2)} (Xavier) and {spread(ratios['kaiming'], 2)} "
+        f"(Kaiming) of the last layer's gradient norm (median over the run). Kaiming's std "
+        f"is sqrt(2) times Xavier's for these {HIDDEN_SIZE}x{HIDDEN_SIZE} layers, which "
         f"ReLU's halving of the variance calls for.",
         "no repair needed; Kaiming-uniform is the init to use with ReLU.")
 

@@ -27,7 +27,17 @@ from torch import nn
 import gradwatch
 from gradwatch.thresholds import Thresholds
 
-from .core import Arm, ArmResults, Experiment, RunResult, Verdict, fit, spread
+from .core import (
+    Arm,
+    ArmResults,
+    Experiment,
+    RunResult,
+    Verdict,
+    fit,
+    n_steps,
+    run_length,
+    spread,
+)
 
 __all__ = [
     "CONSTANT_PREDICTION_LOSS",
@@ -99,8 +109,8 @@ def _total_norm(model: nn.Module) -> float:
 
 def _train(experiment: str, variant: str, claim: str, model: nn.Module, lr: float,
            max_norm: float | None = None, early_median: bool = False,
-           detail_every: int = 16) -> RunResult:
-    """Full-batch MSE with plain SGD for ``STEPS`` steps under gradwatch.watch.
+           detail_every: int = 16, steps: int = STEPS) -> RunResult:
+    """Full-batch MSE with plain SGD for ``steps`` (STEPS) steps under gradwatch.watch.
 
     ``max_norm``: ``clip_grad_norm_`` at that threshold before every step. ``early_median``:
     no clipping on the first ``BASELINE_STEPS`` steps, then clipping at the median total
@@ -125,7 +135,7 @@ def _train(experiment: str, variant: str, claim: str, model: nn.Module, lr: floa
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=threshold)
             clipped += int(not float(norm) <= threshold)  # NaN/Inf norms count too
 
-    losses, report = fit(model, optimizer, x, y, STEPS, before_step=clip,
+    losses, report = fit(model, optimizer, x, y, steps, before_step=clip,
                          detail_every=detail_every)
     metrics = _metrics(report, losses)
     if max_norm is not None or early_median:
@@ -176,27 +186,28 @@ CLAIM_CLIP = ("when the slope exceeds a value such as 15, setting it to 15 "
               "(clip_grad_norm_(max_norm=15)) is the remedy")
 
 
-def tanh_rnn_high_lr(seed: int = 0) -> RunResult:
-    """Experiment 1, no clipping: tanh RNN, default init, SGD lr 0.25."""
+def tanh_rnn_high_lr(seed: int = 0, steps: int = STEPS) -> RunResult:
+    """Experiment 1, no clipping: tanh RNN, default init, SGD lr 0.35."""
     return _train(EXP1, "no_clip", CLAIM_NO_CLIP, _model("tanh", seed), lr=HIGH_LR,
-                  detail_every=1)
+                  detail_every=1, steps=steps)
 
 
-def tanh_rnn_clip15(seed: int = 0) -> RunResult:
+def tanh_rnn_clip15(seed: int = 0, steps: int = STEPS) -> RunResult:
     """Experiment 1, clip_grad_norm_(max_norm=15) before every step."""
     return _train(EXP1, "clip15", CLAIM_CLIP, _model("tanh", seed), lr=HIGH_LR,
-                  max_norm=SEED_CLIP, detail_every=1)
+                  max_norm=SEED_CLIP, detail_every=1, steps=steps)
 
 
-def tanh_rnn_clip_early_median(seed: int = 0) -> RunResult:
+def tanh_rnn_clip_early_median(seed: int = 0, steps: int = STEPS) -> RunResult:
     """Repair: clip at the median gradient norm of the first 5 steps (gradwatch's advice)."""
     return _train(EXP1, "clip_early_median", "", _model("tanh", seed), lr=HIGH_LR,
-                  early_median=True, detail_every=1)
+                  early_median=True, detail_every=1, steps=steps)
 
 
-def tanh_rnn_low_lr(seed: int = 0) -> RunResult:
+def tanh_rnn_low_lr(seed: int = 0, steps: int = STEPS) -> RunResult:
     """Repair: the same RNN without clipping at lr 0.05."""
-    return _train(EXP1, "lr0.05", "", _model("tanh", seed), lr=LOW_LR, detail_every=1)
+    return _train(EXP1, "lr0.05", "", _model("tanh", seed), lr=LOW_LR, detail_every=1,
+                  steps=steps)
 
 
 # --- 2. ReLU vs tanh (and a sigmoid-gated LSTM) at one learning rate ------------------------
@@ -206,19 +217,19 @@ CLAIM_TANH = ("the explosion does not come from the sigmoid/tanh activation: the
 CLAIM_RELU = "with ReLU instead of sigmoid/tanh the RNN usually does worse"
 
 
-def tanh_rnn(seed: int = 0) -> RunResult:
+def tanh_rnn(seed: int = 0, steps: int = STEPS) -> RunResult:
     """Experiment 2, tanh arm: default init, SGD lr 0.1."""
-    return _train(EXP2, "tanh", CLAIM_TANH, _model("tanh", seed), lr=COMPARE_LR)
+    return _train(EXP2, "tanh", CLAIM_TANH, _model("tanh", seed), lr=COMPARE_LR, steps=steps)
 
 
-def relu_rnn(seed: int = 0) -> RunResult:
+def relu_rnn(seed: int = 0, steps: int = STEPS) -> RunResult:
     """Experiment 2, ReLU arm: nn.RNN(nonlinearity='relu'), default init, SGD lr 0.1."""
-    return _train(EXP2, "relu", CLAIM_RELU, _model("relu", seed), lr=COMPARE_LR)
+    return _train(EXP2, "relu", CLAIM_RELU, _model("relu", seed), lr=COMPARE_LR, steps=steps)
 
 
-def lstm(seed: int = 0) -> RunResult:
+def lstm(seed: int = 0, steps: int = STEPS) -> RunResult:
     """Experiment 2, repair: nn.LSTM (sigmoid gates, tanh cell), default init, lr 0.1."""
-    return _train(EXP2, "lstm", "", _model("lstm", seed), lr=COMPARE_LR)
+    return _train(EXP2, "lstm", "", _model("lstm", seed), lr=COMPARE_LR, steps=steps)
 
 
 # --- judges ---------------------------------------------------------------------------
@@ -250,6 +261,13 @@ def _causes(r: ArmResults, arm: str, kind: str) -> list[str]:
     return sorted(ids)
 
 
+def _flipped_steps(run: RunResult) -> int:
+    """Steps on which the first timestep got at least the last one's gradient."""
+    return sum(1 for m in run.report.series["through_time"].values()
+               for v in m["ratio_first_to_last_timestep"]
+               if v is not None and math.isfinite(v) and v >= 1)
+
+
 def _judge_clipping(r: ArmResults) -> Verdict:
     no_clip, clip = r["no_clip"], r["clip15"]
     exploded = [_diverged(run) and bool({"exploding_gradient", "nonfinite"} & kinds)
@@ -273,7 +291,8 @@ def _judge_clipping(r: ArmResults) -> Verdict:
         f"loss ends at {spread(r.losses('clip15'))} (best "
         f"{spread(r.metric('clip15', 'best_loss'))}; predicting the mean scores "
         f"{CONSTANT_PREDICTION_LOSS:.2f}): it learned on {_count(clip_learns)}. Clipping was "
-        f"active on {spread(r.metric('clip15', 'clipped_steps'))} of {STEPS} steps.")
+        f"active on {spread(r.metric('clip15', 'clipped_steps'))} of {run_length(r, 'clip15')} "
+        f"steps.")
     kinds = r.kinds("no_clip")
     flagged = _count(["exploding_gradient" in k for k in kinds])
     causes = _causes(r, "no_clip", "exploding_gradient")
@@ -282,10 +301,12 @@ def _judge_clipping(r: ArmResults) -> Verdict:
     flips = [p >= 1 for p in peak]
     through = _count([_time_finding(run, "exploding_gradient") is not None for run in no_clip])
     if any(flips):
+        flipped = [_flipped_steps(run) for run in no_clip]
         cliff = (
             f"The spike is a cliff through time: on most steps the first of {LENGTH} timesteps "
             f"gets {median} of the last one's gradient, but at the spike up to "
-            f"{spread(peak, 2)}x it (>= 1 on {_count(flips)}): for a step or two the recurrent "
+            f"{spread(peak, 2)}x it (>= 1 on {_count(flips)}): for "
+            f"{n_steps([n for n in flipped if n > 0])} the recurrent "
             f"weights, moved by the large updates, amplify the gradient going back in time "
             f"instead of shrinking it (too briefly for gradwatch's through-time explosion "
             f"finding, which wants a ratio above "
