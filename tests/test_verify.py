@@ -49,6 +49,7 @@ def verified(report: dict[str, Any], kind: str, remedy_id: str) -> dict[str, Any
     return next(r["verified"] for r in remedies_of(report, kind) if r["id"] == remedy_id)
 
 
+@pytest.mark.slow  # re-runs the script in several processes
 def test_kaiming_init_is_verified_to_fix_the_stalled_relu_net(tmp_path: Path) -> None:
     # SEEDS.md section 6, experiment 1 as written (ReLU, default init, lr 0.01, 500 epochs).
     report, stderr, script = verify_run(tmp_path, "--epochs", "500", "--budget", "500",
@@ -90,6 +91,7 @@ def test_kaiming_init_is_verified_to_fix_the_stalled_relu_net(tmp_path: Path) ->
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "train.py"]
 
 
+@pytest.mark.slow  # re-runs the script in several processes
 def test_seed_overflowing_net_needs_reinit_and_a_lower_rate_and_clipping_cannot_help(
         tmp_path: Path) -> None:
     # SEEDS.md section 6, experiment 2 as written: every weight N(0, 10), lr 0.1, 50 epochs.
@@ -166,6 +168,7 @@ def child_run(tmp_path: Path, script: str, *flags: str) -> tuple[dict[str, Any],
     return json.loads(out.read_text()), proc.stdout
 
 
+@pytest.mark.slow  # re-runs the script in several processes
 def test_child_runs_stop_hand_updated_scripts_and_swap_the_optimizer_after_its_first_step(
         tmp_path: Path) -> None:
     # Weights updated by hand (no optimizer): the re-run still stops at its step budget.
@@ -191,6 +194,7 @@ def test_child_runs_stop_hand_updated_scripts_and_swap_the_optimizer_after_its_f
     assert sgd[5] != adam[5]
 
 
+@pytest.mark.slow  # re-runs the script in several processes
 def test_a_script_without_a_seed_is_verified_over_repeats(tmp_path: Path) -> None:
     # Re-runs as processes of their own here (the fallback without a fork server).
     report, stderr, _ = verify_run(tmp_path, "--no-seed", "--epochs", "20", "--budget", "20",

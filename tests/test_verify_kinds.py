@@ -76,6 +76,7 @@ def script_data(name: str, maker: str, n: int) -> tuple[torch.Tensor, torch.Tens
     return make(n)
 
 
+@pytest.mark.slow  # re-runs the script in several processes
 def test_positive_bias_revives_units_dead_from_a_negative_bias(tmp_path: Path) -> None:
     name = "train_dead_bias.py"
     report, stderr, script = verify_run(tmp_path, name, "--budget", "80", "--sparse-layers",
@@ -119,6 +120,7 @@ def test_positive_bias_revives_units_dead_from_a_negative_bias(tmp_path: Path) -
     assert_untouched(tmp_path, script, name)
 
 
+@pytest.mark.slow  # re-runs the script in several processes
 def test_standardising_raw_features_fixes_the_exploding_regression(tmp_path: Path) -> None:
     name = "train_unscaled.py"
     # Every remedy the exploding gradient's finding offers that gradwatch can apply, and the
@@ -165,6 +167,7 @@ def test_standardising_raw_features_fixes_the_exploding_regression(tmp_path: Pat
     assert_untouched(tmp_path, script, name)
 
 
+@pytest.mark.slow  # re-runs the script in several processes
 def test_standardising_raw_features_revives_the_saturated_tanh_layer(tmp_path: Path) -> None:
     name = "train_unscaled.py"
     report, stderr, script = verify_run(tmp_path, name, "--act", "tanh")
@@ -187,6 +190,7 @@ def test_standardising_raw_features_revives_the_saturated_tanh_layer(tmp_path: P
     assert_untouched(tmp_path, script, name)
 
 
+@pytest.mark.slow  # re-runs the script in several processes
 def test_eval_for_no_grad_forwards_fixes_the_forgotten_model_eval(tmp_path: Path) -> None:
     name = "train_forgot_eval.py"
     report, stderr, script = verify_run(tmp_path, name, "--epochs", "10")
