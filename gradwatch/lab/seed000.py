@@ -209,6 +209,15 @@ def _gradwatch_agrees(r: ArmResults, arm: str) -> str:
                f"differs from the direct count ({percent(own)})"))
 
 
+def _first_update(r: ArmResults, arm: str, layer: str = "2") -> list[float]:
+    """Per seed: the first step's update / weight norm of ``layer`` (the second Linear)."""
+    out = []
+    for run in r[arm]:
+        ratios = run.report.series["update_ratio"].get(layer) or [None]
+        out.append(math.nan if ratios[0] is None else float(ratios[0]))
+    return out
+
+
 def _findings_count(r: ArmResults, arm: str, kind: str) -> int:
     return sum(kind in k for k in r.kinds(arm))
 
@@ -278,9 +287,12 @@ def _judge_high_lr(r: ArmResults) -> Verdict:
         f"{percent(r.metric('relu_lr0.3', 'peak_dead_fraction'))}) against {percent(dead_ctrl)} at "
         f"lr {LR:g}{deviating(kills)}; its loss ends at {spread(high)} against {spread(ctrl)}"
         f"{deviating(worse)}; {revival}.",
-        f"Adam's first updates at lr {LR_HIGH:g} move each weight by about {LR_HIGH:g}, more "
-        f"than the weights' own scale (default init bound 1/sqrt(fan_in) = "
-        f"{1 / math.sqrt(HIDDEN):.2f} for the second layer): the loss jumps (gradwatch: "
+        f"Adam's first update at lr {LR_HIGH:g} moves the second layer's weights by "
+        f"{spread(_first_update(r, 'relu_lr0.3'))}x their own norm (gradwatch's update/weight "
+        f"ratio at step 0): Adam steps each weight by about the learning rate whatever the "
+        f"gradient's size, more than the weights' own scale (default init bound "
+        f"1/sqrt(fan_in) = {1 / math.sqrt(HIDDEN):.2f} for the second layer): the loss jumps "
+        f"(gradwatch: "
         f"loss_divergence on {jumps['relu_lr0.3']} of {n} seeds) and the second layer's biases "
         f"and weights are pushed to where most units are <= 0 for every sample; those output 0, "
         f"get no gradient, and only changes of the first layer can bring one back. "
