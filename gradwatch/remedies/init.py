@@ -132,22 +132,24 @@ def _bias_model(model: nn.Module, params: dict[str, Any], changes: list[str]) ->
                        f"to {fmt(value)}")
 
 
-def _kaiming_code(p: dict[str, Any]) -> str:
-    act = p.get("nonlinearity", "relu")
+def _init_code(call: str) -> str:
+    """Code that re-initialises every weight layer's weight with ``call`` (on ``m.weight``)
+    and zeroes its bias."""
     return ("for m in model.modules():\n"
             f"    if isinstance(m, {LAYERS_CODE}):\n"
-            f"        nn.init.kaiming_normal_(m.weight, nonlinearity=\"{act}\")\n"
+            f"        {call}\n"
             "        if m.bias is not None:\n"
             "            nn.init.zeros_(m.bias)")
+
+
+def _kaiming_code(p: dict[str, Any]) -> str:
+    act = p.get("nonlinearity", "relu")
+    return _init_code(f"nn.init.kaiming_normal_(m.weight, nonlinearity=\"{act}\")")
 
 
 def _xavier_code(p: dict[str, Any]) -> str:
     act = p.get("nonlinearity", "tanh")
-    return ("for m in model.modules():\n"
-            f"    if isinstance(m, {LAYERS_CODE}):\n"
-            f"        nn.init.xavier_normal_(m.weight, gain=nn.init.calculate_gain(\"{act}\"))\n"
-            "        if m.bias is not None:\n"
-            "            nn.init.zeros_(m.bias)")
+    return _init_code(f"nn.init.xavier_normal_(m.weight, gain=nn.init.calculate_gain(\"{act}\"))")
 
 
 def _bias_layers(p: dict[str, Any]) -> list[str]:
