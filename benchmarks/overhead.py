@@ -244,7 +244,7 @@ def run_case(case: Case, variant: str, options: dict[str, Any], steps: int, repe
                         timed(step, k)
                     done[kind] += 1
         # Device buffers (sync_every rows of statistics) live on the monitor until close.
-        buffers = getattr(gw.monitor, "_buf", {})
+        buffers = gw.monitor.buffers.buf
         device_bytes = sum(b.element_size() * b.numel() for b in buffers.values())
         closing = time.perf_counter()
     attach += time.perf_counter() - closing
