@@ -133,9 +133,12 @@ ENTRIES = [
     RemedyEntry(
         "lower_learning_rate",
         lambda p: (f"lower the learning rate from {p['old_lr']} to {p['lr']}"
-                   + (f" ({p['factor']}x: the updates measured while the gradients blew up, "
-                      f"{p['measured']} of the weights, are sized by the gradients, so the "
-                      f"rate is cut by a fixed step, not to match them)" if p.get("capped")
+                   + (f" ({p['factor']}x; --verify tries lower rates in steps, 10x, 100x and "
+                      f"the optimizer's default, from the mildest, when the rate the "
+                      f"measured updates call for does not repair the run)" if p.get("ladder")
+                      else f" ({p['factor']}x: the updates measured while the gradients blew "
+                      f"up, {p['measured']} of the weights, are sized by the gradients, so "
+                      f"the rate is cut by a fixed step, not to match them)" if p.get("capped")
                       else f": that brings the measured update size ({p['measured']} of the "
                       f"weights) near {p['target']} per step")),
         lambda p: ("for group in optimizer.param_groups:\n"

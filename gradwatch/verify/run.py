@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import inspect
 import os
 import tempfile
 import time
@@ -10,13 +11,31 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..remedies import CATALOGUE, refuses
 from ..report import Report
 from .launch import Job, VerifySettings, run_job
-from .search import asked, candidate_key, pairs, remedy_parts
+from .search import asked, candidate_key, next_round, remedy_parts
 from .verdict import WINDOW, Outcome, Parts, deterministic, rank, verdict
 
-__all__ = ["VerifySettings", "verify_report"]
+__all__ = ["MAX_ROUNDS", "VerifySettings", "verify_report"]
+
+#: Rounds of the search after the single remedies: lower rates, pairs, then pairs of what
+#: still did not repair a finding.
+MAX_ROUNDS = 3
+
+
+def _default_lr(report: Any) -> float | None:
+    """The default learning rate of the run's (first) optimizer class, from its signature
+    in torch.optim: the last rung of the learning-rate ladder."""
+    optimizers = (report.to_dict().get("facts") or {}).get("optimizers") or []
+    cls = getattr(torch.optim, optimizers[0]["type"], None) if optimizers else None
+    try:
+        default = inspect.signature(cls).parameters["lr"].default if cls else None
+    except (TypeError, ValueError, KeyError):
+        return None
+    return float(default) if isinstance(default, (int, float)) else None
 
 
 class _Pass:
@@ -122,12 +141,18 @@ def verify_report(report: Any, script: str | os.PathLike[str], args: Sequence[st
             if repeats > 1:
                 runs.run({"baseline": (), **candidates}, repeats, first=1, say=say)
             results.update(runs.results)
-            if settings.combine and base.status == "ok":
-                combos = pairs(problems, candidates, results, steps, settings)
-            if combos:
-                say(f"verify: {len(combos)} pairs of remedies where no single one settled "
-                    "a finding")
-                runs.run(combos, repeats, say=say)
+            default_lr = _default_lr(report)
+            for _ in range(MAX_ROUNDS if settings.combine and base.status == "ok" else 0):
+                if time.monotonic() >= deadline:
+                    break
+                batch = next_round(problems, {**candidates, **combos}, results, steps,
+                                   settings, default_lr)
+                if not batch:
+                    break
+                say(f"verify: {len(batch)} more re-run(s) for what no re-run repaired yet: "
+                    + ", ".join("+".join(rid for rid, _ in parts) for parts in batch.values()))
+                combos.update(batch)
+                runs.run(batch, repeats, say=say)
                 results.update(runs.results)
     base_runs = results.get("baseline", [])
     for finding in problems:

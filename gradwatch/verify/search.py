@@ -1,5 +1,6 @@
-"""Which re-runs a ``--verify`` pass makes: the remedies gradwatch can apply itself, and pairs
-of remedies where no single one settles a finding."""
+"""Which re-runs a ``--verify`` pass makes: the remedies gradwatch can apply itself, then,
+round after round for the findings no re-run has repaired yet, lower learning rates and
+pairs of remedies, until one repairs each finding or nothing is left to try."""
 
 from __future__ import annotations
 
@@ -8,14 +9,15 @@ import json
 from typing import Any
 
 from ..findings import Remedy
-from ..remedies import CATALOGUE, refuses
+from ..judge.advice import round_sig
+from ..remedies import CATALOGUE, describe, refuses
 from .launch import VerifySettings
 from .verdict import Outcome, Parts, rank, solved, verdict
 
-__all__ = ["PAIRS_PER_FINDING", "PAIRS_PER_PASS", "asked", "candidate_key", "pairs",
-           "remedy_parts"]
+__all__ = ["COMPATIBLE", "LADDER", "PAIRS_PER_FINDING", "PAIRS_PER_PASS", "asked",
+           "candidate_key", "next_round", "remedy_parts"]
 
-#: At most this many pairs per finding, and per pass.
+#: At most this many new candidates per finding, and per round.
 PAIRS_PER_FINDING = 3
 PAIRS_PER_PASS = 6
 
@@ -48,57 +50,143 @@ def asked(settings: VerifySettings, parts: Parts) -> bool:
     return settings.only is None or all(rid in settings.only for rid, _ in parts)
 
 
-def combined_remedy(first: Any, second: dict[str, Any]) -> Any:
-    """A report remedy for ``first`` and the re-run's follow-up ``second`` applied together."""
+def combined_remedy(first: Any, second: dict[str, Any], reason: str | None = None) -> Remedy:
+    """A report remedy for ``first`` and ``second`` applied together: the re-run's
+    follow-up (``reason`` None) or a remedy that belongs with it."""
     parts = [{"id": first.id, "params": remedy_params(first)},
              {"id": second["id"], "params": dict(second.get("params") or {})}]
-    text = (f"{first.id} and {second['id']} together (with {first.id} alone, the re-run "
-            f"still needed {second['id']}): {first.text} {second.get('text') or ''}").strip()
+    why = reason or f"with {first.id} alone, the re-run still needed {second['id']}"
+    text = (f"{first.id} and {second['id']} together ({why}): {first.text} "
+            f"{second.get('text') or ''}").strip()
     code = f"{first.code}\n{second.get('code') or ''}".strip()
     return Remedy(f"{first.id}+{second['id']}", text, code, params={"parts": parts})
 
 
-def pairs(problems: list[Any], candidates: dict[str, Parts],
-           results: dict[str, list[Outcome]], steps: int,
-           settings: VerifySettings) -> dict[str, Parts]:
-    """Pairs to verify for the findings no single remedy settled; each is added to its
-    finding's remedies (unverified until the pass re-runs it)."""
+def next_round(problems: list[Any], tried: dict[str, Parts],
+               results: dict[str, list[Outcome]], steps: int, settings: VerifySettings,
+               default_lr: float | None = None) -> dict[str, Parts]:
+    """The re-runs of the next round of the search, each added to its finding's remedies
+    (unverified until the round runs): for every finding that no re-run has repaired yet,
+    the next rung of the learning-rate ladder, compatible pairs of the remedies it offers,
+    and its best single together with what that single's own re-run still found."""
     base = results.get("baseline", [])
-    pairs: dict[str, Parts] = {}
-    queued: dict[str, Any] = {}  # pair id -> its report remedy
+    seen = {_as_set(parts) for parts in tried.values()}
+    out: dict[str, Parts] = {}
+    queued: dict[str, Remedy] = {}  # pair id -> the remedy queued this round
     for finding in problems:
-        tried = [r for r in finding.remedies if candidate_key(remedy_parts(r)) in candidates
-                 and "+" not in r.id]
-        verdicts = {id(r): verdict(finding.kind, base, results.get(
-            candidate_key(remedy_parts(r)), []), steps, remedy_parts(r)).to_dict()
-            for r in tried}
+        ran = [r for r in finding.remedies if candidate_key(remedy_parts(r)) in results]
+        verdicts = {id(r): verdict(finding.kind, base, results[candidate_key(
+            remedy_parts(r))], steps, remedy_parts(r)).to_dict() for r in ran}
         if any(solved(v) for v in verdicts.values()):
             continue
-        # The singles that ran and changed something, best first.
-        firsts = sorted((r for r in tried if not _diagnostic(r.id) and verdicts[id(r)][
-            "status"] in ("better", "fixed", "no_effect") and verdicts[id(r)].get("changes")),
-                        key=lambda r: rank(verdicts[id(r)]))[:2]
+        found = [_lr_rung(finding, ran, verdicts, default_lr),
+                 *_compatible(finding, ran, verdicts),
+                 *_follow_up_pairs(finding, ran, verdicts, results, settings)]
         added = 0
-        for first in firsts:
-            outcome = next(o for o in results[candidate_key(remedy_parts(first))]
-                           if o.status == "ok")
-            for follow in outcome.follow_ups:
-                if added >= PAIRS_PER_FINDING or len(pairs) >= PAIRS_PER_PASS:
-                    break
-                if follow["id"] == first.id or follow["id"] not in CATALOGUE or \
-                        _diagnostic(follow["id"]) or refuses(follow["id"]) or \
-                        not asked(settings, ((follow["id"], {}),)):
-                    continue
-                remedy = combined_remedy(first, follow)
-                if remedy.id in queued:
-                    # The same pair for another finding (whose measured params differ a
-                    # little): one re-run answers for both.
-                    remedy = dataclasses.replace(queued[remedy.id], verified=None)
-                key = candidate_key(remedy_parts(remedy))
-                if key not in candidates and all(r.id != remedy.id for r in finding.remedies):
-                    pairs.setdefault(key, remedy_parts(remedy))
-                    queued.setdefault(remedy.id, remedy)
+        for remedy in found:
+            if remedy is None or added >= PAIRS_PER_FINDING or len(out) >= PAIRS_PER_PASS:
+                continue
+            if "+" in remedy.id and remedy.id in queued:
+                # The same pair for another finding (whose measured params differ a
+                # little): one re-run answers for both.
+                remedy = dataclasses.replace(queued[remedy.id], verified=None)
+                if candidate_key(remedy_parts(remedy)) in out:
                     finding.remedies.append(remedy)
-                    added += 1
-                    break  # one follow-up per single: its re-run's most pressing remedy
-    return pairs
+                    continue
+            queued.setdefault(remedy.id, remedy)
+            parts = remedy_parts(remedy)
+            if _as_set(parts) in seen or not asked(settings, parts):
+                continue  # b+a when a+b ran, or a rung already tried
+            seen.add(_as_set(parts))
+            out[candidate_key(parts)] = parts
+            finding.remedies.append(remedy)
+            added += 1
+    return out
+
+
+#: Remedies that belong together where neither settles a finding alone, applied in this
+#: order: an activation swap with the init that fits it, a rate with clipping, a
+#: normalisation with a rate.
+COMPATIBLE = (("leaky_relu", "kaiming_init"), ("lower_learning_rate", "clip_grad_norm"),
+              ("batch_norm", "lower_learning_rate"))
+#: Learning-rate factors the ladder tries after the one the measured updates call for,
+#: with the optimizer's default rate, mildest first.
+LADDER = (0.1, 0.01)
+_HELPED = ("better", "fixed", "no_effect")  # ran and changed something measurable
+
+
+def _as_set(parts: Parts) -> frozenset[str]:
+    """A candidate as the set of its remedies: a+b and b+a are one re-run's worth."""
+    return frozenset(candidate_key((part,)) for part in parts)
+
+
+def _lr_rung(finding: Any, ran: list[Any], verdicts: dict[int, dict[str, Any]],
+             default_lr: float | None) -> Remedy | None:
+    """The next, lower learning rate, when every rung tried so far ran without repairing
+    the finding and none made the loss worse (a rate too low to learn ends the ladder)."""
+    rungs = [r for r in ran if r.id == "lower_learning_rate"]
+    if not rungs or any(verdicts[id(r)]["status"] in ("worse", "failed") for r in rungs):
+        return None
+    first = rungs[0].params
+    try:
+        old = float(first["old_lr"])
+        tried = min(float(r.params["factor"]) for r in rungs)
+    except (KeyError, TypeError, ValueError):
+        return None
+    ladder = set(LADDER)
+    if default_lr is not None and 0 < default_lr < old:
+        ladder.add(round_sig(default_lr / old))
+    lower = sorted((f for f in ladder if 0 < f < tried * 0.99), reverse=True)
+    if not lower:
+        return None
+    factor = lower[0]
+    return describe(Remedy("lower_learning_rate", "", "", params={
+        **first, "factor": factor, "lr": round_sig(old * factor), "ladder": True,
+        "capped": False}))
+
+
+def _compatible(finding: Any, ran: list[Any], verdicts: dict[int, dict[str, Any]]
+                ) -> list[Remedy]:
+    """Pairs of COMPATIBLE remedies the finding offers, each of which ran alone without
+    repairing it; an activation swap brings the init that fits it even if not offered."""
+    singles = {r.id: r for r in ran if "+" not in r.id and
+               verdicts[id(r)]["status"] in _HELPED}
+    offered = {r.id: r for r in finding.remedies if "+" not in r.id}
+    out = []
+    for a, b in COMPATIBLE:
+        first = singles.get(a)
+        second = singles.get(b) or (offered.get(b) if b in offered and
+                                    id(offered[b]) not in verdicts else None)
+        if first is None:
+            continue
+        if second is None and (a, b) == ("leaky_relu", "kaiming_init"):
+            second = describe(Remedy("kaiming_init", "", "", params={}))
+        if second is not None:
+            out.append(combined_remedy(first, {"id": second.id, "params": second.params,
+                                               "text": second.text, "code": second.code},
+                                       reason="they belong together"))
+    return out
+
+
+def _follow_up_pairs(finding: Any, ran: list[Any], verdicts: dict[int, dict[str, Any]],
+                     results: dict[str, list[Outcome]], settings: VerifySettings
+                     ) -> list[Remedy]:
+    """The two best singles that changed something, each with the first remedy its own
+    re-run's report offers for what is still wrong (errors first)."""
+    firsts = sorted((r for r in ran if "+" not in r.id and not _diagnostic(r.id) and
+                     verdicts[id(r)]["status"] in _HELPED and verdicts[id(r)].get("changes")),
+                    key=lambda r: rank(verdicts[id(r)]))[:2]
+    # What ran alone and could not apply or failed is no partner for anything.
+    dead = {r.id for r in ran if verdicts[id(r)]["status"] in ("not_applicable", "failed")}
+    out = []
+    for first in firsts:
+        outcome = next((o for o in results[candidate_key(remedy_parts(first))]
+                        if o.status == "ok"), None)
+        for follow in outcome.follow_ups if outcome is not None else []:
+            if follow["id"] == first.id or follow["id"] not in CATALOGUE or \
+                    follow["id"] in dead or _diagnostic(follow["id"]) or \
+                    refuses(follow["id"]) or not asked(settings, ((follow["id"], {}),)):
+                continue
+            out.append(combined_remedy(first, follow))
+            break  # one follow-up per single: its re-run's most pressing remedy
+    return out
