@@ -19,6 +19,7 @@ from .runner import run_script
 from .thresholds import resolve_thresholds
 from .verify.child import ChildControl
 from .verify.run import VerifySettings, verify_report
+from .verify.settle import Settle
 
 __all__ = ["main"]
 
@@ -27,7 +28,7 @@ _RUN_FLAGS = {"--json": 1, "--html": 1, "--text": 1, "--quiet": 0, "--strict": 0
               "--sync-every": 1, "--detail-every": 1, "--threshold": 1, "--verify": 0,
               "--budget": 1, "--verify-time": 1, "--repeats": 1, "--verify-remedies": 1}
 # Hidden options of a `--verify` re-run; gradwatch passes them before the script only.
-_CHILD_FLAGS = {"--apply-remedy": 1, "--apply-params": 1, "--max-steps": 1}
+_CHILD_FLAGS = {"--apply-remedy": 1, "--apply-params": 1, "--max-steps": 1, "--settle": 1}
 
 
 def _split_run_args(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
@@ -95,10 +96,11 @@ def cmd_run(argv: list[str]) -> int:
                         help="override a threshold (see docs/thresholds.md); repeatable")
     parser.add_argument("--verify", action="store_true",
                         help="then re-run the script with each remedy of each problem found, "
-                        "for --budget steps, and record in the report what each one changed")
-    parser.add_argument("--budget", type=int, default=200, metavar="STEPS",
-                        help="optimizer steps per --verify re-run (default 200, at most the "
-                        "first run's)")
+                        "each until its outcome is settled, and record in the report what "
+                        "each one changed")
+    parser.add_argument("--budget", type=int, default=None, metavar="STEPS",
+                        help="at most this many optimizer steps per --verify re-run (default: "
+                        "as many as the first run, if they fit in --verify-time)")
     parser.add_argument("--verify-time", type=float, default=600.0, metavar="SECONDS",
                         help="time for the whole --verify pass (default 600); what does not "
                         "finish is reported as not_finished")
@@ -110,10 +112,11 @@ def cmd_run(argv: list[str]) -> int:
     parser.add_argument("--apply-remedy", help=argparse.SUPPRESS)
     parser.add_argument("--apply-params", default="{}", help=argparse.SUPPRESS)
     parser.add_argument("--max-steps", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--settle", default=None, help=argparse.SUPPRESS)
     ns = parser.parse_args(ours)
     if script is None:
         parser.error("no training script given")
-    if ns.budget < 1 or ns.repeats < 1 or ns.verify_time <= 0:
+    if (ns.budget is not None and ns.budget < 1) or ns.repeats < 1 or ns.verify_time <= 0:
         parser.error("--budget and --repeats take a positive integer, --verify-time a "
                      "positive number of seconds")
     kwargs = {k: v for k, v in (("sync_every", ns.sync_every),
@@ -133,7 +136,8 @@ def cmd_run(argv: list[str]) -> int:
         params = params if isinstance(params, list) else [params] * len(ids)
         if len(params) != len(ids) or not all(isinstance(p, dict) for p in params):
             parser.error("--apply-params takes one JSON object per remedy of --apply-remedy")
-        control = ChildControl(list(zip(ids, params, strict=True)), ns.max_steps)
+        settle = Settle.from_json(json.loads(ns.settle)) if ns.settle else None
+        control = ChildControl(list(zip(ids, params, strict=True)), ns.max_steps, settle)
     try:
         result = run_script(script, rest, options, thresholds, control)
     except FileNotFoundError as exc:

@@ -22,6 +22,14 @@ from gradwatch.history import History, LayerInfo
 from gradwatch.lab.core import ArmResults, RunResult, Verdict
 
 
+def ran_until_settled(verified: dict, budget: int) -> bool:
+    """A --verify re-run ran its whole budget, or stopped earlier because its outcome was
+    settled, and says so."""
+    if verified["steps"] == budget:
+        return True
+    return 0 < verified["steps"] < budget and "stopped after" in (verified.get("note") or "")
+
+
 def seed_data() -> tuple[torch.Tensor, torch.Tensor]:
     """SEEDS.md section 6: X ~ N(0,1) (100x1), y = 3X + 2 + 0.5 noise, numpy seed 0."""
     rng = np.random.RandomState(0)

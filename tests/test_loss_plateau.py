@@ -70,7 +70,8 @@ def test_default_init_relu_seed_net_stalls_with_a_measured_sign() -> None:
     f = only(gw.report(), "loss_plateau")
     assert f.severity == "warning"
     final = float(np.median(losses[-(len(losses) // 2) // 4:]))
-    assert f.first_step == flat_since(losses, final)
+    # The detector walks back in blocks of len/20 steps (noise-tolerant): one block at most.
+    assert abs(f.first_step - flat_since(losses, final)) <= len(losses) // 20
     assert f.evidence["loss_best"] == pytest.approx(min(losses), rel=1e-6)
     ids = [c.id for c in f.causes]
     assert ids[:2] == ["constant_output", "gradient_vanishes"]

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import gradwatch
+from tests.conftest import ran_until_settled
 
 SCRIPT = Path(__file__).parent / "scripts" / "train_seed_net.py"
 TIMEOUT_S = 300
@@ -55,10 +56,12 @@ def test_kaiming_init_is_verified_to_fix_the_stalled_relu_net(tmp_path: Path) ->
     report, stderr, script = verify_run(tmp_path, "--epochs", "500", "--budget", "500",
                                         "--verify-remedies", "kaiming_init,leaky_relu,batch_norm")
     v = verified(report, "vanishing_gradient", "kaiming_init")
-    assert v["status"] == "better" and v["steps"] == 500
+    assert v["status"] == "better" and ran_until_settled(v, 500)
     # Without a remedy the net predicts a constant: the loss is y's variance, 9.76.
     assert v["loss_before"] == pytest.approx(9.76, abs=0.05)
-    assert v["loss_after"] < 9.76 / 5  # measured 1.15: this draw of Kaiming init, 500 steps
+    # Kaiming's re-run stops once settled (finding gone, loss under the run's best): the
+    # loss is at least halved by then (measured 2.7 at step 75).
+    assert v["loss_after"] < 9.76 / 2
     assert v["improvement"] == pytest.approx(v["loss_before"] / v["loss_after"])
     assert v["finding_gone"] is True
     assert v["changes"], "the re-run says what it changed"
@@ -69,10 +72,12 @@ def test_kaiming_init_is_verified_to_fix_the_stalled_relu_net(tmp_path: Path) ->
             continue
         ranked = [r["verified"] for r in finding["remedies"] if "verified" in r]
         # The measured best comes first; the better ones are ordered by whether the finding
-        # went away, then by improvement; one re-run answers for every finding offering it.
+        # went away, then how soon it settled as repaired, then by improvement; one re-run
+        # answers for every finding offering it.
         assert ranked[0]["status"] == "better"
-        order = [(not r["finding_gone"], -r["improvement"]) for r in ranked
-                 if r["status"] == "better"]
+        order = [(not r["finding_gone"],
+                  r["steps"] if r.get("settled") == "repaired" else float("inf"),
+                  -r["improvement"]) for r in ranked if r["status"] == "better"]
         assert order == sorted(order)
         assert all(r["verified"] == v for r in finding["remedies"] if r["id"] == "kaiming_init")
     # The vanishing gradient's best remedy (BatchNorm, residuals or Kaiming) truly fixes it.
@@ -84,8 +89,9 @@ def test_kaiming_init_is_verified_to_fix_the_stalled_relu_net(tmp_path: Path) ->
                 assert ("verified" in r) == (r["id"] in ("kaiming_init", "leaky_relu",
                                                          "batch_norm")), r["id"]
     assert report["verify"]["deterministic"] is True and report["verify"]["repeats"] == 1
-    best = remedies_of(report, "vanishing_gradient")[0]["id"]
-    assert f"verified best: {best}, loss 9.76 -> " in stderr
+    best = remedies_of(report, "vanishing_gradient")[0]
+    before = best["verified"]["loss_before"]
+    assert f"verified best: {best['id']}, loss {before:.3g} -> " in stderr
     # The user's script is untouched and nothing but the asked-for report was written here.
     assert script.read_bytes() == SCRIPT.read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "train.py"]

@@ -22,6 +22,8 @@ from typing import Any
 import pytest
 import torch
 
+from tests.conftest import ran_until_settled
+
 SCRIPTS = Path(__file__).parent / "scripts"
 TIMEOUT_S = 300
 
@@ -49,7 +51,8 @@ def verified(report: dict[str, Any], kind: str, remedy_id: str) -> dict[str, Any
 def assert_ranked(report: dict[str, Any]) -> None:
     """Every problem finding's verified remedies come ordered by measured effect: those that
     helped (better, or fixed with the loss unchanged) first, the finding gone before not,
-    then by improvement; the ones gradwatch could not run last."""
+    then the one settled as repaired in fewer steps, then by improvement; the ones gradwatch
+    could not run last."""
     rank = {"better": 0, "fixed": 0, "no_effect": 1, "worse": 2, "diagnostic": 3, "failed": 3,
             "not_applicable": 4, "not_finished": 5}
     for finding in report["findings"]:
@@ -58,7 +61,9 @@ def assert_ranked(report: dict[str, Any]) -> None:
         ranked = [r["verified"] for r in finding["remedies"] if "verified" in r]
         statuses = [rank[v["status"]] for v in ranked]
         assert statuses == sorted(statuses), (finding["kind"], statuses)
-        helped = [(not v["finding_gone"], -v["improvement"]) for v in ranked
+        helped = [(not v["finding_gone"],
+                   v["steps"] if v.get("settled") == "repaired" else math.inf,
+                   -v["improvement"]) for v in ranked
                   if v["status"] in ("better", "fixed") and v["improvement"] is not None]
         assert helped == sorted(helped), finding["kind"]
 
@@ -95,11 +100,13 @@ def test_positive_bias_revives_units_dead_from_a_negative_bias(tmp_path: Path) -
     # So the bias re-init resets both set biases: one alone would leave the net dead.
     assert best["id"] != "positive_bias_init" or best["params"]["layers"] == ["0", "2"]
     v = best["verified"]
-    assert v["status"] == "better" and v["finding_gone"] is True and v["steps"] == 80
-    # Without a remedy the net predicts a constant: its loss is the target's variance.
+    assert v["status"] == "better" and v["finding_gone"] is True and ran_until_settled(v, 80)
+    # Without a remedy the net predicts a constant: its loss is the target's variance once
+    # the constant is learnt, and above it before (the re-run may settle before that).
     _, y = script_data(name, "make_data", 512)
-    assert v["loss_before"] == pytest.approx(float(y.var(unbiased=False)), rel=0.02)
-    assert v["loss_after"] < v["loss_before"] / 5
+    var = float(y.var(unbiased=False))
+    assert var * 0.99 <= v["loss_before"] <= var * 1.1
+    assert v["loss_after"] < v["loss_before"] / 2
     assert v["improvement"] == pytest.approx(v["loss_before"] / v["loss_after"])
     assert v["changes"], "the re-run says what it changed"
     # LeakyReLU(0.01) alone leaves units 3 below zero with a slope of 0.01: within the
@@ -116,7 +123,7 @@ def test_positive_bias_revives_units_dead_from_a_negative_bias(tmp_path: Path) -
             top = f["remedies"][0]["verified"]
             assert top["status"] == "better" and top["finding_gone"] is True, f["kind"]
     assert_ranked(report)
-    assert f"verified best: {best['id']}, loss 0.638 -> " in stderr
+    assert f"verified best: {best['id']}, loss {v['loss_before']:.3g} -> " in stderr
     assert_untouched(tmp_path, script, name)
 
 
@@ -137,7 +144,7 @@ def test_standardising_raw_features_fixes_the_exploding_regression(tmp_path: Pat
     best = finding["remedies"][0]
     assert best["id"] in ("standardize_inputs", "lower_learning_rate")
     v = best["verified"]
-    assert v["status"] == "better" and v["finding_gone"] is True and v["steps"] == 60
+    assert v["status"] == "better" and v["finding_gone"] is True and ran_until_settled(v, 60)
     x, y = script_data(name, "make_houses", 1024)
     # Without a remedy the loss blows up by orders of magnitude over the prices' variance
     # and stays there; with it the model fits well below that variance.
@@ -179,12 +186,14 @@ def test_standardising_raw_features_revives_the_saturated_tanh_layer(tmp_path: P
     best = finding["remedies"][0]
     assert best["id"] == "standardize_inputs"
     v = best["verified"]
-    assert v["status"] == "better" and v["finding_gone"] is True and v["steps"] == 80
+    assert v["status"] == "better" and v["finding_gone"] is True and ran_until_settled(v, 80)
     assert v["loss_after"] < v["loss_before"] / 2
     assert v["improvement"] == pytest.approx(v["loss_before"] / v["loss_after"])
-    # Normalising after the first layer helps too, but less than fixing the inputs.
+    # Normalising after the first layer helps too, but settles later than fixing the inputs
+    # (or leaves the finding): it is ranked after it.
     norm = verified(report, "saturated_activation", "batch_norm")
-    assert norm["status"] == "better" and norm["loss_after"] > v["loss_after"]
+    assert norm["status"] == "better"
+    assert not norm["finding_gone"] or norm["steps"] >= v["steps"]
     assert_ranked(report)
     assert "verified best: standardize_inputs, loss " in stderr
     assert_untouched(tmp_path, script, name)
@@ -203,7 +212,7 @@ def test_eval_for_no_grad_forwards_fixes_the_forgotten_model_eval(tmp_path: Path
     # model.eval() changes the validation forwards, not training: the finding goes, and the
     # training loss stays about where it was (dropout draws other masks, nothing more).
     assert v["status"] in ("better", "fixed") and v["finding_gone"] is True
-    assert v["steps"] == 40 and v.get("finding_in_baseline", True) is True
+    assert ran_until_settled(v, 40) and v.get("finding_in_baseline", True) is True
     assert v["loss_before"] is not None and v["loss_after"] is not None
     assert v["improvement"] == pytest.approx(v["loss_before"] / v["loss_after"])
     assert v["improvement"] > 1 / 1.1

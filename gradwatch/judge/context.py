@@ -276,6 +276,11 @@ class Context:
         """Distinct learning rates the optimizers stepped with in this view."""
         return self.learning_rates_between()
 
+    @cached_property
+    def lr(self) -> np.ndarray:
+        """Learning rate of each step in this view (NaN where none was recorded)."""
+        return self.h.steps.block("lr")[self._rows, 0]
+
     def learning_rates_between(self, since: int | None = None,
                                until: int | None = None) -> list[float]:
         """Distinct learning rates used on the steps in ``[since, until]``.
@@ -283,7 +288,7 @@ class Context:
         Read from the per-step record (schedulers and hand-set rates included); falls back
         to the optimizers' settings when the run recorded none.
         """
-        lr = self.h.steps.block("lr")[self._rows, 0]
+        lr = self.lr
         mask = np.isfinite(lr)
         if since is not None:
             mask &= self.steps >= since

@@ -72,6 +72,31 @@ def _lr_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module | None,
                            f"by {fmt(factor)}")
 
 
+def _hold_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module | None,
+                    params: dict[str, Any], changes: list[str]) -> None:
+    floor = number(params, "floor")
+    if not 0 < floor < math.inf:
+        raise ValueError(f"floor must be a positive number, got {floor}")
+    # Each group keeps its proportion to the first group's starting rate (a backbone at
+    # 1/10 of the head stays at 1/10 of the floor).
+    starts = [group.get("initial_lr", group["lr"]) for group in optimizer.param_groups]
+    floors = [floor * start / starts[0] if starts[0] else floor for start in starts]
+
+    def hold(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for group, low in zip(opt.param_groups, floors, strict=False):
+            if isinstance(group["lr"], (int, float)) and group["lr"] < low:
+                group["lr"] = low
+
+    # A step pre-hook rather than patching the scheduler: it holds hand-set rates and every
+    # scheduler (chained, closed-form, several at once) alike, and the scheduler's own
+    # recursion restarts from the held rate after each step.
+    optimizer.register_step_pre_hook(hold)
+    kinds = sorted({type(s).__name__ for s in _schedulers(optimizer)})
+    changes.append(f"held the learning rate of {len(floors)} param group(s) at no less than "
+                   f"{fmt(floors[0])} before each step"
+                   + (f" (schedule: {', '.join(kinds)})" if kinds else ""))
+
+
 def _adam_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module | None,
                     params: dict[str, Any], changes: list[str]) -> None:
     adaptive = (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.NAdam,
@@ -144,6 +169,18 @@ ENTRIES = [
         lambda p: ("for group in optimizer.param_groups:\n"
                    f"    group[\"lr\"] *= {p['factor']}  # {p['old_lr']} -> {p['lr']}"),
         to_optimizer=_lr_optimizer,
+        needs_optimizer=True),
+    RemedyEntry(
+        "hold_learning_rate",
+        lambda p: (f"keep the learning rate at {p['floor']}, the rate the run learned with "
+                   f"before its schedule took it below 1/1000 of that from step {p['since']} "
+                   f"on (down to {p['last']}); if a scheduler meant per epoch is stepped "
+                   f"every batch, call scheduler.step() once per epoch instead"),
+        lambda p: ("# step the scheduler once per epoch, after the batch loop, or hold a "
+                   "floor before each step:\n"
+                   "for group in optimizer.param_groups:\n"
+                   f"    group[\"lr\"] = max(group[\"lr\"], {p['floor']})"),
+        to_optimizer=_hold_optimizer,
         needs_optimizer=True),
     RemedyEntry(
         "adaptive_optimizer",

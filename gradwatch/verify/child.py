@@ -11,10 +11,12 @@ from torch import nn
 from torch.nn.modules import module as module_hooks
 from torch.optim import optimizer as optimizer_hooks
 
+from ..judge.registry import run_detectors
 from ..measure.probes import compiling, unwrap_compiled
 from ..remedies import CATALOGUE
 from ..remedies.base import NotApplicable, run_added_pre_hooks
 from ..runner import StopRun
+from .settle import Settle, Settler
 
 __all__ = ["ChildControl", "StopRun"]
 
@@ -31,9 +33,10 @@ class ChildControl:
     """
 
     def __init__(self, remedies: Sequence[tuple[str, dict[str, Any]]],
-                 max_steps: int | None) -> None:
+                 max_steps: int | None, settle: Settle | None = None) -> None:
         self.remedies = [(rid, dict(params or {})) for rid, params in remedies]
         self.max_steps = max_steps
+        self.settler = Settler(settle) if settle is not None else None
         self.changes: list[str] = []
         self.status = "not_reached" if self.remedies else "none"
         self.error: str | None = None
@@ -142,11 +145,26 @@ class ChildControl:
         self.status = "applied"
 
     def _committed(self, monitor: Any) -> None:
-        """After gradwatch closed a step: stop a script that updates its weights by hand
-        (optimizer steps stop in :meth:`_step_post`)."""
+        """After gradwatch closed a step: stop a re-run whose outcome is settled, and a
+        script that updates its weights by hand at the budget (optimizer steps stop in
+        :meth:`_step_post`)."""
+        if self.settler is not None and self.status != "not_applicable" and \
+                monitor.step % self.settler.rule.every == 0:
+            monitor.flush()
+            steps = monitor.history.steps
+            losses = list(zip(steps.steps.tolist(),
+                              [float(v) if v == v and abs(v) != float("inf") else None
+                               for v in steps.block("loss")[:, 0].tolist()], strict=True))
+            if self.settler.check(monitor.step, losses, lambda: self._problems(monitor)):
+                raise StopRun
         if self.max_steps is not None and monitor.mode == "backward" and \
                 monitor.step >= self.max_steps:
             raise StopRun
+
+    @staticmethod
+    def _problems(monitor: Any) -> set[str]:
+        findings, _ = run_detectors(monitor.history, monitor.thresholds)
+        return {f.kind for f in findings if f.severity in ("warning", "error")}
 
     def _step_post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.steps += 1
@@ -169,4 +187,5 @@ class ChildControl:
                 "remedies": [{"id": rid, "params": params} for rid, params in self.remedies],
                 "status": self.status, "changes": list(self.changes), "error": self.error,
                 "not_reached": [rid for rid, _ in self.remedies if rid not in self._done],
-                "steps": steps, "max_steps": self.max_steps}
+                "steps": steps, "max_steps": self.max_steps,
+                "settled": self.settler.reason if self.settler is not None else None}

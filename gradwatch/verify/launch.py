@@ -19,9 +19,10 @@ import torch
 
 from ..runner import run_script
 from .child import ChildControl
+from .settle import Settle
 from .verdict import Outcome, Parts, window_loss
 
-__all__ = ["Job", "VerifySettings", "child_main", "forkserver", "run_job"]
+__all__ = ["Job", "VerifySettings", "child_main", "cores", "forkserver", "run_job"]
 
 
 @dataclasses.dataclass
@@ -30,14 +31,25 @@ class VerifySettings:
     when the script is not deterministic, how many re-runs at once, and whether to try
     pairs of remedies where no single one fixes a finding."""
 
-    budget: int = 200
+    budget: int | None = None  # steps per re-run; None: as many as the first run's, in time
     time_s: float = 600.0
     repeats: int = 3
-    workers: int = 2
+    workers: int = dataclasses.field(default_factory=lambda: cores())
+    settle: bool = True  # stop each re-run once its outcome is settled
     only: frozenset[str] | None = None  # remedy ids to verify (None: every one offered)
     combine: bool = True
     options: Any = None  # the first run's Options and Thresholds, used by every re-run
     thresholds: Any = None
+
+
+def cores() -> int:
+    """The cores this process may use (its affinity where the system says), at most 8:
+    re-runs run one thread each, side by side."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, min(n, 8))
 
 
 @dataclasses.dataclass
@@ -45,12 +57,16 @@ class Job:
     key: str  # "baseline" or a candidate key
     parts: Parts
     repeat: int
+    steps: int = 0  # this re-run's budget (0: the pass's)
+    settle: Settle | None = None  # when it may stop before its budget
 
 
 def child_command(script: Path, args: Sequence[str], job: Job, report_path: Path,
                    steps: int) -> list[str]:
     cmd = [sys.executable, "-m", "gradwatch", "run", "--json", str(report_path), "--quiet",
            "--max-steps", str(steps)]
+    if job.settle is not None:
+        cmd += ["--settle", json.dumps(job.settle.to_json())]
     if job.parts:
         params: Any = [p for _, p in job.parts] if len(job.parts) > 1 else job.parts[0][1]
         cmd += ["--apply-remedy", "+".join(rid for rid, _ in job.parts), "--apply-params",
@@ -86,7 +102,7 @@ def read_outcome(report_path: Path, steps: int, returncode: int | None,
     kinds = {f["kind"] for f in data["findings"] if f["severity"] in ("warning", "error")}
     out = Outcome("ok", steps=int(run["steps"]), losses=losses, kinds=kinds,
                    changes=list(applied.get("changes") or []),
-                   follow_ups=follow_ups(data["findings"]))
+                   follow_ups=follow_ups(data["findings"]), settled=applied.get("settled"))
     if applied.get("status") in ("not_applicable", "failed"):
         out.status, out.note = applied["status"], applied.get("error")
         return out
@@ -110,6 +126,7 @@ def read_outcome(report_path: Path, steps: int, returncode: int | None,
 def run_job(script: Path, args: Sequence[str], job: Job, steps: int, workdir: Path,
              deadline: float, settings: VerifySettings | None = None) -> Outcome:
     """One re-run in a fresh process and its own temporary folder, killed at the deadline."""
+    steps = job.steps or steps
     left = deadline - time.monotonic()
     if left <= 1:
         return Outcome("not_finished", note="the --verify-time budget ran out before it "
@@ -121,7 +138,7 @@ def run_job(script: Path, args: Sequence[str], job: Job, steps: int, workdir: Pa
     if context is not None:
         process = context.Process(target=child_main, args=(
             str(script), list(args), job.parts, steps, str(folder), str(report_path), str(log),
-            settings.options, settings.thresholds), daemon=True)
+            settings.options, settings.thresholds, job.settle), daemon=True)
         process.start()
         process.join(left)
         if process.is_alive():
@@ -165,7 +182,8 @@ def forkserver() -> Any:
 
 
 def child_main(script: str, args: list[str], parts: Parts, steps: int, folder: str,
-                report_path: str, log: str, options: Any, thresholds: Any) -> None:
+                report_path: str, log: str, options: Any, thresholds: Any,
+                settle: Settle | None = None) -> None:
     """A re-run inside a process forked from the fork server: the same as ``gradwatch run
     --max-steps N --apply-remedy ...``, with the script's output in ``log``."""
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -177,7 +195,7 @@ def child_main(script: str, args: list[str], parts: Parts, steps: int, folder: s
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     try:
-        result = run_script(script, args, options, thresholds, ChildControl(parts, steps))
+        result = run_script(script, args, options, thresholds, ChildControl(parts, steps, settle))
         if result.report is None:  # a process the re-run forked: not the re-run's report
             return
         result.report.save(report_path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import inspect
+import math
 import os
 import tempfile
 import time
@@ -17,13 +18,53 @@ from ..remedies import CATALOGUE, refuses
 from ..report import Report
 from .launch import Job, VerifySettings, run_job
 from .search import asked, candidate_key, next_round, remedy_parts
+from .settle import Settle
 from .verdict import WINDOW, Outcome, Parts, deterministic, rank, verdict
 
-__all__ = ["MAX_ROUNDS", "VerifySettings", "verify_report"]
+__all__ = ["CHECK_STEPS", "DEFAULT_STEPS", "MAX_ROUNDS", "MIN_STEPS", "VerifySettings",
+           "rerun_steps", "verify_report"]
 
 #: Rounds of the search after the single remedies: lower rates, pairs, then pairs of what
 #: still did not repair a finding.
 MAX_ROUNDS = 3
+#: Steps of the re-run without a remedy that checks whether the script repeats its first
+#: run (a fixed seed): if it does, the first run itself is what every remedy is compared
+#: with, and no full-length re-run without a remedy is needed.
+CHECK_STEPS = 12
+#: Re-run length when the first run's length is unknown, and the least one the time
+#: budget may cut re-runs to.
+DEFAULT_STEPS = 200
+MIN_STEPS = 50
+#: A one-thread re-run's time per step against the first run's (which may use every
+#: core): a guess on the slow side, used only to fit re-runs into --verify-time.
+ONE_THREAD_SLOWDOWN = 1.5
+
+
+def rerun_steps(report: Any, settings: VerifySettings, candidates: int) -> int:
+    """Steps per re-run: ``--budget`` when given (at most the first run's); otherwise as
+    many as the first run had, cut where the single remedies' re-runs, side by side,
+    would take more than half of ``--verify-time`` (the rest is for pairs and rates)."""
+    original = int(report.run.get("steps") or 0)
+    if settings.budget is not None:
+        return min(settings.budget, original) if original > 0 else settings.budget
+    if original <= 0:
+        return DEFAULT_STEPS
+    per_step = float(report.run.get("duration_s") or 0.0) / original * ONE_THREAD_SLOWDOWN
+    waves = math.ceil((candidates + 1) / max(1, settings.workers))
+    if per_step <= 0:
+        return original
+    fit = int(settings.time_s * 0.5 / waves / per_step)
+    return max(min(original, fit), min(original, MIN_STEPS))
+
+
+def _first_run(report: Any, steps: int, problems: list[Any]) -> Outcome:
+    """The first run as the run without a remedy, over the re-runs' ``steps``."""
+    series = report.series
+    losses = [(int(s), v) for s, v in zip(series.get("step", []), series.get("loss", []),
+                                          strict=False) if s is not None and s < steps]
+    return Outcome("ok", steps=min(steps, int(report.run.get("steps") or steps)),
+                   losses=losses, kinds={f.kind for f in problems},
+                   first_loss=losses[0][1] if losses else None)
 
 
 def _default_lr(report: Any) -> float | None:
@@ -44,14 +85,16 @@ class _Pass:
 
     def __init__(self, script: Path, args: Sequence[str], steps: int, workdir: Path,
                  deadline: float, pool: concurrent.futures.Executor,
-                 settings: VerifySettings) -> None:
+                 settings: VerifySettings,
+                 settle: Callable[[str], Settle | None] = lambda _key: None) -> None:
         self.script, self.args, self.steps, self.workdir = script, args, steps, workdir
         self.deadline, self.pool, self.settings = deadline, pool, settings
+        self.settle = settle
         self.results: dict[str, list[Outcome]] = {}
 
-    def submit(self, key: str, parts: Parts, repeat: int
+    def submit(self, key: str, parts: Parts, repeat: int, steps: int = 0
                ) -> tuple[Job, concurrent.futures.Future[Outcome]]:
-        job = Job(key, parts, repeat)
+        job = Job(key, parts, repeat, steps, None if key == "baseline" else self.settle(key))
         return job, self.pool.submit(run_job, self.script, self.args, job, self.steps,
                                      self.workdir, self.deadline, self.settings)
 
@@ -103,25 +146,43 @@ def verify_report(report: Any, script: str | os.PathLike[str], args: Sequence[st
                 results[key] = [Outcome("not_applicable", note=why)]
                 continue
             candidates.setdefault(key, parts)
-    original_steps = int(report.run.get("steps") or 0)
-    steps = min(settings.budget, original_steps) if original_steps > 0 else settings.budget
+    steps = rerun_steps(report, settings, len(candidates))
     summary: dict[str, Any] = {"budget": steps, "candidates": len(candidates),
                                "window": WINDOW}
     combos: dict[str, Parts] = {}
+
+    def settle(key: str) -> Settle | None:
+        """The early stop of a re-run of candidate ``key``: against the first run, for the
+        findings that offer it."""
+        if not settings.settle:
+            return None
+        mine = [f for f in problems
+                if any(candidate_key(remedy_parts(r)) == key for r in f.remedies)]
+        return Settle.for_run(original, mine or problems, steps)
+
+    original = list(zip(report.series.get("step", []), report.series.get("loss", []),
+                        strict=False))
     if candidates:
-        original = list(zip(report.series.get("step", []), report.series.get("loss", []),
-                            strict=False))
         with tempfile.TemporaryDirectory(prefix="gradwatch-verify-") as tmp, \
                 concurrent.futures.ThreadPoolExecutor(max(1, settings.workers)) as pool:
-            runs = _Pass(script, args, steps, Path(tmp), deadline, pool, settings)
-            base_future = runs.submit("baseline", (), 0)[1]
-            say(f"verify: {len(candidates)} remedies, {steps} steps each, "
+            runs = _Pass(script, args, steps, Path(tmp), deadline, pool, settings, settle)
+            base_future = runs.submit("baseline", (), 0, min(steps, CHECK_STEPS))[1]
+            say(f"verify: {len(candidates)} remedies, up to {steps} steps each, "
                 f"{settings.workers} at a time")
             firsts = [runs.submit(key, parts, 0) for key, parts in candidates.items()]
             base = base_future.result()
-            runs.results["baseline"] = [base]
             repeatable = base.status == "ok" and deterministic(original, base.losses)
             summary["deterministic"] = repeatable
+            # A script that repeats its first run is compared with that run itself; one
+            # that does not, with re-runs without a remedy as long as the others.
+            if repeatable:
+                runs.results["baseline"] = [_first_run(report, steps, problems)]
+            elif base.status == "ok":
+                runs.results["baseline"] = [runs.submit("baseline", (), 0)[1].result()]
+            else:
+                runs.results["baseline"] = [base]
+            summary["baseline"] = "first run" if repeatable else "re-runs"
+            base = runs.results["baseline"][0]
             if base.status != "ok":
                 note = base.note or base.status
                 if "No such file" in note or "FileNotFound" in note:

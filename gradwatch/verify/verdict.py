@@ -9,7 +9,7 @@ from typing import Any, Literal
 from ..remedies import CATALOGUE
 
 __all__ = ["DETERMINISM_RTOL", "MARGIN", "WINDOW", "Outcome", "Parts", "Status", "Verified",
-           "deterministic", "rank", "solved", "verdict", "window_loss"]
+           "deterministic", "loss_at", "rank", "solved", "verdict", "window_loss"]
 
 #: Share of a re-run's last steps whose mean loss is compared (at least one step).
 WINDOW = 0.1
@@ -45,6 +45,7 @@ class Verified:
     repeats: int | None = None  # with repeats (an unseeded script): how many ran, ...
     spread: dict[str, list[float | None]] | None = None  # ... the range of the losses ...
     finding_gone_runs: str | None = None  # ... and in how many the finding was gone
+    settled: str | None = None  # the re-runs stopped early: "repaired" or "no_better"
 
     def to_dict(self) -> dict[str, Any]:
         """The report's JSON: the contract's keys always, the others where they say
@@ -60,6 +61,8 @@ class Verified:
             out["finding_in_baseline"] = False
         if self.changes:
             out["changes"] = list(self.changes)
+        if self.settled:
+            out["settled"] = self.settled
         if self.repeats is not None:
             out["repeats"], out["spread"] = self.repeats, self.spread
             out["finding_gone_runs"] = self.finding_gone_runs
@@ -80,6 +83,7 @@ class Outcome:
     note: str | None = None
     #: The remedies the re-run's own report offers for what is still wrong, worst first.
     follow_ups: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    settled: str | None = None  # why it stopped before its budget: repaired, no_better
 
 
 def window_loss(losses: list[tuple[int, float | None]], steps: int) -> float | None:
@@ -91,6 +95,14 @@ def window_loss(losses: list[tuple[int, float | None]], steps: int) -> float | N
     if any(v is None or not math.isfinite(v) for v in window):
         return None
     return sum(window) / len(window)  # type: ignore[arg-type]
+
+
+def loss_at(outcome: Outcome, steps: int) -> float | None:
+    """``outcome``'s window loss as it stood after ``steps`` steps: runs that stopped at
+    different steps are compared over the same steps."""
+    if outcome.steps == steps and outcome.loss is not None:
+        return outcome.loss
+    return window_loss([(s, v) for s, v in outcome.losses if s < steps], steps)
 
 
 def deterministic(original: list[tuple[int, float | None]],
@@ -140,8 +152,13 @@ def verdict(kind: str, base: list[Outcome], runs: list[Outcome], steps: int,
                             f"where the first non-finite value appeared: {worst.note}")
         return Verified(worst.status, note=worst.note)  # type: ignore[arg-type]
     base_ok = [b for b in base if b.status == "ok"]
-    before = _mean([b.loss for b in base_ok]) if base_ok else None
-    after = _mean([r.loss for r in done])
+    # Same steps on both sides: a re-run that stopped once its outcome was settled is
+    # compared with the run without the remedy up to that step, not to its end.
+    at = min(r.steps for r in done)
+    befores = [loss_at(b, at) for b in base_ok]
+    afters = [loss_at(r, at) for r in done]
+    before = _mean(befores) if base_ok else None
+    after = _mean(afters)
     first = _mean([r.first_loss for r in done])
     gone = [kind not in r.kinds for r in done]
     finding_gone: bool | None = None if blind else sum(gone) * 2 > len(gone)
@@ -181,14 +198,22 @@ def verdict(kind: str, base: list[Outcome], runs: list[Outcome], steps: int,
             ", ".join(new)
     if blind:
         note = (note + "; " if note else "") + blind
-    out = Verified(status, steps=min(r.steps for r in done), loss_before=before,
+    stops = {r.settled for r in done}
+    if stops == {"no_better"}:
+        note = (note + "; " if note else "") + f"stopped after {at} steps, no better than " \
+            "the run without it at the same steps"
+    elif stops == {"repaired"}:
+        note = (note + "; " if note else "") + f"stopped after {at} steps, settled: the " \
+            "problem gone and the loss below the best of the run without it"
+    out = Verified(status, steps=at, loss_before=before,
                    loss_after=after, improvement=improvement, finding_gone=finding_gone,
                    note=note, new_findings=new, finding_in_baseline=in_baseline,
-                   changes=next((r.changes for r in done if r.changes), []))
+                   changes=next((r.changes for r in done if r.changes), []),
+                   settled=next(iter(stops)) if len(stops) == 1 and None not in stops
+                   else None)
     if len(runs) > 1:
         out.repeats = len(done)
-        out.spread = {"loss_before": _spread([b.loss for b in base_ok]),
-                      "loss_after": _spread([r.loss for r in done])}
+        out.spread = {"loss_before": _spread(befores), "loss_after": _spread(afters)}
         out.finding_gone_runs = f"{sum(gone)}/{len(gone)}"
     return out
 
@@ -198,17 +223,20 @@ _RANK = {"better": 0, "fixed": 0, "no_effect": 1, "worse": 2, "diagnostic": 3, "
 
 
 def rank(verified: dict[str, Any] | None) -> tuple[Any, ...]:
-    """Sort key: better (or fixed) first; among those the finding gone, then the larger
-    improvement (a fix that only ends non-finite values learns or it is not better), the
-    lower loss, and no new findings."""
+    """Sort key: better (or fixed) first; among those the finding gone, then the one that
+    settled as repaired in the fewest steps (improvements measured at different steps do
+    not compare), then the larger improvement (a fix that only ends non-finite values
+    learns or it is not better), the lower loss, and no new findings."""
     if not verified:
-        return (9, True, 0.0, math.inf, True)
+        return (9, True, math.inf, 0.0, math.inf, True)
     improvement = verified.get("improvement")
     if improvement is None:
         improvement = math.inf if verified.get("status") == "better" else 0.0
     after = verified.get("loss_after")
+    repaired_at = verified.get("steps", math.inf) \
+        if verified.get("settled") == "repaired" else math.inf
     return (_RANK.get(verified.get("status", ""), 6), not verified.get("finding_gone"),
-            -improvement, after if after is not None else math.inf,
+            repaired_at, -improvement, after if after is not None else math.inf,
             bool(verified.get("new_findings")))
 
 

@@ -2,7 +2,8 @@
 
 A flat loss alone is what a converged run looks like too; it becomes a warning only with a
 measured sign of a stuck model: an output that is the same for every input, weights that do
-not move, or gradients that do not reach the input side. Flat without such a sign is info.
+not move, a learning rate a schedule has taken to almost nothing while the gradient is still
+sizeable, or gradients that do not reach the input side. Flat without such a sign is info.
 """
 
 from __future__ import annotations
@@ -16,8 +17,58 @@ from ..context import Context, fmt
 from . import through_time, vanishing
 
 KIND = "loss_plateau"
-CAUSES = ("constant_output", "weights_frozen", "gradient_vanishes")
+CAUSES = ("constant_output", "weights_frozen", "learning_rate_collapsed", "gradient_vanishes")
 """The ids of the causes this detector names besides the shared ones of ``causes.py``."""
+
+
+def flat_since(loss: np.ndarray, final: float, rel_change: float) -> int:
+    """Index of the first step from which the loss stays at ``final``.
+
+    Walks back over blocks of steps while each block's median is within the flat tolerance
+    of ``final``; the tolerance is the larger of ``rel_change`` of the loss and the noise a
+    block median of this run's per-batch losses carries, so that a noisy flat loss is not
+    read as still moving at every step.
+    """
+    size = max(1, min(len(loss) // 20, 50))
+    tail = loss[-max(size, len(loss) // 4):]
+    mad = float(np.median(np.abs(tail - np.median(tail))))
+    tol = max(abs(final) * rel_change, 3 * 1.4826 * mad / np.sqrt(size), 1e-12)
+    start = len(loss) - size
+    while start - size >= 0 and abs(float(np.median(loss[start - size:start])) - final) <= tol:
+        start -= size
+    while start > 0 and abs(float(loss[start - 1]) - final) <= tol:
+        start -= 1  # into the block before, step by step
+    return max(start, 0)
+
+
+def lr_collapse(ctx: Context, window_start: int) -> tuple[Cause, dict] | None:
+    """The learning rate over the window is a tiny fraction of the run's peak rate (a
+    schedule stepped far more often than meant, or decayed to nothing)."""
+    lr = ctx.lr
+    ok = np.isfinite(lr)
+    if not ok.any():
+        return None
+    steps, lr = ctx.steps[ok], lr[ok]
+    peak_at = int(np.argmax(lr))
+    peak = float(lr[peak_at])
+    in_window = lr[steps >= window_start]
+    if peak <= 0 or not in_window.size:
+        return None
+    top = float(np.max(in_window))
+    if top > ctx.t.lr_collapse * peak:
+        return None
+    below = np.flatnonzero((lr <= ctx.t.lr_collapse * peak) & (steps > steps[peak_at]))
+    fell_at = int(steps[below[0]]) if below.size else int(steps[-1])
+    changes = int(np.count_nonzero(np.diff(lr) != 0))
+    cause = Cause("learning_rate_collapsed",
+                  f"the learning rate fell from {fmt(peak)} (step {int(steps[peak_at])}) to "
+                  f"{fmt(top)} or less over the last part of the run, below "
+                  f"{fmt(ctx.t.lr_collapse)} of its peak from step {fell_at} on, changing "
+                  f"{changes} times: a schedule meant per epoch stepped every batch, or one "
+                  f"that decays too fast, leaves the weights almost still")
+    return cause, {"lr_peak": peak, "lr_peak_step": int(steps[peak_at]),
+                   "lr_max_in_window": top, "lr_collapsed_from_step": fell_at,
+                   "lr_changes": changes}
 
 
 def detect(ctx: Context) -> list[Finding]:
@@ -34,11 +85,7 @@ def detect(ctx: Context) -> list[Finding]:
         return []
     final = float(np.median(loss[-q:]))
     at_floor = float(np.max(np.abs(window))) <= t.converged_loss
-    since = len(loss) - 1
-    tol = max(abs(final) * t.plateau_rel_change, 1e-12)
-    while since > 0 and abs(loss[since - 1] - final) <= tol:
-        since -= 1
-    first_step = int(steps[since])
+    first_step = int(steps[flat_since(loss, final, t.plateau_rel_change)])
 
     if at_floor:
         # Zero loss (the model reproduces its targets exactly): nothing left to learn,
@@ -66,23 +113,28 @@ def detect(ctx: Context) -> list[Finding]:
                                f"{fmt(final)} is the loss of a constant prediction"))
     ratio = ctx.update_ratio[in_window]
     frozen = False
+    # Stuck rather than converged only while the gradient is still sizeable: a converged
+    # run stops moving too, but because its gradient has fallen to a tiny fraction of its
+    # peak. A zero gradient is nothing to move by: that is no frozen model either.
+    total = ctx.total_grad
+    ok = np.isfinite(total)
+    window_grad = total[ok & (ctx.steps >= steps[start])]
+    median = float(np.median(window_grad)) if window_grad.size else 0.0
+    sizeable = median > 0 and median >= t.active_grad_fraction * float(np.max(total[ok]))
+    collapsed = lr_collapse(ctx, int(steps[start])) if sizeable else None
+    if collapsed:
+        evidence.update(collapsed[1])
     if ratio.size and np.isfinite(ratio).any():
         peak = float(np.nanmax(ratio))
         evidence["update_ratio_max"] = peak
-        # Frozen only while the gradient is still sizeable: a converged run stops moving
-        # too, but because its gradient has fallen to a tiny fraction of its peak.
-        total = ctx.total_grad
-        ok = np.isfinite(total)
-        window_grad = total[ok & (ctx.steps >= steps[start])]
-        median = float(np.median(window_grad)) if window_grad.size else 0.0
-        # A zero gradient is nothing to move by: that is no frozen model.
-        sizeable = median > 0 and median >= t.active_grad_fraction * float(np.max(total[ok]))
         if peak < t.frozen_update_ratio and sizeable:
             frozen = True
             signs.append(Cause("weights_frozen",
                                f"no layer's weights move although the gradient norm is still "
                                f"{fmt(float(np.median(window_grad)))}: the largest update is "
                                f"{fmt(peak)} of the weight norm"))
+    if collapsed:
+        signs.insert(0, collapsed[0])  # what stopped the weights: the first thing to say
     starved_layers: list[str] = []
     group = max(ctx.groups, key=lambda g: len(g.layers)) if ctx.groups else None
     for g in ctx.groups:
@@ -113,7 +165,7 @@ def detect(ctx: Context) -> list[Finding]:
     # Causes that explain the signs found: a frozen model is stopped by what zeroes its
     # updates; a starved one by what shrinks its gradient with depth.
     causes = list(signs)
-    if frozen:
+    if frozen and not collapsed:
         overflow = C.forward_overflow(ctx)
         causes += [c for c in (C.clipping_to_zero(ctx), overflow,
                                C.init_scale(ctx, group, ("large",)) if group and overflow
@@ -128,8 +180,14 @@ def detect(ctx: Context) -> list[Finding]:
     remedies = depth_remedies(ctx, group, causes) if group else []
     remedies = recurrent_remedies + [r for r in remedies
                                      if r.id not in {x.id for x in recurrent_remedies}]
+    if collapsed:
+        # The constant rate: the run learned at its peak rate before the schedule took it
+        # away (a rate too high there would have shown as a divergence, not a plateau).
+        remedies.insert(0, remedy("hold_learning_rate", floor=fmt(collapsed[1]["lr_peak"]),
+                                  since=collapsed[1]["lr_collapsed_from_step"],
+                                  last=fmt(collapsed[1]["lr_max_in_window"])))
     sgd = any(o["type"] == "SGD" for o in ctx.facts.get("optimizers", []))
-    if sgd and not frozen:
+    if sgd and not frozen and not collapsed:
         remedies.append(remedy("adaptive_optimizer"))
     severity = "error" if frozen else "warning"
     summary = (f"{ctx.subject}The loss is stuck at {fmt(final)} from step {first_step} on (best "
