@@ -37,8 +37,10 @@ def _remedy(report: gradwatch.Report, kind: str, remedy_id: str) -> Remedy:
 
 # ------------------------------------------------------------------------------ the API
 def test_every_catalogue_remedy_has_an_applier() -> None:
-    for entry in CATALOGUE.values():  # it changes the model or optimizer, or says what it needs
-        assert entry.to_model or entry.to_optimizer or entry.needs, entry.id
+    for entry in CATALOGUE.values():  # it changes the model, optimizer or process, or says
+        # what it needs
+        assert entry.to_model or entry.to_optimizer or entry.to_process or entry.needs, \
+            entry.id
     with pytest.raises(NotApplicable, match="training data"):
         apply(nn.Linear(2, 2), None, "recompute_bn_statistics")
 

@@ -4,7 +4,7 @@ Detectors name a remedy by id with the parameters they measured (``judge.advice.
 :func:`describe` fills in its text and code when the report is built, and :func:`apply`
 changes a live model and optimizer with it. To add a remedy: one ``RemedyEntry`` in the
 ``ENTRIES`` of its family module (``init``, ``activations``, ``optimizer``, ``architecture``,
-``modes``, ``recurrent``, ``data``), and a test.
+``modes``, ``recurrent``, ``data``, ``numerics``), and a test.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..findings import Finding, Remedy, set_applier
-from . import activations, architecture, data, init, modes, optimizer, recurrent
+from . import activations, architecture, data, init, modes, numerics, optimizer, recurrent
 from .base import SWAPS, Application, NotApplicable, RemedyEntry, check_optimizer
 from .init import following_activations
 
@@ -23,7 +23,8 @@ __all__ = ["CATALOGUE", "Application", "NotApplicable", "RemedyEntry", "apply", 
            "describe_findings", "following_activations", "refuses", "remedy"]
 
 CATALOGUE: dict[str, RemedyEntry] = {
-    e.id: e for family in (init, activations, optimizer, architecture, modes, recurrent, data)
+    e.id: e for family in (init, activations, optimizer, architecture, modes, recurrent, data,
+                           numerics)
     for e in family.ENTRIES}
 """Every remedy by id."""
 
@@ -88,6 +89,10 @@ def apply(model: nn.Module, optimizer: torch.optim.Optimizer | None, remedy_id: 
         check_optimizer(optimizer)
     if entry.needs is not None:
         raise NotApplicable(entry.needs)
+    if entry.to_process is not None:
+        raise NotApplicable(f"remedy {remedy_id!r} changes how the whole script computes, "
+                            "from its start: `gradwatch run --verify` (or --fix) applies it to "
+                            "a re-run; in code, write what its code shows")
     if entry.needs_optimizer and optimizer is None:
         raise ValueError(f"remedy {remedy_id!r} changes the optimizer: pass the optimizer "
                          "(apply(model, optimizer, ...))")

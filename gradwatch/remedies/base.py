@@ -3,8 +3,9 @@
 A remedy says why it helps (``text``) and what to run (``code``), both filled with the
 parameters a detector measured on the run; it changes a live model (``to_model``, before its
 first forward) and optimizer (``to_optimizer``, before its first step) itself, appending one
-sentence per change; and it declares what ``--verify`` must know about it (``loss_neutral``,
-``hides``, ``diagnostic``, ``needs``). A remedy that cannot apply itself raises
+sentence per change, or the whole script's process (``to_process``, before the script
+starts: only a re-run can apply that); and it declares what ``--verify`` must know about it
+(``loss_neutral``, ``hides``, ``diagnostic``, ``needs``). A remedy that cannot apply itself raises
 :class:`NotApplicable` saying why and what to do instead.
 
 Hooks a remedy registers go first among the model's forward pre-hooks (``prepend=True``),
@@ -27,14 +28,29 @@ from torch import nn
 from ..findings import Remedy
 
 __all__ = ["ACT_MODULES", "LAYERS_CODE", "MODE_DEPENDENT", "SWAPS", "WEIGHT_LAYERS",
-           "Application", "NotApplicable", "RemedyEntry", "all_params", "check_optimizer",
-           "fmt", "model_var", "number", "run_added_pre_hooks", "span", "submodule",
+           "Application", "NotApplicable", "ProcessChange", "RemedyEntry", "all_params",
+           "check_optimizer", "fmt", "model_var", "number", "run_added_pre_hooks", "span",
+           "submodule",
            "swap_optimizer"]
+
+class ProcessChange:
+    """What a ``to_process`` remedy changed in the script's process: what it did, said
+    once the script has run (its changes happen while it runs), and how to undo it."""
+
+    def changes(self) -> list[str]:
+        """One sentence per change made so far; none: the remedy found nothing to change."""
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        """Undo the change (the script has ended)."""
+        raise NotImplementedError
+
 
 Params = dict[str, Any]
 Template = Callable[[Params], str]
 ModelFn = Callable[[nn.Module, Params, list[str]], None]
 OptimizerFn = Callable[[torch.optim.Optimizer, "nn.Module | None", Params, list[str]], None]
+ProcessFn = Callable[[Params], ProcessChange]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +72,9 @@ class RemedyEntry:
     """Changes the live model in place before its first forward."""
     to_optimizer: OptimizerFn | None = None
     """Changes the live optimizer in place before its first step."""
+    to_process: ProcessFn | None = None
+    """Changes the script's whole process before it starts (a function mode around every
+    torch call, a DataLoader option); only a re-run of the script can apply it."""
     needs_optimizer: bool = False
     """:func:`gradwatch.remedies.apply` refuses to run it without an optimizer."""
     after_first_step: bool = False

@@ -49,6 +49,7 @@ class ChildControl:
         self._deferred: list[tuple[Any, dict[str, Any], torch.optim.Optimizer]] = []
         self._appliers: list[tuple[Any, dict[str, Any]]] = []
         self._done: set[str] = set()  # ids of the remedies that changed something
+        self._process: list[tuple[str, Any]] = []  # (id, ProcessChange) of to_process ones
         if self.remedies:
             for rid, params in self.remedies:
                 applier = CATALOGUE.get(rid)
@@ -73,6 +74,17 @@ class ChildControl:
         handles.add(module_hooks.register_module_forward_pre_hook(self._pre))
         handles.add(module_hooks.register_module_forward_hook(self._post, always_call=True))
         handles.add(optimizer_hooks.register_optimizer_step_pre_hook(self._step_pre))
+        for applier, params in self._appliers if self._live() else []:
+            if applier.to_process is None:
+                continue
+            try:
+                change = applier.to_process(params)
+            except Exception as exc:
+                self.status, self.error = "failed", f"{type(exc).__name__}: {exc}"
+                return
+            self._process.append((applier.id, change))
+            handles.add(change)  # undone when the script has ended
+            self.status = "applied"
 
     def attach_last(self, handles: Any) -> None:
         handles.add(optimizer_hooks.register_optimizer_step_post_hook(self._step_post))
@@ -183,6 +195,15 @@ class ChildControl:
     def summary(self) -> dict[str, Any]:
         """What the child did, for the parent: written into the child's report."""
         steps = max(self.steps, int(getattr(self._monitor, "step", 0) or 0))
+        for rid, change in self._process:
+            made = change.changes()
+            if made:
+                self.changes += made
+                self._done.add(rid)
+            elif self.status == "applied":
+                self.status, self.error = "not_applicable", \
+                    f"{rid}: the script never ran an operation it has a safe form for"
+        self._process = []
         return {"remedy": self.remedy_id,
                 "remedies": [{"id": rid, "params": params} for rid, params in self.remedies],
                 "status": self.status, "changes": list(self.changes), "error": self.error,

@@ -71,6 +71,8 @@ def detect(ctx: Context) -> list[Finding]:
                 "them, so clipping cannot help.")
         if sudden.id == "nonfinite_input":
             remedies.append(remedy("assert_finite_inputs"))
+        else:  # an operation undefined at this input: its safe form, where it has one
+            remedies.append(remedy("safe_ops"))
     else:
         # Values grew until they overflowed: the updates that made them grow are the cause.
         growth = grad_growth(ctx, step)
@@ -163,7 +165,8 @@ def sudden_nonfinite(ctx: Context, step: int, origin: str) -> Cause | None:
     """A NaN/Inf that appeared in one step from a normal-sized run: data or an invalid op.
 
     Holds when, before ``step``, the loss stayed below the overflow level, the gradient
-    norm was measured on more than ``baseline_steps`` steps and never grew
+    norm was measured on more than ``baseline_steps`` steps (or ``step`` is the first, where
+    nothing can have grown yet) and never grew
     ``exploding_growth``-fold over its baseline, and the weights were still finite at
     ``step``: nothing grew towards the overflow, so the value came from this step's batch
     or from an operation that is undefined at this input.
@@ -179,7 +182,9 @@ def sudden_nonfinite(ctx: Context, step: int, origin: str) -> Cause | None:
     if loss.size and float(np.max(np.abs(loss))) >= ctx.t.forward_overflow:
         return None
     growth = grad_growth(ctx, step)
-    if growth is None or growth[0] > ctx.t.exploding_growth:
+    # At the first step nothing can have grown: no history is needed to call it sudden.
+    if (growth is None and step > 0) or (growth is not None and
+                                         growth[0] > ctx.t.exploding_growth):
         return None  # too short a history to call it normal, or the gradient grew
     last = f"the loss was {fmt(float(loss[-1]))} the step before and " if loss.size else ""
     if origin == "backward":
