@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,10 +15,12 @@ from ._version import __version__
 from .lab.main import main as lab_main
 from .measure.monitor import Options
 from .preflight import load_factory, preflight, resolve_factory_result
+from .report import Report
 from .report.text import printable
-from .runner import run_script
+from .runner import RunResult, run_script
 from .thresholds import resolve_thresholds
 from .verify.child import ChildControl
+from .verify.fix import FixControl, final_run
 from .verify.run import VerifySettings, verify_report
 from .verify.settle import Settle
 
@@ -26,7 +29,8 @@ __all__ = ["main"]
 # Options of `gradwatch run` that may also follow the script path (before any `--`).
 _RUN_FLAGS = {"--json": 1, "--html": 1, "--text": 1, "--quiet": 0, "--strict": 0,
               "--sync-every": 1, "--detail-every": 1, "--threshold": 1, "--verify": 0,
-              "--budget": 1, "--verify-time": 1, "--repeats": 1, "--verify-remedies": 1}
+              "--budget": 1, "--verify-time": 1, "--repeats": 1, "--verify-remedies": 1,
+              "--fix": 0}
 # Hidden options of a `--verify` re-run; gradwatch passes them before the script only.
 _CHILD_FLAGS = {"--apply-remedy": 1, "--apply-params": 1, "--max-steps": 1, "--settle": 1}
 
@@ -98,6 +102,10 @@ def cmd_run(argv: list[str]) -> int:
                         help="then re-run the script with each remedy of each problem found, "
                         "each until its outcome is settled, and record in the report what "
                         "each one changed")
+    parser.add_argument("--fix", action="store_true",
+                        help="at the first problem found, verify its remedies and restart the "
+                        "script from its start with the one that repairs it (the script "
+                        "itself is not modified); the report is of the restarted run")
     parser.add_argument("--budget", type=int, default=None, metavar="STEPS",
                         help="at most this many optimizer steps per --verify re-run (default: "
                         "as many as the first run, if they fit in --verify-time)")
@@ -119,6 +127,8 @@ def cmd_run(argv: list[str]) -> int:
     if (ns.budget is not None and ns.budget < 1) or ns.repeats < 1 or ns.verify_time <= 0:
         parser.error("--budget and --repeats take a positive integer, --verify-time a "
                      "positive number of seconds")
+    if ns.fix and ns.verify:
+        parser.error("--fix verifies the remedies itself: give --fix or --verify, not both")
     kwargs = {k: v for k, v in (("sync_every", ns.sync_every),
                                 ("detail_every", ns.detail_every)) if v is not None}
     try:
@@ -129,8 +139,15 @@ def cmd_run(argv: list[str]) -> int:
     for out in (ns.json, ns.html, ns.text):
         if out:
             _check_writable(parser, out)
-    control = None
-    if ns.apply_remedy is not None or ns.max_steps is not None:
+    only = frozenset(r.strip() for r in ns.verify_remedies.split(",") if r.strip()) \
+        if ns.verify_remedies else None
+    settings = VerifySettings(budget=ns.budget, time_s=ns.verify_time, repeats=ns.repeats,
+                              only=only, options=options, thresholds=thresholds)
+    say = None if ns.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    control: Any = None
+    if ns.fix:
+        control = FixControl(script, rest, settings, say or (lambda _msg: None))
+    elif ns.apply_remedy is not None or ns.max_steps is not None:
         ids = ns.apply_remedy.split("+") if ns.apply_remedy else []
         params = json.loads(ns.apply_params)
         params = params if isinstance(params, list) else [params] * len(ids)
@@ -146,15 +163,40 @@ def cmd_run(argv: list[str]) -> int:
     if result.report is None:
         return result.exit_code  # a process the script forked: only the parent reports
     if ns.verify:
-        only = frozenset(r.strip() for r in ns.verify_remedies.split(",") if r.strip()) \
-            if ns.verify_remedies else None
-        settings = VerifySettings(budget=ns.budget, time_s=ns.verify_time,
-                                  repeats=ns.repeats, only=only, options=options,
-                                  thresholds=thresholds)
-        say = None if ns.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
         result.report = verify_report(result.report, script, rest, settings, say)
+    if ns.fix:
+        result = _fixed(result, control, script, rest, _passed_on(ns))
     _write_outputs(result.report, (ns.json, ns.html, ns.text), ns.quiet, "gradwatch")
     return result.exit_code
+
+
+def _passed_on(ns: argparse.Namespace) -> list[str]:
+    """The options of this ``gradwatch run`` that a restarted run must have too."""
+    out = [f"--threshold={t}" for t in ns.threshold]
+    out += ["--strict"] if ns.strict else []
+    out += [f"--sync-every={ns.sync_every}"] if ns.sync_every is not None else []
+    out += [f"--detail-every={ns.detail_every}"] if ns.detail_every is not None else []
+    return out
+
+
+def _fixed(first: RunResult, control: FixControl, script: str, args: list[str],
+           passed_on: list[str]) -> RunResult:
+    """After the first run under ``--fix``: the run restarted with the chosen remedy, or the
+    first run itself; the report's ``fix`` says which, and why."""
+    record = dict(control.record)
+    assert first.report is not None
+    if control.repair is None:
+        record["reason"] = ("no problem found" if record["found_at_step"] is None else
+                            "no remedy gradwatch could apply repaired the problem")
+        return RunResult(first.exit_code, Report({**first.report.to_dict(), "fix": record}))
+    started = time.monotonic()
+    code, final = final_run(script, args, control.repair.parts, passed_on)
+    record.update(restarted=True, kind=control.repair.kind, remedy=control.repair.remedy,
+                  final_run_s=round(time.monotonic() - started, 3))
+    if final is None:
+        record["reason"] = "the restarted run wrote no report"
+        return RunResult(code, Report({**first.report.to_dict(), "fix": record}))
+    return RunResult(code, Report({**final.to_dict(), "fix": record}))
 
 
 def _write_outputs(report: Any, outputs: Sequence[str | None], quiet: bool, prog: str,

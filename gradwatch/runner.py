@@ -31,8 +31,9 @@ class StopRun(BaseException):
 
 
 class Control(Protocol):
-    """Something that steers a run from outside (``verify.child.ChildControl``): global
-    hooks registered around gradwatch's own, and what it did, for the report."""
+    """Something that steers a run from outside (``verify.child.ChildControl``,
+    ``verify.fix.FixControl``): global hooks registered around gradwatch's own, and what it
+    did, for the report."""
 
     def attach_first(self, handles: Handles, monitor: Monitor) -> None:
         """Register hooks that must run before gradwatch's (change the model first)."""
@@ -41,7 +42,7 @@ class Control(Protocol):
         """Register hooks that must run after gradwatch's (the stopping step committed)."""
 
     def summary(self) -> dict[str, Any]:
-        """What it did, written into the report as ``applied``."""
+        """What it did: sections added to the report (``{"applied": {...}}``)."""
 
 
 class RunResult:
@@ -163,7 +164,7 @@ def run_script(script: str | os.PathLike[str], args: Sequence[str] = (),
         return RunResult(code, None)  # a forked child: the parent reports the run
     report = build_report(monitor)
     if control is not None:
-        report = Report({**report.to_dict(), "applied": control.summary()})
+        report = Report({**report.to_dict(), **control.summary()})
     return RunResult(code, report)
 
 

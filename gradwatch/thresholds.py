@@ -97,6 +97,10 @@ class Thresholds:
     """Trailing fraction of the run examined for a plateau."""
     plateau_rel_change: float = limit(1e-2, "(0, 1)")
     """Relative loss change over the plateau window below this: the loss is flat."""
+    plateau_noise_z: float = limit(2.0, "[0, inf)")
+    """A loss whose fitted trend over the plateau window is within this many standard
+    errors of zero is flat too (moving it by up to 5x plateau_rel_change); 0 turns the
+    noise test off."""
     converged_loss: float = limit(1e-8, "[0, inf)")
     """A loss whose size stays at or below this is at its floor (the model fits exactly):
     a flat loss there is convergence, whatever else is measured."""

@@ -82,19 +82,39 @@ def _hold_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module | None,
     starts = [group.get("initial_lr", group["lr"]) for group in optimizer.param_groups]
     floors = [floor * start / starts[0] if starts[0] else floor for start in starts]
 
-    def hold(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def hold(opt: torch.optim.Optimizer, *_: Any) -> None:
         for group, low in zip(opt.param_groups, floors, strict=False):
             if isinstance(group["lr"], (int, float)) and group["lr"] < low:
                 group["lr"] = low
 
-    # A step pre-hook rather than patching the scheduler: it holds hand-set rates and every
-    # scheduler (chained, closed-form, several at once) alike, and the scheduler's own
-    # recursion restarts from the held rate after each step.
+    # Each scheduler's step holds the floor right after it moves the rate, so that the rate
+    # the next step uses (and reads, and get_last_lr() says) is the held one; a step
+    # pre-hook holds rates set by hand. The schedule's own recursion restarts from the
+    # held rate after each step.
+    schedulers = _schedulers(optimizer)
+    for sched in schedulers:
+        sched.step = _held_step(sched, optimizer, hold)
     optimizer.register_step_pre_hook(hold)
-    kinds = sorted({type(s).__name__ for s in _schedulers(optimizer)})
+    kinds = sorted({type(s).__name__ for s in schedulers})
     changes.append(f"held the learning rate of {len(floors)} param group(s) at no less than "
-                   f"{fmt(floors[0])} before each step"
-                   + (f" (schedule: {', '.join(kinds)})" if kinds else ""))
+                   f"{fmt(floors[0])}"
+                   + (f" after each step of its schedule ({', '.join(kinds)}) and before "
+                      f"each optimizer step" if kinds else " before each optimizer step"))
+
+
+def _held_step(sched: Any, optimizer: torch.optim.Optimizer,
+               hold: Any) -> Any:
+    """``sched.step`` followed by ``hold`` (and the held rates as its last rates)."""
+    original = sched.step
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        hold(optimizer)
+        if hasattr(sched, "_last_lr"):
+            sched._last_lr = [group["lr"] for group in optimizer.param_groups]
+        return out
+
+    return step
 
 
 def _adam_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module | None,

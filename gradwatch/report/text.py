@@ -80,6 +80,29 @@ def _verified_lines(remedies: list[dict[str, Any]], width: int) -> list[str]:
     return lines
 
 
+def _fix_lines(fix: dict[str, Any], width: int) -> list[str]:
+    """What ``gradwatch run --fix`` did: the remedy it restarted the run with, or why not."""
+    found = fix.get("found_at_step")
+    if fix.get("restarted"):
+        remedy = fix.get("remedy") or {}
+        v = remedy.get("verified") or {}
+        gone = ", finding gone" if v.get("finding_gone") else ""
+        lines = _wrap(f"fixed: {fix.get('kind')} found after {found} steps; {remedy.get('id')} "
+                      f"repaired it in a re-run (loss {_loss(v.get('loss_before'))} -> "
+                      f"{_loss(v.get('loss_after'))} in {v.get('steps')} steps{gone}); the "
+                      f"script was restarted from its start with it, and this report is of "
+                      f"that run.", width, "")
+        for change in (v.get("changes") or [])[:6]:
+            lines += _wrap(f"changed: {change}", width, "  - ", "    ")
+        return lines
+    if found is None:
+        return _wrap("fix: no problem found while the run went on; nothing was changed.",
+                     width, "")
+    return _wrap(f"fix: a problem was found after {found} steps, but no remedy gradwatch "
+                 f"could apply repaired it in a re-run; the run went on unchanged (the "
+                 f"remedies tried are in the JSON report's fix.findings).", width, "")
+
+
 def render_text(data: dict[str, Any], width: int = 100) -> str:
     run, findings, layers = data["run"], data["findings"], data["layers"]
     counts = Counter(f["severity"] for f in findings)
@@ -96,6 +119,8 @@ def render_text(data: dict[str, Any], width: int = 100) -> str:
     opts = ", ".join(f"{d} x{n}" if n > 1 else d for d, n in described.items()) or "none seen"
     lines.append(f"model: {len(layers)} layer{'s' if len(layers) != 1 else ''} with "
                  f"parameters ({model}); optimizer: {opts}")
+    if data.get("fix"):
+        lines += _fix_lines(data["fix"], width)
     if run.get("error"):
         error = " ".join(str(run["error"]).split())
         lines += _wrap(f"the run ended with {_shorten(error, 300)}", width, "")

@@ -193,7 +193,7 @@ class ChildControl:
             raise StopRun
 
     def summary(self) -> dict[str, Any]:
-        """What the child did, for the parent: written into the child's report."""
+        """What the child did, for the parent: the child's report's ``applied``."""
         steps = max(self.steps, int(getattr(self._monitor, "step", 0) or 0))
         for rid, change in self._process:
             made = change.changes()
@@ -204,9 +204,11 @@ class ChildControl:
                 self.status, self.error = "not_applicable", \
                     f"{rid}: the script never ran an operation it has a safe form for"
         self._process = []
-        return {"remedy": self.remedy_id,
-                "remedies": [{"id": rid, "params": params} for rid, params in self.remedies],
-                "status": self.status, "changes": list(self.changes), "error": self.error,
-                "not_reached": [rid for rid, _ in self.remedies if rid not in self._done],
-                "steps": steps, "max_steps": self.max_steps,
-                "settled": self.settler.reason if self.settler is not None else None}
+        applied = {
+            "remedy": self.remedy_id,
+            "remedies": [{"id": rid, "params": params} for rid, params in self.remedies],
+            "status": self.status, "changes": list(self.changes), "error": self.error,
+            "not_reached": [rid for rid, _ in self.remedies if rid not in self._done],
+            "steps": steps, "max_steps": self.max_steps,
+            "settled": self.settler.reason if self.settler is not None else None}
+        return {"applied": applied}

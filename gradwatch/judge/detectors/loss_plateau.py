@@ -8,6 +8,8 @@ sizeable, or gradients that do not reach the input side. Flat without such a sig
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from ...findings import Cause, Finding
@@ -19,6 +21,30 @@ from . import through_time, vanishing
 KIND = "loss_plateau"
 CAUSES = ("constant_output", "weights_frozen", "learning_rate_collapsed", "gradient_vanishes")
 """The ids of the causes this detector names besides the shared ones of ``causes.py``."""
+
+
+#: A head/tail difference within the noise counts as flat only up to this many times
+#: ``plateau_rel_change``: beyond it the loss has moved, however noisy.
+NOISE_CAP = 5
+
+
+def within_noise(window: np.ndarray, head: float, t: Any) -> bool:
+    """Is the loss over the window flat but for noise? Minibatch losses of a stuck model
+    scatter far more than 1% around its level, so a change between the window's quarters
+    can be noise: flat when the window's fitted trend is within ``plateau_noise_z``
+    standard errors of zero (a run still learning, however noisily, has a trend the fit
+    sees) and moves the loss by less than NOISE_CAP times ``plateau_rel_change``."""
+    n = window.size
+    if n < 8 or t.plateau_noise_z <= 0:
+        return False
+    x = np.arange(n, dtype=float) - (n - 1) / 2
+    slope = float(np.dot(x, window - window.mean()) / np.dot(x, x))
+    residual = window - window.mean() - slope * x
+    sigma = 1.4826 * float(np.median(np.abs(residual - np.median(residual))))
+    error = sigma / np.sqrt(float(np.dot(x, x)))
+    moved = abs(slope) * (n - 1)
+    return abs(slope) <= t.plateau_noise_z * error and \
+        moved < NOISE_CAP * t.plateau_rel_change * max(abs(head), 1e-12)
 
 
 def flat_since(loss: np.ndarray, final: float, rel_change: float) -> int:
@@ -81,7 +107,9 @@ def detect(ctx: Context) -> list[Finding]:
     q = max(1, len(window) // 4)
     head, tail = float(np.median(window[:q])), float(np.median(window[-q:]))
     change = (head - tail) / max(abs(head), 1e-12)
-    if abs(change) >= t.plateau_rel_change:
+    # Flat only within the noise: said when the model shows it is stuck, not as a note.
+    noisy = abs(change) >= t.plateau_rel_change
+    if noisy and not within_noise(window, head, t):
         return []
     final = float(np.median(loss[-q:]))
     at_floor = float(np.max(np.abs(window))) <= t.converged_loss
@@ -156,6 +184,8 @@ def detect(ctx: Context) -> list[Finding]:
                                f"gradient (see vanishing_gradient)"))
             recurrent_remedies += found.remedies
     if not signs:
+        if noisy:
+            return []
         return [Finding(KIND, "info", first_step, int(steps[-1]), [],
                         f"{ctx.subject}The loss has been flat at about {fmt(final)} since "
                         f"step {first_step} "

@@ -1,0 +1,142 @@
+"""``gradwatch run --fix``: watch the run; at the first problem found, prove its remedies on
+re-runs as long as the run so far, and restart the script from its start with the one that
+repairs it, so that the user ends with a trained model and the record of what was changed.
+
+The user's script is never modified: the restarted run is the script again, in a fresh
+process in the user's folder (its outputs and checkpoints land where they always do), with
+the remedy applied to its live model and optimizer as ``--verify``'s re-runs apply it. When
+no remedy repairs the problem, the first run is not stopped: it goes on unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..judge.registry import run_detectors
+from ..report import Report, build_report
+from ..runner import StopRun
+from .launch import VerifySettings
+from .run import verify_report
+from .search import remedy_parts
+from .verdict import Parts, solved
+
+__all__ = ["CHECK_FIRST", "CHECK_MAX_GAP", "FixControl", "Repair", "final_run", "repairs"]
+
+#: The first check of the run for problems, after this many steps; then every quarter of
+#: the steps so far, at least CHECK_FIRST and at most CHECK_MAX_GAP steps apart.
+CHECK_FIRST = 16
+CHECK_MAX_GAP = 256
+#: A remedy whose finding stays must lower the loss this many times to count as a repair.
+IMPROVED = 2.0
+
+
+@dataclasses.dataclass
+class Repair:
+    """The remedy chosen to restart the run with, and the finding it repairs."""
+
+    kind: str
+    remedy: dict[str, Any]  # the report's remedy, with its "verified"
+    parts: Parts
+
+
+def repairs(verified: dict[str, Any]) -> bool:
+    """A verified remedy repairs its finding: better or fixed, nothing new, and the finding
+    gone or the loss at least IMPROVED times lower."""
+    if not verified or verified.get("status") not in ("better", "fixed"):
+        return False
+    if verified.get("new_findings"):
+        return False
+    return solved(verified) or (verified.get("improvement") or 0) >= IMPROVED
+
+
+def choose(report: Report) -> Repair | None:
+    """The top verified remedy that repairs the most severe, earliest problem."""
+    order = {"error": 0, "warning": 1}
+    problems = sorted((f for f in report.findings if f.severity in order),
+                      key=lambda f: (order[f.severity], f.first_step))
+    for finding in problems:
+        for remedy in finding.remedies:
+            if remedy.verified and repairs(remedy.verified):
+                return Repair(finding.kind, remedy.to_dict(), remedy_parts(remedy))
+            if remedy.verified:
+                break  # ranked by effect: the first verified one is this finding's best
+    return None
+
+
+class FixControl:
+    """The first run under ``--fix``: checks it as it goes and, at the first problem,
+    verifies the remedies; stops it when one repairs the problem (``repair`` is then set)."""
+
+    def __init__(self, script: str | os.PathLike[str], args: Sequence[str],
+                 settings: VerifySettings, say: Callable[[str], None]) -> None:
+        self.script, self.args, self.settings, self.say = script, list(args), settings, say
+        self.next_check = CHECK_FIRST
+        self.repair: Repair | None = None
+        self.record: dict[str, Any] = {"found_at_step": None, "restarted": False}
+        self.started = time.monotonic()
+
+    def attach_first(self, handles: Any, monitor: Any = None) -> None:
+        if monitor is not None:
+            monitor.step_listeners.append(self._committed)
+
+    def attach_last(self, handles: Any) -> None:
+        pass
+
+    def summary(self) -> dict[str, Any]:
+        return {}
+
+    def _committed(self, monitor: Any) -> None:
+        if self.record["found_at_step"] is not None or monitor.step < self.next_check:
+            return
+        self.next_check = monitor.step + min(CHECK_MAX_GAP, max(CHECK_FIRST, monitor.step // 4))
+        monitor.flush()
+        findings, _ = run_detectors(monitor.history, monitor.thresholds)
+        problems = sorted({f.kind for f in findings if f.severity in ("warning", "error")})
+        if not problems:
+            return
+        step = int(monitor.step)
+        self.record["found_at_step"] = step
+        self.record["first_run_s"] = round(time.monotonic() - self.started, 3)
+        self.say(f"fix: {', '.join(problems)} found after {step} steps: verifying remedies on "
+                 f"re-runs of up to {step} steps")
+        started = time.monotonic()
+        settings = dataclasses.replace(self.settings, budget=step)
+        checked = verify_report(build_report(monitor), self.script, self.args, settings,
+                                self.say)
+        self.record["verify_s"] = round(time.monotonic() - started, 3)
+        self.record["findings"] = [f.to_dict() for f in checked.findings
+                                   if f.severity in ("warning", "error")]
+        self.record["verify"] = checked.to_dict().get("verify")
+        self.repair = choose(checked)
+        if self.repair is None:
+            self.say("fix: no remedy repaired it; the run goes on unchanged")
+            return
+        self.say(f"fix: {self.repair.remedy['id']} repairs {self.repair.kind}: restarting the "
+                 f"script from its start with it")
+        raise StopRun
+
+
+def final_run(script: str | os.PathLike[str], args: Sequence[str], parts: Parts,
+              gradwatch_args: Sequence[str] = ()) -> tuple[int, Report | None]:
+    """Run the script again from its start, in the user's folder and with the user's
+    output, with ``parts`` applied: its exit status and its report (None when the run wrote
+    none)."""
+    with tempfile.TemporaryDirectory(prefix="gradwatch-fix-") as tmp:
+        report_path = Path(tmp) / "report.json"
+        params: Any = [p for _, p in parts] if len(parts) > 1 else parts[0][1]
+        cmd = [sys.executable, "-m", "gradwatch", "run", *gradwatch_args, "--json",
+               str(report_path), "--quiet", "--apply-remedy",
+               "+".join(rid for rid, _ in parts), "--apply-params",
+               json.dumps(params, default=str), "--", str(script), *args]
+        code = subprocess.run(cmd, stdin=None).returncode
+        report = Report.load(report_path) if report_path.is_file() else None
+    return code, report
