@@ -1,0 +1,111 @@
+"""Repairs proved on whole scripts: the numerically safe form of a NaN-producing operation,
+the learning rate a schedule collapsed, and ``gradwatch run --fix`` restarting a run with
+the remedy that repairs it.
+
+Each test copies a user-style script from ``tests/scripts`` into its own folder and runs
+``python -m gradwatch run`` on it in a subprocess, as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+SCRIPTS = Path(__file__).parent / "scripts"
+TIMEOUT_S = 400
+
+
+def gradwatch_run(tmp_path: Path, name: str, *args: str) -> tuple[dict[str, Any], str, str]:
+    """``gradwatch run`` on ``tests/scripts/<name>`` copied to tmp_path as train.py: the
+    report, the script's stdout and gradwatch's stderr."""
+    script = tmp_path / "train.py"
+    script.write_bytes((SCRIPTS / name).read_bytes())
+    proc = subprocess.run([sys.executable, "-m", "gradwatch", "run", *args, "--json",
+                           "report.json", str(script)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert script.read_bytes() == (SCRIPTS / name).read_bytes()  # never modified
+    return json.loads((tmp_path / "report.json").read_text()), proc.stdout, proc.stderr
+
+
+def finding_of(report: dict[str, Any], kind: str) -> dict[str, Any]:
+    return next(f for f in report["findings"] if f["kind"] == kind)
+
+
+def script_line(name: str, text: str) -> int:
+    """The line of ``tests/scripts/<name>`` that contains ``text``."""
+    lines = (SCRIPTS / name).read_text().splitlines()
+    return next(i for i, line in enumerate(lines, 1) if text in line)
+
+
+@pytest.mark.slow  # re-runs the script in several processes
+def test_safe_ops_replaces_the_log_of_a_softmax_and_is_verified(tmp_path: Path) -> None:
+    report, _, stderr = gradwatch_run(tmp_path, "train_log_softmax.py", "--verify")
+    finding = finding_of(report, "nonfinite")
+    # The loss stays finite; backward() turns log's infinite derivative at 0 into NaN.
+    assert finding["evidence"]["origin"] == "backward"
+    assert "invalid_backward_op" in {c["id"] for c in finding["causes"]}
+    best = finding["remedies"][0]
+    assert best["id"] == "safe_ops"
+    v = best["verified"]
+    assert v["status"] == "better" and v["finding_gone"] is True
+    # Without it the loss is NaN; with it the loss falls from the first step's level.
+    assert v["loss_before"] is None and v["loss_after"] is not None
+    assert math.isfinite(v["loss_after"]) and v["loss_after"] < 1.0
+    line = script_line("train_log_softmax.py", "log_probs = torch.log(")
+    assert any(c.startswith("computed in the safe form: log(softmax(x, dim)) -> "
+                            f"log_softmax(x, dim) at train.py:{line} (") for c in v["changes"])
+    # Skipping NaN steps keeps the weights finite, but the NaN losses stay.
+    guard = next(r["verified"] for r in finding["remedies"]
+                 if r["id"] == "guard_nonfinite_loss")
+    assert guard["finding_gone"] is False
+    assert "verified best: safe_ops, loss not finite -> " in stderr
+
+
+@pytest.mark.slow  # re-runs the script in several processes
+def test_holding_the_rate_repairs_a_scheduler_stepped_every_batch(tmp_path: Path) -> None:
+    report, _, stderr = gradwatch_run(tmp_path, "train_steplr_per_batch.py", "--verify")
+    assert report["run"]["steps"] == 256
+    finding = finding_of(report, "loss_plateau")
+    # A warning: the weights still move, by about 1e-5 of the start's updates.
+    assert finding["severity"] == "warning"
+    collapsed = next(c for c in finding["causes"] if c["id"] == "learning_rate_collapsed")
+    assert "fell from 0.05 (step 0)" in collapsed["text"]
+    ev = finding["evidence"]
+    # StepLR(10, 0.5) per batch: below 1/1000 of the start after 10 halvings.
+    assert ev["lr_peak"] == pytest.approx(0.05) and ev["lr_collapsed_from_step"] == 100
+    assert ev["lr_max_in_window"] <= 0.05 * 1e-3
+    best = finding["remedies"][0]
+    assert best["id"] == "hold_learning_rate" and best["params"]["floor"] == "0.05"
+    v = best["verified"]
+    assert v["status"] == "better" and v["finding_gone"] is True and v["improvement"] >= 2
+    # The re-run stopped once settled, before the end of the user's 256 steps.
+    assert v["settled"] == "repaired" and v["steps"] < 256
+    assert report["verify"]["baseline"] == "first run" and report["verify"]["budget"] == 256
+    assert "verified best: hold_learning_rate" in stderr
+
+
+@pytest.mark.slow  # runs the script three times over
+def test_fix_restarts_the_run_with_the_remedy_that_repairs_it(tmp_path: Path) -> None:
+    report, stdout, stderr = gradwatch_run(tmp_path, "train_steplr_per_batch.py", "--fix")
+    fix = report["fix"]
+    assert fix["restarted"] is True and fix["kind"] == "loss_plateau"
+    assert fix["remedy"]["id"] == "hold_learning_rate"
+    assert 16 <= fix["found_at_step"] < 256
+    assert fix["remedy"]["verified"]["finding_gone"] is True
+    # The report is of the restarted run: whole, repaired, with what was changed.
+    assert report["run"]["steps"] == 256 and report["run"]["status"] == "completed"
+    assert not [f for f in report["findings"] if f["severity"] in ("warning", "error")]
+    assert min(v for v in report["series"]["lr"] if v is not None) == pytest.approx(0.05)
+    assert report["applied"]["status"] == "applied"
+    # The user sees the restarted run's own output; its last epoch trained well below the
+    # collapsed run's 0.42.
+    last = [line for line in stdout.splitlines() if line.startswith("epoch 7:")][-1]
+    assert float(last.split()[3]) < 0.25
+    assert "fixed: loss_plateau found after" in stderr
