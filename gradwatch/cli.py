@@ -142,7 +142,8 @@ def cmd_run(argv: list[str]) -> int:
     only = frozenset(r.strip() for r in ns.verify_remedies.split(",") if r.strip()) \
         if ns.verify_remedies else None
     settings = VerifySettings(budget=ns.budget, time_s=ns.verify_time, repeats=ns.repeats,
-                              only=only, options=options, thresholds=thresholds)
+                              only=only, options=options, thresholds=thresholds,
+                              passed_on=_passed_on(ns))
     say = None if ns.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     control: Any = None
     if ns.fix:
@@ -165,7 +166,7 @@ def cmd_run(argv: list[str]) -> int:
     if ns.verify:
         result.report = verify_report(result.report, script, rest, settings, say)
     if ns.fix:
-        result = _fixed(result, control, script, rest, _passed_on(ns))
+        result = _fixed(result, control, script, rest, settings)
     _write_outputs(result.report, (ns.json, ns.html, ns.text), ns.quiet, "gradwatch")
     return result.exit_code
 
@@ -180,7 +181,7 @@ def _passed_on(ns: argparse.Namespace) -> list[str]:
 
 
 def _fixed(first: RunResult, control: FixControl, script: str, args: list[str],
-           passed_on: list[str]) -> RunResult:
+           settings: VerifySettings) -> RunResult:
     """After the first run under ``--fix``: the run restarted with the chosen remedy, or the
     first run itself; the report's ``fix`` says which, and why."""
     record = dict(control.record)
@@ -190,7 +191,7 @@ def _fixed(first: RunResult, control: FixControl, script: str, args: list[str],
                             "no remedy gradwatch could apply repaired the problem")
         return RunResult(first.exit_code, Report({**first.report.to_dict(), "fix": record}))
     started = time.monotonic()
-    code, final = final_run(script, args, control.repair.parts, passed_on)
+    code, final = final_run(script, args, control.repair.parts, settings)
     record.update(restarted=True, kind=control.repair.kind, remedy=control.repair.remedy,
                   final_run_s=round(time.monotonic() - started, 3))
     if final is None:

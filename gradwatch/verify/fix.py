@@ -24,7 +24,7 @@ from typing import Any
 from ..judge.registry import run_detectors
 from ..report import Report, build_report
 from ..runner import StopRun
-from .launch import VerifySettings
+from .launch import VerifySettings, final_main, forkserver
 from .run import verify_report
 from .search import remedy_parts
 from .verdict import Parts, solved
@@ -126,17 +126,26 @@ class FixControl:
 
 
 def final_run(script: str | os.PathLike[str], args: Sequence[str], parts: Parts,
-              gradwatch_args: Sequence[str] = ()) -> tuple[int, Report | None]:
+              settings: VerifySettings) -> tuple[int, Report | None]:
     """Run the script again from its start, in the user's folder and with the user's
     output, with ``parts`` applied: its exit status and its report (None when the run wrote
-    none)."""
+    none). Forked from the fork server that already imported torch where there is one."""
     with tempfile.TemporaryDirectory(prefix="gradwatch-fix-") as tmp:
         report_path = Path(tmp) / "report.json"
-        params: Any = [p for _, p in parts] if len(parts) > 1 else parts[0][1]
-        cmd = [sys.executable, "-m", "gradwatch", "run", *gradwatch_args, "--json",
-               str(report_path), "--quiet", "--apply-remedy",
-               "+".join(rid for rid, _ in parts), "--apply-params",
-               json.dumps(params, default=str), "--", str(script), *args]
-        code = subprocess.run(cmd, stdin=None).returncode
+        context = forkserver()
+        if context is not None:
+            process = context.Process(target=final_main, args=(
+                str(Path(script).resolve()), list(args), parts, os.getcwd(), str(report_path),
+                settings.options, settings.thresholds))
+            process.start()
+            process.join()
+            code = process.exitcode if process.exitcode is not None else 1
+        else:
+            params: Any = [p for _, p in parts] if len(parts) > 1 else parts[0][1]
+            cmd = [sys.executable, "-m", "gradwatch", "run", *settings.passed_on, "--json",
+                   str(report_path), "--quiet", "--apply-remedy",
+                   "+".join(rid for rid, _ in parts), "--apply-params",
+                   json.dumps(params, default=str), "--", str(script), *args]
+            code = subprocess.run(cmd).returncode
         report = Report.load(report_path) if report_path.is_file() else None
     return code, report

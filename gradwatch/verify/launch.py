@@ -22,7 +22,8 @@ from .child import ChildControl
 from .settle import Settle
 from .verdict import Outcome, Parts, window_loss
 
-__all__ = ["Job", "VerifySettings", "child_main", "cores", "forkserver", "run_job"]
+__all__ = ["Job", "VerifySettings", "child_main", "cores", "final_main", "forkserver",
+           "run_job"]
 
 
 @dataclasses.dataclass
@@ -40,6 +41,7 @@ class VerifySettings:
     combine: bool = True
     options: Any = None  # the first run's Options and Thresholds, used by every re-run
     thresholds: Any = None
+    passed_on: Sequence[str] = ()  # the same as `gradwatch run` options, for a spawned run
 
 
 def cores() -> int:
@@ -202,3 +204,21 @@ def child_main(script: str, args: list[str], parts: Parts, steps: int, folder: s
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
+
+
+def final_main(script: str, args: list[str], parts: Parts, folder: str, report_path: str,
+               options: Any, thresholds: Any) -> None:
+    """The run ``--fix`` restarts, forked from the fork server: the script from its start
+    in the user's folder, with the user's output and threads, ``parts`` applied; the
+    process exits with the script's own status."""
+    os.chdir(folder)
+    code = 1
+    try:
+        result = run_script(script, args, options, thresholds, ChildControl(parts, None))
+        code = result.exit_code
+        if result.report is not None:
+            result.report.save(report_path)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    sys.exit(code)
