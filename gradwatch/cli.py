@@ -21,6 +21,7 @@ from .runner import RunResult, run_script
 from .thresholds import resolve_thresholds
 from .verify.child import ChildControl
 from .verify.fix import FixControl, final_run
+from .verify.launch import start_forkserver
 from .verify.run import VerifySettings, verify_report
 from .verify.settle import Settle
 
@@ -156,6 +157,8 @@ def cmd_run(argv: list[str]) -> int:
             parser.error("--apply-params takes one JSON object per remedy of --apply-remedy")
         settle = Settle.from_json(json.loads(ns.settle)) if ns.settle else None
         control = ChildControl(list(zip(ids, params, strict=True)), ns.max_steps, settle)
+    if ns.verify or ns.fix:
+        start_forkserver()  # it imports torch while the first run goes on
     try:
         result = run_script(script, rest, options, thresholds, control)
     except FileNotFoundError as exc:
@@ -184,8 +187,9 @@ def _fixed(first: RunResult, control: FixControl, script: str, args: list[str],
            settings: VerifySettings) -> RunResult:
     """After the first run under ``--fix``: the run restarted with the chosen remedy, or the
     first run itself; the report's ``fix`` says which, and why."""
-    record = dict(control.record)
     assert first.report is not None
+    control.after(first.report)
+    record = dict(control.record)
     if control.repair is None:
         record["reason"] = ("no problem found" if record["found_at_step"] is None else
                             "no remedy gradwatch could apply repaired the problem")

@@ -107,7 +107,7 @@ class Thresholds:
     collapsed_output_spread: float = limit(1e-3, "[0, 1)")
     """Between-sample std / RMS of the model output below this: the model predicts a
     constant, whatever its input."""
-    lr_collapse: float = limit(1e-3, "(0, 1)")
+    lr_collapse: float = limit(1e-2, "(0, 1)")
     """Largest learning rate over the plateau window / the run's peak rate at or below
     this, with the gradient still sizeable: the schedule has taken the rate to almost
     nothing (cause learning_rate_collapsed)."""

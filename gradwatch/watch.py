@@ -157,8 +157,8 @@ class Watch:
 
     def report(self) -> Report:
         """Diagnose what was measured so far (the whole run once the block has exited)."""
-        if not self._closed and self.monitor.enabled:
-            self.monitor.flush()
+        if not self._closed:
+            self.monitor.snapshot()
         return build_report(self.monitor)
 
 

@@ -61,10 +61,15 @@ def test_safe_ops_replaces_the_log_of_a_softmax_and_is_verified(tmp_path: Path) 
     line = script_line("train_log_softmax.py", "log_probs = torch.log(")
     assert any(c.startswith("computed in the safe form: log(softmax(x, dim)) -> "
                             f"log_softmax(x, dim) at train.py:{line} (") for c in v["changes"])
-    # Skipping NaN steps keeps the weights finite, but the NaN losses stay.
+    # Skipping NaN steps keeps the weights finite, but the NaN losses stay: when it ran
+    # side by side with safe_ops it says so, else it was not re-run once safe_ops repaired.
     guard = next(r["verified"] for r in finding["remedies"]
                  if r["id"] == "guard_nonfinite_loss")
-    assert guard["finding_gone"] is False
+    assert guard["finding_gone"] is False or (
+        guard["status"] == "not_tried" and "safe_ops (nonfinite) repaired it first" in
+        guard["note"])
+    detect = next(r["verified"] for r in finding["remedies"] if r["id"] == "detect_anomaly")
+    assert detect["status"] in ("diagnostic", "not_tried")
     assert "verified best: safe_ops, loss not finite -> " in stderr
 
 
@@ -78,8 +83,8 @@ def test_holding_the_rate_repairs_a_scheduler_stepped_every_batch(tmp_path: Path
     collapsed = next(c for c in finding["causes"] if c["id"] == "learning_rate_collapsed")
     assert "fell from 0.05 (step 0)" in collapsed["text"]
     ev = finding["evidence"]
-    # StepLR(10, 0.5) per batch: below 1/1000 of the start after 10 halvings.
-    assert ev["lr_peak"] == pytest.approx(0.05) and ev["lr_collapsed_from_step"] == 100
+    # StepLR(10, 0.5) per batch: below 1/100 of the start (lr_collapse) after 7 halvings.
+    assert ev["lr_peak"] == pytest.approx(0.05) and ev["lr_collapsed_from_step"] == 70
     assert ev["lr_max_in_window"] <= 0.05 * 1e-3
     best = finding["remedies"][0]
     assert best["id"] == "hold_learning_rate" and best["params"]["floor"] == "0.05"

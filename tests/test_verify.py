@@ -80,8 +80,10 @@ def test_kaiming_init_is_verified_to_fix_the_stalled_relu_net(tmp_path: Path) ->
                   -r["improvement"]) for r in ranked if r["status"] == "better"]
         assert order == sorted(order)
         assert all(r["verified"] == v for r in finding["remedies"] if r["id"] == "kaiming_init")
-    # The vanishing gradient's best remedy (BatchNorm, residuals or Kaiming) truly fixes it.
-    assert remedies_of(report, "vanishing_gradient")[0]["verified"]["loss_after"] < 1.0
+    # The vanishing gradient's best remedy (BatchNorm, residuals or Kaiming) truly fixes it:
+    # the finding gone, the loss at least halved by the step its re-run settled at.
+    best = remedies_of(report, "vanishing_gradient")[0]["verified"]
+    assert best["finding_gone"] is True and best["loss_after"] < 9.76 / 2
     # Exactly the remedies asked for were re-run (--verify-remedies keeps the test short).
     for finding in report["findings"]:
         if finding["severity"] != "info":

@@ -54,7 +54,7 @@ def assert_ranked(report: dict[str, Any]) -> None:
     then the one settled as repaired in fewer steps, then by improvement; the ones gradwatch
     could not run last."""
     rank = {"better": 0, "fixed": 0, "no_effect": 1, "worse": 2, "diagnostic": 3, "failed": 3,
-            "not_applicable": 4, "not_finished": 5}
+            "not_applicable": 4, "not_finished": 5, "not_tried": 5}
     for finding in report["findings"]:
         if finding["severity"] == "info":
             continue
@@ -140,7 +140,9 @@ def test_standardising_raw_features_fixes_the_exploding_regression(tmp_path: Pat
     assert finding["severity"] in ("warning", "error")
     assert "unscaled_inputs" in {c["id"] for c in finding["causes"]}
     offered = {r["id"] for r in finding["remedies"]}
-    assert {"standardize_inputs", "clip_grad_norm"} <= offered
+    # No clipping: the very first gradient is already huge against the weights, and a
+    # threshold measured on it would change nothing.
+    assert "standardize_inputs" in offered and "clip_grad_norm" not in offered
     best = finding["remedies"][0]
     assert best["id"] in ("standardize_inputs", "lower_learning_rate")
     v = best["verified"]
@@ -156,9 +158,6 @@ def test_standardising_raw_features_fixes_the_exploding_regression(tmp_path: Pat
         # Measured on the run: the raw features' overall mean and spread.
         assert float(best["params"]["mean"]) == pytest.approx(float(x.mean()), rel=0.1)
         assert float(best["params"]["std"]) == pytest.approx(float(x.std()), rel=0.1)
-    # Clipping keeps the loss finite but leaves a far worse fit than the best remedy.
-    clip = verified(report, "exploding_gradient", "clip_grad_norm")
-    assert clip["loss_after"] is None or clip["loss_after"] > 2 * v["loss_after"]
     # Remedies not asked for were not re-run.
     for f in report["findings"]:
         for r in f["remedies"]:
@@ -190,10 +189,12 @@ def test_standardising_raw_features_revives_the_saturated_tanh_layer(tmp_path: P
     assert v["loss_after"] < v["loss_before"] / 2
     assert v["improvement"] == pytest.approx(v["loss_before"] / v["loss_after"])
     # Normalising after the first layer helps too, but settles later than fixing the inputs
-    # (or leaves the finding): it is ranked after it.
+    # (or leaves the finding): it is ranked after it, or was not re-run once the inputs'
+    # fix repaired the finding.
     norm = verified(report, "saturated_activation", "batch_norm")
-    assert norm["status"] == "better"
-    assert not norm["finding_gone"] or norm["steps"] >= v["steps"]
+    assert norm["status"] in ("better", "not_tried")
+    if norm["status"] == "better":
+        assert not norm["finding_gone"] or norm["steps"] >= v["steps"]
     assert_ranked(report)
     assert "verified best: standardize_inputs, loss " in stderr
     assert_untouched(tmp_path, script, name)

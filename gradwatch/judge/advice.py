@@ -81,6 +81,11 @@ def remedies_for_depth(acts: list[str], causes: list[Cause], width: int | None, 
     return [r for r in out if not (r.id in seen or seen.add(r.id))]  # type: ignore[func-returns-value]
 
 
+#: A total gradient norm this many times the smallest one before it ends the healthy early
+#: steps that a clipping threshold is measured on.
+JUMP = 10.0
+
+
 def clip_threshold(ctx: Context) -> float | None:
     """Median total gradient norm over the early steps: a clipping threshold, or None.
 
@@ -93,6 +98,10 @@ def clip_threshold(ctx: Context) -> float | None:
         return None
     steps, finite = ctx.steps[ok], total[ok]
     n = max(ctx.t.baseline_steps, int(len(finite) * ctx.t.baseline_fraction))
+    # Only the steps before the first jump: an explosion that starts within the early
+    # steps must not set the threshold (the norm 10x the smallest one before it).
+    jumps = np.nonzero(finite[1:n] > JUMP * np.minimum.accumulate(finite[:n])[:-1])[0]
+    n = int(jumps[0]) + 1 if jumps.size else n
     early, early_steps = finite[:n], steps[:n]
     weight = np.sqrt(np.nansum(ctx.detail("weight_norm") ** 2, axis=1))
     rows = np.isin(ctx.detail_steps, early_steps) & np.isfinite(weight) & (weight > 0)

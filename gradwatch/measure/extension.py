@@ -51,6 +51,11 @@ class Extension:
     def on_flush(self, steps: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
         """Committed rows of every buffer, on the host (extension buffers included)."""
 
+    def on_snapshot(self) -> None:
+        """The run goes on, but its findings are wanted now (a ``--fix`` check, a re-run's
+        early stop, a report taken inside the with-block): write the facts that
+        :meth:`on_root_gone` writes at the end, as they stand, keeping the state."""
+
     def on_root_gone(self, root: int) -> None:
         """Root ``root`` died (or the watch closes): turn what was kept about it into facts
         and drop it. Its parameters can still be read (``monitor.layer_params``)."""

@@ -141,9 +141,12 @@ class Monitor:
         self.watched.note_root(module, "compiled_roots")
 
     def _root_gone(self, root: int) -> None:
+        self._each_extension(lambda ext: ext.on_root_gone(root))
+
+    def _each_extension(self, call: Callable[[Extension], None]) -> None:
         for ext in self.extensions:
             try:
-                ext.on_root_gone(root)
+                call(ext)
             except Exception as exc:
                 self.fail(exc)
                 if self.options.strict:
@@ -401,6 +404,14 @@ class Monitor:
             ext.on_flush(steps, arrays)
         self.buffers.reset()
         self.buffers.start = self.step
+
+    def snapshot(self) -> None:
+        """Flush; the extensions write their end-of-run facts as they stand, so that the
+        detectors can judge the run so far (which goes on unchanged)."""
+        if self.finished is None and self.enabled:
+            self.flush()
+            self.watched.init_scales()
+            self._each_extension(lambda ext: ext.on_snapshot())
 
     # ------------------------------------------------------------------ lifecycle
     def close(self, status: str = "completed", error: str | None = None) -> None:

@@ -90,6 +90,9 @@ class RemedyEntry:
     diagnostic: bool = False
     """It finds where values go bad rather than fixing them: its re-run is expected to stop
     with an error that names the operation."""
+    applies: tuple[str, ...] | None = None
+    """The parameters the change reads (None: all of them); the others say what was
+    measured. Two candidates that differ only in those are one re-run's worth."""
     needs: str | None = None
     """Something only the user's code has (the training data): gradwatch never applies it,
     and this says what to do instead."""

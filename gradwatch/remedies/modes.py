@@ -21,7 +21,9 @@ class _EvalForNoGrad:
     def pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if torch.is_grad_enabled():
             return
-        layers = [m for m in module.modules() if isinstance(m, MODE_DEPENDENT) and m.training]
+        # Every module, as model.eval() does: attention and RNN dropout are no layers of
+        # their own, and custom modules read self.training.
+        layers = [m for m in module.modules() if m.training]
         for m in layers:
             m.training = False
         self.switched.append(layers)
@@ -34,8 +36,16 @@ class _EvalForNoGrad:
                 m.training = True
 
 
+def _mode_dependent(m: nn.Module) -> bool:
+    """Behaves differently in training mode: dropout (also attention's and an RNN's between
+    its layers), normalisation with running statistics, RReLU."""
+    p = getattr(m, "dropout", None)
+    return isinstance(m, MODE_DEPENDENT) or (
+        isinstance(m, (nn.MultiheadAttention, nn.RNNBase)) and isinstance(p, float) and p > 0)
+
+
 def _eval_model(model: nn.Module, params: dict[str, Any], changes: list[str]) -> None:
-    layers = [n for n, m in model.named_modules() if isinstance(m, MODE_DEPENDENT)]
+    layers = [n for n, m in model.named_modules() if _mode_dependent(m)]
     if not layers:
         raise NotApplicable("the model has no Dropout or BatchNorm layer; custom "
                             "self.training logic needs model.eval() in the script")

@@ -189,7 +189,8 @@ ENTRIES = [
         lambda p: ("for group in optimizer.param_groups:\n"
                    f"    group[\"lr\"] *= {p['factor']}  # {p['old_lr']} -> {p['lr']}"),
         to_optimizer=_lr_optimizer,
-        needs_optimizer=True),
+        needs_optimizer=True,
+        applies=("factor",)),
     RemedyEntry(
         "hold_learning_rate",
         lambda p: (f"keep the learning rate at {p['floor']}, the rate the run learned with "

@@ -71,7 +71,8 @@ def _verified_lines(remedies: list[dict[str, Any]], width: int) -> list[str]:
     for status, label in (("worse", "verified worse"), ("no_effect", "no effect"),
                           ("failed", "re-run failed"), ("diagnostic", "diagnostic, stopped at "
                                                         "the first bad value"),
-                          ("not_finished", "not verified in time")):
+                          ("not_finished", "not verified in time"),
+                          ("not_tried", "not re-run, another repaired it first")):
         ids = [r["id"] + (f" (loss {_loss(r['verified']['loss_before'])} -> "
                           f"{_loss(r['verified']['loss_after'])})" if status == "worse" else "")
                for r in tried if r["verified"].get("status") == status]

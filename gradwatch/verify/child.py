@@ -175,6 +175,7 @@ class ChildControl:
 
     @staticmethod
     def _problems(monitor: Any) -> set[str]:
+        monitor.snapshot()
         findings, _ = run_detectors(monitor.history, monitor.thresholds)
         return {f.kind for f in findings if f.severity in ("warning", "error")}
 

@@ -29,11 +29,15 @@ from .run import verify_report
 from .search import remedy_parts
 from .verdict import Parts, solved
 
-__all__ = ["CHECK_FIRST", "CHECK_MAX_GAP", "FixControl", "Repair", "final_run", "repairs"]
+__all__ = ["CHECK_FIRST", "CHECK_GAP", "CHECK_MAX_GAP", "FixControl", "Repair", "final_run",
+           "repairs"]
 
-#: The first check of the run for problems, after this many steps; then every quarter of
-#: the steps so far, at least CHECK_FIRST and at most CHECK_MAX_GAP steps apart.
-CHECK_FIRST = 16
+#: The first check of the run for problems, after this many steps: re-runs as long as the
+#: run so far must be long enough to show a remedy working (a problem found earlier is
+#: verified here, or at the end of a shorter run). Then every quarter of the steps so far,
+#: at least CHECK_GAP and at most CHECK_MAX_GAP steps apart.
+CHECK_FIRST = 64
+CHECK_GAP = 16
 CHECK_MAX_GAP = 256
 #: A remedy whose finding stays must lower the loss this many times to count as a repair.
 IMPROVED = 2.0
@@ -97,21 +101,36 @@ class FixControl:
     def _committed(self, monitor: Any) -> None:
         if self.record["found_at_step"] is not None or monitor.step < self.next_check:
             return
-        self.next_check = monitor.step + min(CHECK_MAX_GAP, max(CHECK_FIRST, monitor.step // 4))
-        monitor.flush()
+        self.next_check = monitor.step + min(CHECK_MAX_GAP, max(CHECK_GAP, monitor.step // 4))
+        monitor.snapshot()
         findings, _ = run_detectors(monitor.history, monitor.thresholds)
-        problems = sorted({f.kind for f in findings if f.severity in ("warning", "error")})
-        if not problems:
-            return
-        step = int(monitor.step)
+        if any(f.severity in ("warning", "error") for f in findings):
+            self.verify(build_report(monitor))
+            if self.repair is not None:
+                raise StopRun
+
+    def after(self, report: Report) -> None:
+        """The first run ended before a check found a problem (a short run, a problem
+        that shows only at its end, a script that raised): verify what its report found,
+        with re-runs as long as the whole run."""
+        if self.record["found_at_step"] is None and any(
+                f.severity in ("warning", "error") for f in report.findings):
+            self.verify(report)
+
+    def verify(self, report: Report) -> None:
+        """Verify the remedies of ``report``'s problems on re-runs as long as its run;
+        ``repair`` is then the one that repairs the most severe, earliest problem."""
+        step = int(report.run.get("steps") or 0)
+        problems = sorted({f.kind for f in report.findings
+                           if f.severity in ("warning", "error")})
         self.record["found_at_step"] = step
         self.record["first_run_s"] = round(time.monotonic() - self.started, 3)
         self.say(f"fix: {', '.join(problems)} found after {step} steps: verifying remedies on "
                  f"re-runs of up to {step} steps")
         started = time.monotonic()
-        settings = dataclasses.replace(self.settings, budget=step)
-        checked = verify_report(build_report(monitor), self.script, self.args, settings,
-                                self.say)
+        # A diagnostic stops at the first bad value: it names it, it cannot repair it.
+        settings = dataclasses.replace(self.settings, budget=max(1, step), diagnostics=False)
+        checked = verify_report(report, self.script, self.args, settings, self.say)
         self.record["verify_s"] = round(time.monotonic() - started, 3)
         self.record["findings"] = [f.to_dict() for f in checked.findings
                                    if f.severity in ("warning", "error")]
@@ -122,7 +141,6 @@ class FixControl:
             return
         self.say(f"fix: {self.repair.remedy['id']} repairs {self.repair.kind}: restarting the "
                  f"script from its start with it")
-        raise StopRun
 
 
 def final_run(script: str | os.PathLike[str], args: Sequence[str], parts: Parts,

@@ -6,10 +6,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +41,7 @@ class VerifySettings:
     settle: bool = True  # stop each re-run once its outcome is settled
     only: frozenset[str] | None = None  # remedy ids to verify (None: every one offered)
     combine: bool = True
+    diagnostics: bool = True  # re-run diagnostic remedies too (detect_anomaly, ...)
     options: Any = None  # the first run's Options and Thresholds, used by every re-run
     thresholds: Any = None
     passed_on: Sequence[str] = ()  # the same as `gradwatch run` options, for a spawned run
@@ -61,6 +64,9 @@ class Job:
     repeat: int
     steps: int = 0  # this re-run's budget (0: the pass's)
     settle: Settle | None = None  # when it may stop before its budget
+    #: Set when the re-run is no longer needed (another one repaired what it is for).
+    cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+    why: str = ""  # why it was cancelled
 
 
 def child_command(script: Path, args: Sequence[str], job: Job, report_path: Path,
@@ -142,28 +148,47 @@ def run_job(script: Path, args: Sequence[str], job: Job, steps: int, workdir: Pa
             str(script), list(args), job.parts, steps, str(folder), str(report_path), str(log),
             settings.options, settings.thresholds, job.settle), daemon=True)
         process.start()
-        process.join(left)
-        if process.is_alive():
+        alive, wait = process.is_alive, process.join
+
+        def stop() -> None:
             process.kill()
             process.join()
-            return Outcome("not_finished", note="stopped when the --verify-time budget ran "
-                            "out")
-        returncode = process.exitcode
     else:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         with open(log, "w") as out:
+            popen = subprocess.Popen(
+                child_command(script, args, job, report_path, steps), cwd=folder, env=env,
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        def alive() -> bool:
+            return popen.poll() is None
+
+        def wait(timeout: float) -> None:
             try:
-                returncode = subprocess.run(
-                    child_command(script, args, job, report_path, steps), cwd=folder, env=env,
-                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                    timeout=left).returncode
+                popen.wait(timeout)
             except subprocess.TimeoutExpired:
-                return Outcome("not_finished", note="stopped when the --verify-time budget "
-                                "ran out")
+                pass
+
+        def stop() -> None:
+            popen.kill()
+            popen.wait()
+    end = time.monotonic() + left
+    while alive() and time.monotonic() < end and not job.cancel.is_set():
+        wait(max(0.0, min(POLL_S, end - time.monotonic())))
+    if alive():
+        stop()
+        if job.cancel.is_set():
+            return Outcome("not_tried", note=job.why or "stopped: no longer needed")
+        return Outcome("not_finished", note="stopped when the --verify-time budget ran out")
+    returncode = process.exitcode if context is not None else popen.returncode
     return read_outcome(report_path, steps, returncode, log)
 
 
+#: How often a waiting re-run looks whether it was cancelled.
+POLL_S = 0.05
 _FORKSERVER: list[Any] = []
+#: What the fork server imports once for every re-run: gradwatch, and what torch imports
+#: only when first used (an optimizer's constructor imports torch._dynamo: 1-2 s).
+PRELOAD = ("gradwatch.verify.launch", "torch._dynamo", "torch.utils.data")
 
 
 def forkserver() -> Any:
@@ -176,11 +201,23 @@ def forkserver() -> Any:
     if not _FORKSERVER:
         try:
             context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(["gradwatch.verify.launch"])
+            context.set_forkserver_preload(list(PRELOAD))
         except (ValueError, AttributeError):
             context = None
         _FORKSERVER.append(context)
     return _FORKSERVER[0]
+
+
+def start_forkserver() -> None:
+    """Start the fork server now, before the first run, so that its imports (torch and
+    gradwatch, 1-3 s) overlap that run instead of delaying the first re-run. Must be
+    called before the script runs: the server takes ``__main__`` as it is then."""
+    if forkserver() is None:
+        return
+    try:
+        multiprocessing.forkserver.ensure_running()
+    except Exception:  # no server yet: the first re-run starts it
+        pass
 
 
 def child_main(script: str, args: list[str], parts: Parts, steps: int, folder: str,

@@ -19,7 +19,7 @@ from ..report import Report
 from .launch import Job, VerifySettings, run_job
 from .search import asked, candidate_key, next_round, remedy_parts
 from .settle import Settle
-from .verdict import WINDOW, Outcome, Parts, deterministic, rank, verdict
+from .verdict import WINDOW, Outcome, Parts, deterministic, rank, solved, verdict
 
 __all__ = ["CHECK_STEPS", "DEFAULT_STEPS", "MAX_ROUNDS", "MIN_STEPS", "VerifySettings",
            "rerun_steps", "verify_report"]
@@ -99,15 +99,42 @@ class _Pass:
                                      self.workdir, self.deadline, self.settings)
 
     def run(self, candidates: dict[str, Parts], repeats: int, first: int = 0,
-            say: Callable[[str], None] = lambda _m: None) -> None:
+            say: Callable[[str], None] = lambda _m: None, stop: _Stop | None = None) -> None:
         """Re-run every candidate ``repeats`` times (repeat numbers from ``first``)."""
         futures = [self.submit(key, parts, r) for r in range(first, repeats)
                    for key, parts in candidates.items()]
-        for job, future in futures:
+        self.collect(futures, say if repeats == 1 else None, stop if repeats == 1 else None)
+        if repeats > 1:
+            for key, parts in candidates.items():
+                outcome = self.results[key][-1]
+                say(f"verify: {'+'.join(rid for rid, _ in parts)}: {outcome.status}")
+
+    def collect(self, futures: list[tuple[Job, concurrent.futures.Future[Outcome]]],
+                say: Callable[[str], None] | None, stop: _Stop | None) -> None:
+        """The outcomes of ``futures`` as they finish; with ``stop``, the re-runs not
+        started yet of candidates whose every finding a finished re-run repaired are
+        cancelled and recorded as not tried."""
+        jobs = {future: job for job, future in futures}
+        for future in concurrent.futures.as_completed(jobs):
+            job = jobs[future]
+            if future.cancelled():
+                continue
             outcome = future.result()
             self.results.setdefault(job.key, []).append(outcome)
-            if job.key != "baseline" and job.repeat == repeats - 1:
+            if say is not None and job.key != "baseline":
                 say(f"verify: {'+'.join(rid for rid, _ in job.parts)}: {outcome.status}")
+            if stop is None or not stop.repaired_by(job, outcome, self.results):
+                continue
+            for other, waiting in jobs.items():
+                why = stop.skip(waiting)
+                if not why or other.done():
+                    continue
+                if other.cancel():  # not started yet
+                    self.results.setdefault(waiting.key, []).append(
+                        Outcome("not_tried", note=why))
+                else:  # running: its process is stopped, and its outcome says why
+                    waiting.why = why
+                    waiting.cancel.set()
 
 
 def verify_report(report: Any, script: str | os.PathLike[str], args: Sequence[str] = (),
@@ -134,7 +161,8 @@ def verify_report(report: Any, script: str | os.PathLike[str], args: Sequence[st
         for remedy in finding.remedies:
             parts = remedy_parts(remedy)
             key = candidate_key(parts)
-            if not asked(settings, parts):
+            if not asked(settings, parts) or (not settings.diagnostics and all(
+                    rid in CATALOGUE and CATALOGUE[rid].diagnostic for rid, _ in parts)):
                 continue  # not asked for (--verify-remedies): left without "verified"
             if any(rid not in CATALOGUE for rid, _ in parts):
                 # No process for what gradwatch cannot do itself (residual connections, ...).
@@ -154,8 +182,10 @@ def verify_report(report: Any, script: str | os.PathLike[str], args: Sequence[st
     def settle(key: str) -> Settle | None:
         """The early stop of a re-run of candidate ``key``: against the first run, for the
         findings that offer it."""
-        if not settings.settle:
-            return None
+        parts = {**candidates, **combos}.get(key, ())
+        if not settings.settle or (parts and all(
+                rid in CATALOGUE and CATALOGUE[rid].loss_neutral for rid, _ in parts)):
+            return None  # a remedy the training loss cannot judge runs its whole budget
         mine = [f for f in problems
                 if any(candidate_key(remedy_parts(r)) == key for r in f.remedies)]
         return Settle.for_run(original, mine or problems, steps)
@@ -194,11 +224,10 @@ def verify_report(report: Any, script: str | os.PathLike[str], args: Sequence[st
             if repeats > 1:
                 say(f"verify: the first losses differ between runs (no fixed seed?): "
                     f"{repeats} repeats each")
-            for job, future in firsts:
-                outcome = future.result()
-                runs.results.setdefault(job.key, []).append(outcome)
-                if repeats == 1:
-                    say(f"verify: {'+'.join(rid for rid, _ in job.parts)}: {outcome.status}")
+            # In order of prior; once a re-run repairs a finding, the remedies queued only
+            # for it are not re-run (with repeats, every candidate runs).
+            stop = _Stop(problems, steps) if repeats == 1 else None
+            runs.collect(firsts, say if repeats == 1 else None, stop)
             if repeats > 1:
                 runs.run({"baseline": (), **candidates}, repeats, first=1, say=say)
             results.update(runs.results)
@@ -213,7 +242,9 @@ def verify_report(report: Any, script: str | os.PathLike[str], args: Sequence[st
                 say(f"verify: {len(batch)} more re-run(s) for what no re-run repaired yet: "
                     + ", ".join("+".join(rid for rid, _ in parts) for parts in batch.values()))
                 combos.update(batch)
-                runs.run(batch, repeats, say=say)
+                if stop is not None:
+                    stop.refresh()
+                runs.run(batch, repeats, say=say, stop=stop)
                 results.update(runs.results)
     base_runs = results.get("baseline", [])
     for finding in problems:
@@ -225,6 +256,10 @@ def verify_report(report: Any, script: str | os.PathLike[str], args: Sequence[st
                                       remedy_parts(remedy)).to_dict()
         finding.remedies.sort(key=lambda r: rank(r.verified))
     summary["combined"] = ["+".join(rid for rid, _ in parts) for parts in combos.values()]
+    summary["not_tried"] = sorted({
+        "+".join(rid for rid, _ in parts)
+        for key, parts in {**candidates, **combos}.items()
+        if any(o.status == "not_tried" for o in results.get(key, []))})
     summary["not_finished"] = sorted({
         "+".join(rid for rid, _ in parts)
         for key, parts in {**candidates, **combos}.items()
@@ -233,3 +268,43 @@ def verify_report(report: Any, script: str | os.PathLike[str], args: Sequence[st
     data = report.to_dict()
     data["verify"] = summary
     return Report(data)
+
+
+class _Stop:
+    """Which findings a re-run has repaired so far (``solved``: better, the finding gone,
+    nothing new), and so which candidates need not be re-run."""
+
+    def __init__(self, problems: list[Any], steps: int) -> None:
+        self.problems, self.steps = problems, steps
+        self.serves: dict[str, list[Any]] = {}
+        self.by: dict[int, str] = {}  # id(finding) -> the remedy that repaired it
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Take in the remedies a search round added to the findings."""
+        self.serves = {}
+        for finding in self.problems:
+            for remedy in finding.remedies:
+                self.serves.setdefault(candidate_key(remedy_parts(remedy)), []).append(finding)
+
+    def repaired_by(self, job: Job, outcome: Outcome,
+                    results: dict[str, list[Outcome]]) -> bool:
+        """Record the findings ``outcome`` repairs; True when it repaired any."""
+        if job.key == "baseline" or outcome.status != "ok":
+            return False
+        base = results.get("baseline", [])
+        found = False
+        for finding in self.serves.get(job.key, []):
+            if id(finding) not in self.by and solved(verdict(
+                    finding.kind, base, [outcome], self.steps, job.parts).to_dict()):
+                self.by[id(finding)] = "+".join(rid for rid, _ in job.parts)
+                found = True
+        return found
+
+    def skip(self, job: Job) -> str | None:
+        """Why ``job`` need not run (every finding it is for is repaired), or None."""
+        served = self.serves.get(job.key, [])
+        if job.key == "baseline" or not served or any(id(f) not in self.by for f in served):
+            return None
+        names = sorted({f"{self.by[id(f)]} ({f.kind})" for f in served})
+        return "not re-run: " + ", ".join(names) + " repaired it first"

@@ -28,7 +28,13 @@ def _diagnostic(remedy_id: str) -> bool:
 
 
 def candidate_key(parts: Parts) -> str:
-    return " + ".join(rid + " " + json.dumps(params, sort_keys=True, default=str)
+    """One string per re-run's worth of change: the remedies and the parameters they apply
+    (not those that only say what was measured)."""
+    def applied(rid: str, params: dict[str, Any]) -> dict[str, Any]:
+        keep = CATALOGUE[rid].applies if rid in CATALOGUE else None
+        return params if keep is None else {k: v for k, v in params.items() if k in keep}
+
+    return " + ".join(rid + " " + json.dumps(applied(rid, params), sort_keys=True, default=str)
                       for rid, params in parts)
 
 
@@ -71,6 +77,10 @@ def next_round(problems: list[Any], tried: dict[str, Parts],
     and its best single together with what that single's own re-run still found."""
     base = results.get("baseline", [])
     seen = {_as_set(parts) for parts in tried.values()}
+    # The remedy object of each candidate tried or queued, to list it under another finding
+    # that arrives at the same candidate (one re-run answers for both).
+    known = {_as_set(remedy_parts(r)): r for f in problems for r in f.remedies
+             if candidate_key(remedy_parts(r)) in tried}
     out: dict[str, Parts] = {}
     queued: dict[str, Remedy] = {}  # pair id -> the remedy queued this round
     for finding in problems:
@@ -96,8 +106,14 @@ def next_round(problems: list[Any], tried: dict[str, Parts],
             queued.setdefault(remedy.id, remedy)
             parts = remedy_parts(remedy)
             if _as_set(parts) in seen or not asked(settings, parts):
-                continue  # b+a when a+b ran, or a rung already tried
+                # b+a when a+b ran, or a rung already tried: listed, not re-run again.
+                same = known.get(_as_set(parts))
+                if same is not None and all(_as_set(remedy_parts(r)) != _as_set(parts)
+                                            for r in finding.remedies):
+                    finding.remedies.append(dataclasses.replace(same, verified=None))
+                continue
             seen.add(_as_set(parts))
+            known[_as_set(parts)] = remedy
             out[candidate_key(parts)] = parts
             finding.remedies.append(remedy)
             added += 1
@@ -116,7 +132,11 @@ _HELPED = ("better", "fixed", "no_effect")  # ran and changed something measurab
 
 
 def _as_set(parts: Parts) -> frozenset[str]:
-    """A candidate as the set of its remedies: a+b and b+a are one re-run's worth."""
+    """A candidate as the set of its remedies: a+b and b+a are one re-run's worth (their
+    parameters, measured on different re-runs, differ only in what each measured); a
+    single remedy with other parameters (a rung of the rate ladder) is another."""
+    if len(parts) > 1:
+        return frozenset(rid for rid, _ in parts)
     return frozenset(candidate_key((part,)) for part in parts)
 
 

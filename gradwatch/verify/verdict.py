@@ -25,7 +25,7 @@ DETERMINISM_RTOL = 1e-3
 Parts = tuple[tuple[str, dict[str, Any]], ...]
 
 Status = Literal["better", "fixed", "no_effect", "worse", "failed", "diagnostic",
-                 "not_applicable", "not_finished"]
+                 "not_applicable", "not_finished", "not_tried"]
 
 
 @dataclasses.dataclass
@@ -73,7 +73,7 @@ class Verified:
 class Outcome:
     """One finished re-run, reduced to what the comparison needs."""
 
-    status: str  # "ok", "failed", "not_finished", "not_applicable"
+    status: str  # "ok", "failed", "not_finished", "not_applicable", "not_tried"
     steps: int = 0
     loss: float | None = None  # mean over the last WINDOW of steps; None: not finite
     first_loss: float | None = None
@@ -184,11 +184,12 @@ def verdict(kind: str, base: list[Outcome], runs: list[Outcome], steps: int,
             "no_effect"
         note = {"better": None, "no_effect": "no measurable effect on the loss",
                 "worse": f"makes the loss worse: {before:.3g} -> {after:.3g}"}[status]
-        if status == "no_effect" and finding_gone and in_baseline and parts and \
-                all(_declared(parts, "loss_neutral")):
-            # What it fixes is not the training loss (a validation forward in eval mode).
-            status, note = "fixed", f"the finding is gone; the training loss is unchanged " \
-                f"({before:.3g} -> {after:.3g})"
+        if parts and all(_declared(parts, "loss_neutral")):
+            # What it fixes is not the training loss (a validation forward in eval mode):
+            # the training loss differs only by chance (another random stream for dropout).
+            status = "fixed" if finding_gone and in_baseline else "no_effect"
+            note = f"the training loss is not what it changes ({before:.3g} -> " \
+                f"{after:.3g})" + ("" if status == "fixed" else "; the finding remains")
     # Problems the remedy brings that the run without it did not have.
     before_kinds = set().union(*(b.kinds for b in base_ok)) if base_ok else set()
     new = sorted(k for k in set().union(*(r.kinds for r in done)) - before_kinds
@@ -219,7 +220,7 @@ def verdict(kind: str, base: list[Outcome], runs: list[Outcome], steps: int,
 
 
 _RANK = {"better": 0, "fixed": 0, "no_effect": 1, "worse": 2, "diagnostic": 3, "failed": 3,
-         "not_applicable": 4, "not_finished": 5}
+         "not_applicable": 4, "not_finished": 5, "not_tried": 5}
 
 
 def rank(verified: dict[str, Any] | None) -> tuple[Any, ...]:

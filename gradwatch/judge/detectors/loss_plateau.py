@@ -14,7 +14,7 @@ import numpy as np
 
 from ...findings import Cause, Finding
 from .. import causes as C
-from ..advice import depth_remedies, remedy
+from ..advice import depth_remedies, lower_lr, remedy
 from ..context import Context, fmt
 from . import through_time, vanishing
 
@@ -195,6 +195,12 @@ def detect(ctx: Context) -> list[Finding]:
     # Causes that explain the signs found: a frozen model is stopped by what zeroes its
     # updates; a starved one by what shrinks its gradient with depth.
     causes = list(signs)
+    rate = None
+    if any(c.id == "constant_output" for c in signs) and not collapsed:
+        # A model that collapsed to one output after oversized updates: the rate wrecked
+        # it before the loss went flat (Adam at an SGD rate).
+        rate = C.learning_rate_too_high(ctx, until=first_step)
+        causes += [rate] if rate else []
     if frozen and not collapsed:
         overflow = C.forward_overflow(ctx)
         causes += [c for c in (C.clipping_to_zero(ctx), overflow,
@@ -216,6 +222,8 @@ def detect(ctx: Context) -> list[Finding]:
         remedies.insert(0, remedy("hold_learning_rate", floor=fmt(collapsed[1]["lr_peak"]),
                                   since=collapsed[1]["lr_collapsed_from_step"],
                                   last=fmt(collapsed[1]["lr_max_in_window"])))
+    if rate is not None and (lr := lower_lr(ctx, until=first_step, blow_up=True)):
+        remedies.insert(0, lr)
     sgd = any(o["type"] == "SGD" for o in ctx.facts.get("optimizers", []))
     if sgd and not frozen and not collapsed:
         remedies.append(remedy("adaptive_optimizer"))

@@ -47,7 +47,14 @@ def _site_finding(ctx: Context, i: int) -> Finding | None:
         return None
     values, steps = frac[ok], ctx.site_steps[ok]
     high = values >= t.saturation_fraction
-    if high.mean() < t.persistence or not high[-1]:
+    if not high[-1]:
+        return None
+    # Saturated on `persistence` of the measurements, or, where it set in gradually (a
+    # decoder's sigmoid pushed to its ends by targets out of its reach), on `persistence`
+    # of those since it began, over at least the last half of the run.
+    since = int(np.argmax(high))
+    if high.mean() < t.persistence and (high[since:].mean() < t.persistence or
+                                        len(high) - since < len(high) / 2):
         return None
     typical = float(np.median(values))
     severity = "error" if typical >= t.saturation_fraction_error else "warning"

@@ -335,6 +335,12 @@ class ActivationSites(Extension):
         series.append(steps[measured], {s: rows[measured, :, j]
                                         for j, s in enumerate(SITE_STATS)})
 
+    def on_snapshot(self) -> None:
+        for site in self._sites.values():
+            if site.streak is not None:
+                info = self.monitor.history.sites[site.index]
+                info.final = self._final(site, self._bias(info.layer))
+
     def on_root_gone(self, root: int) -> None:
         """Each site's state at the end of this model: which units are dead, since when,
         their bias; the model's sites are then dropped."""

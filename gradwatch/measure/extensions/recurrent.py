@@ -205,21 +205,29 @@ class RecurrentGradients(Extension):
         series.append(steps[measured], {"length": length[measured], "mean": mean[measured],
                                         "profile": profile[measured]})
 
+    def _record(self, e: _Module) -> None:
+        facts = self.monitor.history.facts.setdefault("recurrent", [])
+        facts[:] = [f for f in facts if f["column"] != e.index]
+        facts.append({
+            "column": e.index, "name": e.name, "layer": e.layer, "root": e.root,
+            **e.config, "packed_calls": e.packed, "lengths": e.lengths,
+            "initial": _describe(e.config["mode"], e.initial),
+            "final": _describe(e.config["mode"], _weights(e.config, e.params or [])),
+        })
+        facts.sort(key=lambda f: f["column"])
+
+    def on_snapshot(self) -> None:
+        for e in self._modules.values():
+            if e.params is not None:
+                self._record(e)
+
     def on_root_gone(self, root: int) -> None:
         """Structural facts of each measured module of this model, its gate biases and
         recurrent weights when first seen and at the end (one-off host reads)."""
-        facts = self.monitor.history.facts.setdefault("recurrent", [])
         for key, e in list(self._modules.items()):
             if e.root != root or e.params is None:
                 continue
-            final = _weights(e.config, e.params)
-            facts.append({
-                "column": e.index, "name": e.name, "layer": e.layer, "root": e.root,
-                **e.config, "packed_calls": e.packed, "lengths": e.lengths,
-                "initial": _describe(e.config["mode"], e.initial),
-                "final": _describe(e.config["mode"], final),
-            })
-            facts.sort(key=lambda f: f["column"])
+            self._record(e)
             e.params, e.initial = None, {}
             self._done.append(self._modules.pop(key))
 
