@@ -21,9 +21,9 @@ from .runner import RunResult, run_script
 from .thresholds import resolve_thresholds
 from .verify.child import ChildControl
 from .verify.fix import FixControl, final_run
-from .verify.launch import start_forkserver
 from .verify.run import VerifySettings, verify_report
 from .verify.settle import Settle
+from .verify.zygote import start_server
 
 __all__ = ["main"]
 
@@ -158,7 +158,7 @@ def cmd_run(argv: list[str]) -> int:
         settle = Settle.from_json(json.loads(ns.settle)) if ns.settle else None
         control = ChildControl(list(zip(ids, params, strict=True)), ns.max_steps, settle)
     if ns.verify or ns.fix:
-        start_forkserver()  # it imports torch while the first run goes on
+        start_server()  # forked before the script runs; it imports the rest meanwhile
     try:
         result = run_script(script, rest, options, thresholds, control)
     except FileNotFoundError as exc:

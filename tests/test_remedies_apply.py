@@ -276,6 +276,34 @@ def test_eval_hook_makes_no_grad_forwards_deterministic_and_training_keeps_dropo
     assert not torch.equal(model(x), model(x))  # training forwards still drop units
 
 
+def test_eval_hook_also_switches_attention_dropout() -> None:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.3,
+                                       batch_first=True)
+    model = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+    x = torch.randn(4, 5, 16)
+    app = apply(model, None, "call_model_eval", model="model")
+    # Counted: the attention's own dropout (no module of its own) with the Dropout layers.
+    assert "4 mode-dependent layer(s)" in app.changes[0]
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+    assert all(m.training for m in model.modules())
+
+
+def test_output_activation_is_dropped_where_the_targets_are_out_of_its_range() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 4), nn.Sigmoid())
+    x = torch.randn(64, 4)
+    y = 2.0 * torch.randn(64, 4)  # standardised-like targets, beyond (0, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with pytest.raises(NotApplicable, match="remove it in the model's code"):
+        apply(copy.deepcopy(model), None, "drop_output_activation", module="1x")
+    app = apply(model, opt, "drop_output_activation", module="3", activation="sigmoid")
+    assert isinstance(model[3], nn.Identity) and "Sigmoid" in app.changes[0]
+    # Unbounded now: the model fits targets the sigmoid could never reach.
+    assert _fit(model, opt, x, y, 300)[-1] < 0.5 * float(y.var())
+
+
 def test_forgotten_eval_finding_disappears_with_the_remedy() -> None:
     import test_eval_mode as em
 

@@ -1,6 +1,7 @@
 """Repairs proved on whole scripts: the numerically safe form of a NaN-producing operation,
-the learning rate a schedule collapsed, and ``gradwatch run --fix`` restarting a run with
-the remedy that repairs it.
+the learning rate a schedule collapsed, the learning-rate ladder, an activation swap with
+the init that fits it, and ``gradwatch run --fix`` restarting a run with the remedy that
+repairs it.
 
 Each test copies a user-style script from ``tests/scripts`` into its own folder and runs
 ``python -m gradwatch run`` on it in a subprocess, as a user would.
@@ -102,7 +103,7 @@ def test_fix_restarts_the_run_with_the_remedy_that_repairs_it(tmp_path: Path) ->
     fix = report["fix"]
     assert fix["restarted"] is True and fix["kind"] == "loss_plateau"
     assert fix["remedy"]["id"] == "hold_learning_rate"
-    assert 16 <= fix["found_at_step"] < 256
+    assert 64 <= fix["found_at_step"] < 256  # the first check, then a quarter apart
     assert fix["remedy"]["verified"]["finding_gone"] is True
     # The report is of the restarted run: whole, repaired, with what was changed.
     assert report["run"]["steps"] == 256 and report["run"]["status"] == "completed"
@@ -114,3 +115,47 @@ def test_fix_restarts_the_run_with_the_remedy_that_repairs_it(tmp_path: Path) ->
     last = [line for line in stdout.splitlines() if line.startswith("epoch 7:")][-1]
     assert float(last.split()[3]) < 0.25
     assert "fixed: loss_plateau found after" in stderr
+
+
+@pytest.mark.slow  # re-runs the script in several processes
+def test_the_rate_ladder_reaches_a_rate_that_trains(tmp_path: Path) -> None:
+    # Adam at lr 3: one decade lower (0.3) still leaves a constant guess, two decades train.
+    report, _, stderr = gradwatch_run(tmp_path, "train_adam_rate.py", "--verify")
+    finding = finding_of(report, "loss_divergence")
+    rungs = {float(r["params"]["lr"]): r for r in finding["remedies"]
+             if r["id"] == "lower_learning_rate"}
+    first = rungs[0.3]["verified"]  # the rate the blow-up calls for: cut by one decade
+    assert first["status"] in ("no_effect", "worse") and first["loss_after"] > 1.0
+    best = finding["remedies"][0]
+    assert best["id"] == "lower_learning_rate" and best["params"]["ladder"] is True
+    assert float(best["params"]["lr"]) == pytest.approx(0.03)
+    v = best["verified"]
+    assert v["status"] == "better" and v["finding_gone"] is True and v["improvement"] >= 2
+    # It trains: well below the 4-class chance level ln 4 = 1.39 by the step it settled at.
+    assert v["settled"] == "repaired" and v["loss_after"] < 0.5 and v["steps"] < 300
+    # The dead units' finding is answered by the same re-run, not by another.
+    dying = finding_of(report, "dying_relu")["remedies"][0]
+    assert dying["id"] == "lower_learning_rate" and dying["verified"] == v
+    assert "verified best: lower_learning_rate, loss " in stderr
+
+
+@pytest.mark.slow  # re-runs the script in several processes
+def test_an_activation_swap_with_its_init_repairs_the_deep_sigmoid_net(tmp_path: Path) -> None:
+    report, _, _ = gradwatch_run(tmp_path, "train_deep_sigmoid.py", "--verify",
+                                 "--verify-remedies", "leaky_relu,kaiming_init,xavier_init")
+    finding = finding_of(report, "vanishing_gradient")
+    assert {"sigmoid_in_deep_stack", "deep_plain_stack"} <= {c["id"] for c in finding["causes"]}
+    verified = {r["id"]: r["verified"] for r in finding["remedies"] if "verified" in r}
+    # Neither alone: LeakyReLU under the small default init, Kaiming under the sigmoid.
+    for single in ("leaky_relu", "kaiming_init"):
+        assert verified[single]["status"] == "no_effect", single
+        assert verified[single]["finding_gone"] is False, single
+    pair = finding["remedies"][0]
+    assert pair["id"] == "leaky_relu+kaiming_init"
+    assert [r["id"] for r in finding["remedies"]].count("leaky_relu+kaiming_init") == 1
+    v = pair["verified"]
+    assert v["status"] == "better" and v["finding_gone"] is True and v["settled"] == "repaired"
+    # Chance level is ln 3 = 1.10: the pair learns, the run without it does not.
+    assert v["loss_before"] > 1.0 and v["loss_after"] < 0.75
+    assert any("LeakyReLU" in c for c in v["changes"]) and any("Kaiming" in c or "kaiming" in c
+                                                              for c in v["changes"])

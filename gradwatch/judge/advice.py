@@ -114,7 +114,8 @@ def clip_threshold(ctx: Context) -> float | None:
 
 
 def lower_lr(ctx: Context, since: int | None = None, until: int | None = None,
-             blow_up: bool = False, peak: bool = False) -> Remedy | None:
+             blow_up: bool = False, peak: bool = False, anyway: bool = False
+             ) -> Remedy | None:
     """A learning rate scaled so that the update ratio measured in ``[since, until]`` (median
     over sampled steps) meets the target; offered only where that ratio is too large
     (``large_update_ratio``, the same test as the learning_rate_too_high cause).
@@ -123,7 +124,8 @@ def lower_lr(ctx: Context, since: int | None = None, until: int | None = None,
     exploding gradients rather than by the rate, so the reduction is capped at
     ``explosion_lr_reduction``. ``peak``: size by the largest update of the window, not the
     median: at a blow-up's onset one or two oversized updates do the damage, and the weights
-    they kill or freeze barely move afterwards."""
+    they kill or freeze barely move afterwards. ``anyway``: offered whatever the ratio (the
+    updates did the damage, as the measured cause says), cut as for a blow-up."""
     per_step = ctx.step_update_ratio[ctx.detail_window(since, until)]
     per_step = per_step[np.isfinite(per_step)]
     rates = ctx.learning_rates_between(since, until)
@@ -132,7 +134,7 @@ def lower_lr(ctx: Context, since: int | None = None, until: int | None = None,
     measured = float(np.max(per_step) if peak else np.median(per_step))
     old = max(rates)
     target = ctx.t.target_update_ratio
-    if measured < ctx.t.large_update_ratio:
+    if measured < ctx.t.large_update_ratio and not anyway:
         return None
     # The code scales the optimizer's own learning rate, whatever it is by then (a
     # schedule may have moved it since it was recorded).

@@ -109,7 +109,38 @@ def _swap_code(p: dict[str, Any]) -> str:
             "# then re-initialise with Kaiming (nonlinearity=\"leaky_relu\")")
 
 
+def _drop_output(model: nn.Module, params: dict[str, Any], changes: list[str]) -> None:
+    path = str(params.get("module") or "")
+    names = path.split(".")
+    try:
+        parent = model.get_submodule(".".join(names[:-1])) if len(names) > 1 else model
+        old = getattr(parent, names[-1])
+    except AttributeError:
+        old = None
+    if not path or not isinstance(old, _SATURATING):
+        raise NotApplicable(f"the output activation is no module gradwatch can reach "
+                            f"({path or 'a functional call'}); remove it in the model's code")
+    setattr(parent, names[-1], nn.Identity())
+    changes.append(f"replaced the output activation {path} ({type(old).__name__}) with "
+                   "nn.Identity: the model's output is no longer bounded")
+
+
+_SATURATING = (nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Softsign, nn.Hardsigmoid)
+
 ENTRIES = [
+    RemedyEntry(
+        "drop_output_activation",
+        lambda p: (f"remove the {p.get('activation', 'sigmoid')} at the model's output "
+                   f"({p.get('module') or 'its last operation'}): its outputs sit at its bounds, "
+                   "where targets outside its range push them (standardised targets under a "
+                   "[0, 1] output); predict the targets unbounded, or keep them in its range, "
+                   "or use a loss on the logits (BCEWithLogitsLoss)"),
+        lambda p: (f"# best in the model's definition: drop the last "
+                   f"{p.get('activation', 'sigmoid')}; on a built model:\n"
+                   f"parent, _, name = {str(p.get('module') or 'output_activation')!r}"
+                   ".rpartition('.')\n"
+                   "setattr(model.get_submodule(parent), name, nn.Identity())"),
+        to_model=_drop_output),
     RemedyEntry(
         "leaky_relu",
         lambda p: (f"replace ReLU with LeakyReLU (or PReLU/ELU) throughout the model (the dead "

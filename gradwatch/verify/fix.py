@@ -24,13 +24,14 @@ from typing import Any
 from ..judge.registry import run_detectors
 from ..report import Report, build_report
 from ..runner import StopRun
-from .launch import VerifySettings, final_main, forkserver
+from . import zygote
+from .launch import VerifySettings, final_main
 from .run import verify_report
-from .search import remedy_parts
+from .search import candidate_key, remedy_parts
 from .verdict import Parts, solved
 
-__all__ = ["CHECK_FIRST", "CHECK_GAP", "CHECK_MAX_GAP", "FixControl", "Repair", "final_run",
-           "repairs"]
+__all__ = ["CHECK_FIRST", "CHECK_GAP", "CHECK_MAX_GAP", "GROWTH", "MAX_PASSES", "FixControl",
+           "Repair", "final_run", "repairs"]
 
 #: The first check of the run for problems, after this many steps: re-runs as long as the
 #: run so far must be long enough to show a remedy working (a problem found earlier is
@@ -39,6 +40,10 @@ __all__ = ["CHECK_FIRST", "CHECK_GAP", "CHECK_MAX_GAP", "FixControl", "Repair", 
 CHECK_FIRST = 64
 CHECK_GAP = 16
 CHECK_MAX_GAP = 256
+#: At most this many verify passes in one run: at a new problem, or when the run has grown
+#: GROWTH times as long as at the last pass that repaired nothing.
+MAX_PASSES = 3
+GROWTH = 3
 #: A remedy whose finding stays must lower the loss this many times to count as a repair.
 IMPROVED = 2.0
 
@@ -63,17 +68,21 @@ def repairs(verified: dict[str, Any]) -> bool:
 
 
 def choose(report: Report) -> Repair | None:
-    """The top verified remedy that repairs the most severe, earliest problem."""
+    """The verified remedy that repairs the most problems; among equals, the one that
+    repairs the most severe, earliest problem, as ranked first for it."""
     order = {"error": 0, "warning": 1}
     problems = sorted((f for f in report.findings if f.severity in order),
                       key=lambda f: (order[f.severity], f.first_step))
-    for finding in problems:
+    found: dict[str, tuple[list[int], Any, Any]] = {}  # key -> (findings repaired, remedy, kind)
+    for i, finding in enumerate(problems):
         for remedy in finding.remedies:
             if remedy.verified and repairs(remedy.verified):
-                return Repair(finding.kind, remedy.to_dict(), remedy_parts(remedy))
-            if remedy.verified:
-                break  # ranked by effect: the first verified one is this finding's best
-    return None
+                key = candidate_key(remedy_parts(remedy))
+                found.setdefault(key, ([], remedy, finding.kind))[0].append(i)
+    if not found:
+        return None
+    _, remedy, kind = min(found.values(), key=lambda v: (-len(v[0]), v[0][0]))
+    return Repair(kind, remedy.to_dict(), remedy_parts(remedy))
 
 
 class FixControl:
@@ -85,6 +94,8 @@ class FixControl:
         self.script, self.args, self.settings, self.say = script, list(args), settings, say
         self.next_check = CHECK_FIRST
         self.repair: Repair | None = None
+        self.passes: list[dict[str, Any]] = []  # each verify pass: step, kinds, outcome
+        self.verified: set[str] = set()  # the problem kinds verified so far
         self.record: dict[str, Any] = {"found_at_step": None, "restarted": False}
         self.started = time.monotonic()
 
@@ -99,22 +110,32 @@ class FixControl:
         return {}
 
     def _committed(self, monitor: Any) -> None:
-        if self.record["found_at_step"] is not None or monitor.step < self.next_check:
+        if self.repair is not None or len(self.passes) >= MAX_PASSES or \
+                monitor.step < self.next_check:
             return
         self.next_check = monitor.step + min(CHECK_MAX_GAP, max(CHECK_GAP, monitor.step // 4))
         monitor.snapshot()
         findings, _ = run_detectors(monitor.history, monitor.thresholds)
-        if any(f.severity in ("warning", "error") for f in findings):
+        if self._due({f.kind for f in findings if f.severity in ("warning", "error")},
+                     int(monitor.step)):
             self.verify(build_report(monitor))
             if self.repair is not None:
                 raise StopRun
 
+    def _due(self, kinds: set[str], step: int) -> bool:
+        """Verify now: a problem not verified yet, or one no remedy repaired on re-runs a
+        GROWTH-th as long as the run is now (its remedies may need longer to show)."""
+        if not kinds or self.repair is not None or len(self.passes) >= MAX_PASSES:
+            return False
+        last = self.passes[-1]["step"] if self.passes else 0
+        return bool(kinds - self.verified) or step >= GROWTH * max(1, last)
+
     def after(self, report: Report) -> None:
-        """The first run ended before a check found a problem (a short run, a problem
-        that shows only at its end, a script that raised): verify what its report found,
-        with re-runs as long as the whole run."""
-        if self.record["found_at_step"] is None and any(
-                f.severity in ("warning", "error") for f in report.findings):
+        """The first run ended before a check verified its problems (a short run, a
+        problem that shows only at its end, a script that raised): verify what its report
+        found, with re-runs as long as the whole run."""
+        kinds = {f.kind for f in report.findings if f.severity in ("warning", "error")}
+        if self._due(kinds, int(report.run.get("steps") or 0)):
             self.verify(report)
 
     def verify(self, report: Report) -> None:
@@ -123,7 +144,9 @@ class FixControl:
         step = int(report.run.get("steps") or 0)
         problems = sorted({f.kind for f in report.findings
                            if f.severity in ("warning", "error")})
-        self.record["found_at_step"] = step
+        self.verified |= set(problems)
+        if self.record["found_at_step"] is None:
+            self.record["found_at_step"] = step
         self.record["first_run_s"] = round(time.monotonic() - self.started, 3)
         self.say(f"fix: {', '.join(problems)} found after {step} steps: verifying remedies on "
                  f"re-runs of up to {step} steps")
@@ -131,13 +154,19 @@ class FixControl:
         # A diagnostic stops at the first bad value: it names it, it cannot repair it.
         settings = dataclasses.replace(self.settings, budget=max(1, step), diagnostics=False)
         checked = verify_report(report, self.script, self.args, settings, self.say)
-        self.record["verify_s"] = round(time.monotonic() - started, 3)
+        took = round(time.monotonic() - started, 3)
+        self.record["verify_s"] = round(self.record.get("verify_s", 0.0) + took, 3)
         self.record["findings"] = [f.to_dict() for f in checked.findings
                                    if f.severity in ("warning", "error")]
         self.record["verify"] = checked.to_dict().get("verify")
         self.repair = choose(checked)
+        self.passes.append({"step": step, "kinds": problems,
+                            "verify_s": took,
+                            "repaired": self.repair.kind if self.repair else None})
+        self.record["passes"] = list(self.passes)
         if self.repair is None:
-            self.say("fix: no remedy repaired it; the run goes on unchanged")
+            self.say("fix: no remedy repaired it yet; the run goes on unchanged" +
+                     (", and is checked again" if len(self.passes) < MAX_PASSES else ""))
             return
         self.say(f"fix: {self.repair.remedy['id']} repairs {self.repair.kind}: restarting the "
                  f"script from its start with it")
@@ -147,15 +176,13 @@ def final_run(script: str | os.PathLike[str], args: Sequence[str], parts: Parts,
               settings: VerifySettings) -> tuple[int, Report | None]:
     """Run the script again from its start, in the user's folder and with the user's
     output, with ``parts`` applied: its exit status and its report (None when the run wrote
-    none). Forked from the fork server that already imported torch where there is one."""
+    none). Forked from the server that already imported torch where there is one."""
     with tempfile.TemporaryDirectory(prefix="gradwatch-fix-") as tmp:
         report_path = Path(tmp) / "report.json"
-        context = forkserver()
-        if context is not None:
-            process = context.Process(target=final_main, args=(
-                str(Path(script).resolve()), list(args), parts, os.getcwd(), str(report_path),
-                settings.options, settings.thresholds))
-            process.start()
+        process = zygote.start(final_main, (
+            str(Path(script).resolve()), list(args), parts, os.getcwd(), str(report_path),
+            settings.options, settings.thresholds), Path(tmp) / "exitcode")
+        if process is not None:
             process.join()
             code = process.exitcode if process.exitcode is not None else 1
         else:

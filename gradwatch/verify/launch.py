@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import multiprocessing
-import multiprocessing.forkserver
 import os
 import subprocess
 import sys
@@ -20,12 +18,12 @@ from typing import Any
 import torch
 
 from ..runner import run_script
+from . import zygote
 from .child import ChildControl
 from .settle import Settle
 from .verdict import Outcome, Parts, window_loss
 
-__all__ = ["Job", "VerifySettings", "child_main", "cores", "final_main", "forkserver",
-           "run_job"]
+__all__ = ["Job", "VerifySettings", "child_main", "cores", "final_main", "run_job"]
 
 
 @dataclasses.dataclass
@@ -142,12 +140,10 @@ def run_job(script: Path, args: Sequence[str], job: Job, steps: int, workdir: Pa
     folder = Path(tempfile.mkdtemp(prefix="rerun-", dir=workdir))
     report_path, log = folder / "gradwatch-report.json", folder / "output.log"
     settings = settings or VerifySettings()
-    context = forkserver()
-    if context is not None:
-        process = context.Process(target=child_main, args=(
-            str(script), list(args), job.parts, steps, str(folder), str(report_path), str(log),
-            settings.options, settings.thresholds, job.settle), daemon=True)
-        process.start()
+    process = zygote.start(child_main, (
+        str(script), list(args), job.parts, steps, str(folder), str(report_path), str(log),
+        settings.options, settings.thresholds, job.settle), folder / "exitcode")
+    if process is not None:
         alive, wait = process.is_alive, process.join
 
         def stop() -> None:
@@ -179,51 +175,18 @@ def run_job(script: Path, args: Sequence[str], job: Job, steps: int, workdir: Pa
         if job.cancel.is_set():
             return Outcome("not_tried", note=job.why or "stopped: no longer needed")
         return Outcome("not_finished", note="stopped when the --verify-time budget ran out")
-    returncode = process.exitcode if context is not None else popen.returncode
+    returncode = process.exitcode if process is not None else popen.returncode
     return read_outcome(report_path, steps, returncode, log)
 
 
 #: How often a waiting re-run looks whether it was cancelled.
 POLL_S = 0.05
-_FORKSERVER: list[Any] = []
-#: What the fork server imports once for every re-run: gradwatch, and what torch imports
-#: only when first used (an optimizer's constructor imports torch._dynamo: 1-2 s).
-PRELOAD = ("gradwatch.verify.launch", "torch._dynamo", "torch.utils.data")
-
-
-def forkserver() -> Any:
-    """A multiprocessing context whose server has imported torch and gradwatch once, so that
-    a re-run starts in a fresh process forked from it without paying the imports again (2-3 s
-    each); None where there is no fork server (Windows) or GRADWATCH_VERIFY_SPAWN is set,
-    and re-runs start as ``python -m gradwatch run`` processes instead."""
-    if os.environ.get("GRADWATCH_VERIFY_SPAWN"):
-        return None
-    if not _FORKSERVER:
-        try:
-            context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(list(PRELOAD))
-        except (ValueError, AttributeError):
-            context = None
-        _FORKSERVER.append(context)
-    return _FORKSERVER[0]
-
-
-def start_forkserver() -> None:
-    """Start the fork server now, before the first run, so that its imports (torch and
-    gradwatch, 1-3 s) overlap that run instead of delaying the first re-run. Must be
-    called before the script runs: the server takes ``__main__`` as it is then."""
-    if forkserver() is None:
-        return
-    try:
-        multiprocessing.forkserver.ensure_running()
-    except Exception:  # no server yet: the first re-run starts it
-        pass
 
 
 def child_main(script: str, args: list[str], parts: Parts, steps: int, folder: str,
                 report_path: str, log: str, options: Any, thresholds: Any,
                 settle: Settle | None = None) -> None:
-    """A re-run inside a process forked from the fork server: the same as ``gradwatch run
+    """A re-run inside a process forked from the server: the same as ``gradwatch run
     --max-steps N --apply-remedy ...``, with the script's output in ``log``."""
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     null = os.open(os.devnull, os.O_RDONLY)
@@ -245,7 +208,7 @@ def child_main(script: str, args: list[str], parts: Parts, steps: int, folder: s
 
 def final_main(script: str, args: list[str], parts: Parts, folder: str, report_path: str,
                options: Any, thresholds: Any) -> None:
-    """The run ``--fix`` restarts, forked from the fork server: the script from its start
+    """The run ``--fix`` restarts, forked from the server: the script from its start
     in the user's folder, with the user's output and threads, ``parts`` applied; the
     process exits with the script's own status."""
     os.chdir(folder)

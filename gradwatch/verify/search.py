@@ -82,7 +82,6 @@ def next_round(problems: list[Any], tried: dict[str, Parts],
     known = {_as_set(remedy_parts(r)): r for f in problems for r in f.remedies
              if candidate_key(remedy_parts(r)) in tried}
     out: dict[str, Parts] = {}
-    queued: dict[str, Remedy] = {}  # pair id -> the remedy queued this round
     for finding in problems:
         ran = [r for r in finding.remedies if candidate_key(remedy_parts(r)) in results]
         verdicts = {id(r): verdict(finding.kind, base, results[candidate_key(
@@ -96,20 +95,14 @@ def next_round(problems: list[Any], tried: dict[str, Parts],
         for remedy in found:
             if remedy is None or added >= PAIRS_PER_FINDING or len(out) >= PAIRS_PER_PASS:
                 continue
-            if "+" in remedy.id and remedy.id in queued:
-                # The same pair for another finding (whose measured params differ a
-                # little): one re-run answers for both.
-                remedy = dataclasses.replace(queued[remedy.id], verified=None)
-                if candidate_key(remedy_parts(remedy)) in out:
-                    finding.remedies.append(remedy)
-                    continue
-            queued.setdefault(remedy.id, remedy)
             parts = remedy_parts(remedy)
+            if any(_as_set(remedy_parts(r)) == _as_set(parts) for r in finding.remedies):
+                continue  # already listed under this finding
             if _as_set(parts) in seen or not asked(settings, parts):
-                # b+a when a+b ran, or a rung already tried: listed, not re-run again.
+                # b+a when a+b ran, a rung already tried, or the same pair for another
+                # finding: listed with the one re-run that answers for both.
                 same = known.get(_as_set(parts))
-                if same is not None and all(_as_set(remedy_parts(r)) != _as_set(parts)
-                                            for r in finding.remedies):
+                if same is not None:
                     finding.remedies.append(dataclasses.replace(same, verified=None))
                 continue
             seen.add(_as_set(parts))

@@ -165,10 +165,13 @@ def _site_finding(ctx: Context, i: int) -> Finding | None:
         layers = list(dict.fromkeys(ctx.name(ctx.site(j).layer) for j in set_low))
         remedies.append(remedy("positive_bias_init", layer=layers[0], layers=layers,
                                bias=fmt(bias)))
-    if ids & {"learning_rate_spike", "learning_rate_too_high"}:
+    # Updates drove the bias of the dead units below zero: smaller ones.
+    driven = site.bias_init is not None and bias is not None and \
+        site.bias_init > bias / 2 and "large_negative_bias" in ids
+    if ids & {"learning_rate_spike", "learning_rate_too_high"} or driven:
         # The ratio measured is that of the updates that killed the units, not of training
         # at a sane rate: cut by at most explosion_lr_reduction, as for a blow-up.
-        lr = lower_lr(ctx, until=since, blow_up=True)
+        lr = lower_lr(ctx, until=since, blow_up=True, anyway=driven)
         if lr is not None:
             remedies.insert(0, lr)  # the updates killed them: smaller updates first
     scale = standardize(ctx, causes)

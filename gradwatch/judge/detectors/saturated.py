@@ -18,7 +18,8 @@ from ..advice import lower_lr, remedy, standardize
 from ..context import Context, fmt
 
 KIND = "saturated_activation"
-CAUSES = ("large_preactivations", "preactivation_offset", "weights_grew")
+CAUSES = ("large_preactivations", "preactivation_offset", "weights_grew",
+          "output_activation_bound")
 """The ids of the causes this detector names besides the shared ones of ``causes.py``."""
 SATURATING = ("sigmoid", "tanh", "hardtanh", "softsign", "hardsigmoid")
 MIN_MEASUREMENTS = 3
@@ -34,6 +35,14 @@ def _first_layer(ctx: Context, layer: int | None) -> bool:
         return False
     group = next((g for g in ctx.groups if layer in g.layers), None)
     return group is not None and group.layers[0] == layer
+
+
+def _last_layer(ctx: Context, layer: int | None) -> bool:
+    """Whether ``layer`` is the last weight layer of its model (what follows is its
+    output)."""
+    group = next((g for g in ctx.groups if layer in g.layers), None) \
+        if layer is not None else None
+    return group is not None and group.layers[-1] == layer
 
 
 def _site_finding(ctx: Context, i: int) -> Finding | None:
@@ -73,10 +82,20 @@ def _site_finding(ctx: Context, i: int) -> Finding | None:
                          f"{scale['family'].capitalize()} std for the {site.kind} that "
                          f"follows")
     grew = weights_grew(ctx, site.layer)
+    output = _last_layer(ctx, site.layer)
     causes: list[Cause] = [c for c in (large_preactivations(ctx, i), inputs, init, grew,
                                        preactivation_offset(ctx, i)) if c]
+    if output:
+        causes.insert(0, Cause("output_activation_bound",
+                               f"{label} is the model's output activation: training pushes "
+                               f"its outputs to its bounds when the targets lie at or beyond "
+                               f"its range (standardised targets under a {site.kind}), and "
+                               f"the loss stays where the bounds allow"))
     ids = {c.id for c in causes}
     remedies: list[Remedy] = []
+    if output:
+        remedies.append(remedy("drop_output_activation", module=site.module if not
+                               site.functional else "", activation=site.kind))
     scale = standardize(ctx, causes)
     if scale:
         remedies.append(scale)
