@@ -196,7 +196,8 @@ def _fixed(first: RunResult, control: FixControl, script: str, args: list[str],
         return RunResult(first.exit_code, Report({**first.report.to_dict(), "fix": record}))
     started = time.monotonic()
     code, final = final_run(script, args, control.repair.parts, settings)
-    record.update(restarted=True, kind=control.repair.kind, remedy=control.repair.remedy,
+    record.update(restarted=True, kind=control.repair.kind, kinds=control.repair.kinds,
+                  remedy=control.repair.remedy,
                   final_run_s=round(time.monotonic() - started, 3))
     if final is None:
         record["reason"] = "the restarted run wrote no report"

@@ -166,6 +166,16 @@ def _guard_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module | None,
                    "change)")
 
 
+def _fell(params: dict[str, Any]) -> str:
+    """" (1/N of it)" for a rate that fell from ``floor`` to ``last``, where both are
+    numbers."""
+    try:
+        ratio = float(params["floor"]) / float(params["last"])
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return ""
+    return f" (1/{ratio:,.0f} of it)" if math.isfinite(ratio) and ratio > 1 else ""
+
+
 ENTRIES = [
     RemedyEntry(
         "clip_grad_norm",
@@ -194,9 +204,9 @@ ENTRIES = [
     RemedyEntry(
         "hold_learning_rate",
         lambda p: (f"keep the learning rate at {p['floor']}, the rate the run learned with "
-                   f"before its schedule took it below 1/1000 of that from step {p['since']} "
-                   f"on (down to {p['last']}); if a scheduler meant per epoch is stepped "
-                   f"every batch, call scheduler.step() once per epoch instead"),
+                   f"before its schedule took it down to {p['last']}{_fell(p)} from step "
+                   f"{p['since']} on; if a scheduler meant per epoch is stepped every batch, "
+                   f"call scheduler.step() once per epoch instead"),
         lambda p: ("# step the scheduler once per epoch, after the batch loop, or hold a "
                    "floor before each step:\n"
                    "for group in optimizer.param_groups:\n"

@@ -88,7 +88,8 @@ def _fix_lines(fix: dict[str, Any], width: int) -> list[str]:
         remedy = fix.get("remedy") or {}
         v = remedy.get("verified") or {}
         gone = ", finding gone" if v.get("finding_gone") else ""
-        lines = _wrap(f"fixed: {fix.get('kind')} found after {found} steps; {remedy.get('id')} "
+        kinds = ", ".join(fix.get("kinds") or [fix.get("kind")])
+        lines = _wrap(f"fixed: {kinds} found after {found} steps; {remedy.get('id')} "
                       f"repaired it in a re-run (loss {_loss(v.get('loss_before'))} -> "
                       f"{_loss(v.get('loss_after'))} in {v.get('steps')} steps{gone}); the "
                       f"script was restarted from its start with it, and this report is of "

@@ -55,6 +55,7 @@ class Repair:
     kind: str
     remedy: dict[str, Any]  # the report's remedy, with its "verified"
     parts: Parts
+    kinds: list[str] = dataclasses.field(default_factory=list)  # every problem it repairs
 
 
 def repairs(verified: dict[str, Any]) -> bool:
@@ -81,8 +82,9 @@ def choose(report: Report) -> Repair | None:
                 found.setdefault(key, ([], remedy, finding.kind))[0].append(i)
     if not found:
         return None
-    _, remedy, kind = min(found.values(), key=lambda v: (-len(v[0]), v[0][0]))
-    return Repair(kind, remedy.to_dict(), remedy_parts(remedy))
+    fixed, remedy, kind = min(found.values(), key=lambda v: (-len(v[0]), v[0][0]))
+    kinds = list(dict.fromkeys(problems[i].kind for i in fixed))
+    return Repair(kind, remedy.to_dict(), remedy_parts(remedy), kinds)
 
 
 class FixControl:
@@ -162,14 +164,14 @@ class FixControl:
         self.repair = choose(checked)
         self.passes.append({"step": step, "kinds": problems,
                             "verify_s": took,
-                            "repaired": self.repair.kind if self.repair else None})
+                            "repaired": self.repair.kinds if self.repair else []})
         self.record["passes"] = list(self.passes)
         if self.repair is None:
             self.say("fix: no remedy repaired it yet; the run goes on unchanged" +
                      (", and is checked again" if len(self.passes) < MAX_PASSES else ""))
             return
-        self.say(f"fix: {self.repair.remedy['id']} repairs {self.repair.kind}: restarting the "
-                 f"script from its start with it")
+        self.say(f"fix: {self.repair.remedy['id']} repairs {', '.join(self.repair.kinds)}: "
+                 "restarting the script from its start with it")
 
 
 def final_run(script: str | os.PathLike[str], args: Sequence[str], parts: Parts,
