@@ -26,12 +26,14 @@ def make_data(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--sparse-layers", default="2",
                         help="indices of the Linear layers whose bias starts at -3")
     args = parser.parse_args()
     torch.manual_seed(0)
     x, y = make_data(512)
-    loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
+    loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True,
+                        num_workers=args.workers, persistent_workers=args.workers > 0)
     model = nn.Sequential(
         nn.Linear(8, 64), nn.ReLU(),
         nn.Linear(64, 64), nn.ReLU(),
