@@ -14,9 +14,11 @@ from ..remedies import CATALOGUE, describe, refuses
 from .launch import VerifySettings
 from .verdict import Outcome, Parts, rank, solved, verdict
 
-__all__ = ["COMPATIBLE", "LADDER", "PAIRS_PER_FINDING", "PAIRS_PER_PASS", "asked",
+__all__ = ["COMPATIBLE", "LADDER", "MAX_PARTS", "PAIRS_PER_FINDING", "PAIRS_PER_PASS", "asked",
            "candidate_key", "next_round", "remedy_parts"]
 
+#: The most remedies one candidate applies together (a triple).
+MAX_PARTS = 3
 #: At most this many new candidates per finding, and per round.
 PAIRS_PER_FINDING = 3
 PAIRS_PER_PASS = 6
@@ -59,7 +61,7 @@ def asked(settings: VerifySettings, parts: Parts) -> bool:
 def combined_remedy(first: Any, second: dict[str, Any], reason: str | None = None) -> Remedy:
     """A report remedy for ``first`` and ``second`` applied together: the re-run's
     follow-up (``reason`` None) or a remedy that belongs with it."""
-    parts = [{"id": first.id, "params": remedy_params(first)},
+    parts = [*({"id": rid, "params": dict(params)} for rid, params in remedy_parts(first)),
              {"id": second["id"], "params": dict(second.get("params") or {})}]
     why = reason or f"with {first.id} alone, the re-run still needed {second['id']}"
     text = (f"{first.id} and {second['id']} together ({why}): {first.text} "
@@ -184,10 +186,13 @@ def _compatible(finding: Any, ran: list[Any], verdicts: dict[int, dict[str, Any]
 def _follow_up_pairs(finding: Any, ran: list[Any], verdicts: dict[int, dict[str, Any]],
                      results: dict[str, list[Outcome]], settings: VerifySettings
                      ) -> list[Remedy]:
-    """The two best singles that changed something, each with the first remedy its own
-    re-run's report offers for what is still wrong (errors first)."""
-    firsts = sorted((r for r in ran if "+" not in r.id and not _diagnostic(r.id) and
-                     verdicts[id(r)]["status"] in _HELPED and verdicts[id(r)].get("changes")),
+    """The two best singles that changed something, or pairs that made the loss better
+    without repairing the finding, each with the first remedy its own re-run's report offers
+    for what is still wrong (errors first): pairs, then triples."""
+    firsts = sorted((r for r in ran if not _diagnostic(r.id) and verdicts[id(r)].get("changes")
+                     and (verdicts[id(r)]["status"] in _HELPED if "+" not in r.id else
+                          verdicts[id(r)]["status"] == "better" and
+                          len(remedy_parts(r)) < MAX_PARTS)),
                     key=lambda r: rank(verdicts[id(r)]))[:2]
     # What ran alone and could not apply or failed is no partner for anything.
     dead = {r.id for r in ran if verdicts[id(r)]["status"] in ("not_applicable", "failed")}
@@ -196,7 +201,8 @@ def _follow_up_pairs(finding: Any, ran: list[Any], verdicts: dict[int, dict[str,
         outcome = next((o for o in results[candidate_key(remedy_parts(first))]
                         if o.status == "ok"), None)
         for follow in outcome.follow_ups if outcome is not None else []:
-            if follow["id"] == first.id or follow["id"] not in CATALOGUE or \
+            if follow["id"] in {rid for rid, _ in remedy_parts(first)} or \
+                    follow["id"] not in CATALOGUE or \
                     follow["id"] in dead or _diagnostic(follow["id"]) or \
                     refuses(follow["id"]) or not asked(settings, ((follow["id"], {}),)):
                 continue
