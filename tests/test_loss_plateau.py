@@ -3,6 +3,8 @@ warnings or errors with the sign that proves them stuck; converged runs are at m
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -189,3 +191,51 @@ def test_synthetic_window_override() -> None:
     loss = np.concatenate([np.linspace(10.0, 1.0, 30), np.ones(10)])
     assert detect(history(loss)) == []
     assert len(detect(history(loss), T.replace(plateau_window=0.2))) == 1
+
+
+# ------------------------------------------------------------------ learning-rate schedules
+def scheduled_run(factor: Callable[[int], float], steps: int = 300) -> gradwatch.Report:
+    """A small MLP regression trained by minibatch SGD with a LambdaLR of ``factor(step)``,
+    stepped after every batch."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 8, generator=g)
+    y = torch.sin(x[:, :1]) + 0.5 * x[:, 1:2] * x[:, 2:3]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    with gradwatch.watch(model, opt) as gw:
+        for _ in range(steps):
+            i = torch.randint(0, 512, (64,), generator=g)
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x[i]), y[i]).backward()
+            opt.step()
+            sched.step()
+    return gw.report()
+
+
+def test_a_schedule_stepped_every_batch_collapses_the_rate_into_a_plateau() -> None:
+    # ExponentialLR(0.9) meant per epoch, stepped every batch: 0.9^k is below 1/100 of the
+    # start after 44 steps.
+    report = scheduled_run(lambda step: 0.9 ** step)
+    f = only(report, "loss_plateau")
+    assert f.severity == "warning"
+    cause = next(c for c in f.causes if c.id == "learning_rate_collapsed")
+    assert "fell from 0.05 (step 0)" in cause.text and "x) over the last part" in cause.text
+    assert f.evidence["lr_peak"] == pytest.approx(0.05)
+    assert f.evidence["lr_collapsed_from_step"] == 44
+    assert f.evidence["lr_max_in_window"] <= 0.05 * T.lr_collapse
+    assert f.remedies[0].id == "hold_learning_rate"
+
+
+def test_warm_up_and_cosine_to_zero_is_healthy() -> None:
+    # The rate ends at 0 by design, after the loss has converged: no warning.
+    steps, warm = 300, 30
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + np.cos(np.pi * min(1.0, (step - warm) / (steps - warm))))
+
+    report = scheduled_run(factor, steps)
+    assert report.problems == [], [f.kind for f in report.problems]

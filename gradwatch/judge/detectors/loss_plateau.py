@@ -86,9 +86,11 @@ def lr_collapse(ctx: Context, window_start: int) -> tuple[Cause, dict] | None:
     below = np.flatnonzero((lr <= ctx.t.lr_collapse * peak) & (steps > steps[peak_at]))
     fell_at = int(steps[below[0]]) if below.size else int(steps[-1])
     changes = int(np.count_nonzero(np.diff(lr) != 0))
+    fell = f" ({peak / top:,.0f}x)" if top > 0 else " (to 0)"
     cause = Cause("learning_rate_collapsed",
                   f"the learning rate fell from {fmt(peak)} (step {int(steps[peak_at])}) to "
-                  f"{fmt(top)} or less over the last part of the run, below "
+                  f"{fmt(top)} or less{fell} over the last part of the run, with the "
+                  f"gradient still sizeable (not converged), below "
                   f"{fmt(ctx.t.lr_collapse)} of its peak from step {fell_at} on, changing "
                   f"{changes} times: a schedule meant per epoch stepped every batch, or one "
                   f"that decays too fast, leaves the weights almost still")
