@@ -10,7 +10,7 @@ from typing import Any, Literal
 __all__ = ["KINDS", "SEVERITIES", "Cause", "Finding", "Remedy", "jsonable", "set_applier"]
 
 KINDS = ("vanishing_gradient", "exploding_gradient", "dying_relu", "saturated_activation",
-         "nonfinite", "loss_plateau", "loss_divergence", "eval_mode")
+         "nonfinite", "loss_plateau", "loss_spike", "loss_divergence", "eval_mode")
 """The finding kinds of the report contract, exact strings."""
 
 SEVERITIES = ("error", "warning", "info")

@@ -117,6 +117,20 @@ class Thresholds:
     """Loss above this multiple of its best value so far: divergence."""
     divergence_persistence: int = limit(3, "[1, inf)")
     """Consecutive sampled steps the loss must stay diverged."""
+    spike_window: int = limit(50, "[5, inf)")
+    """Finite losses before a step that its loss is compared with (loss_spike)."""
+    spike_sigma: float = limit(6.0, "(0, inf)")
+    """A loss this many standard deviations of that window above its mean is a spike (as
+    OLMo-core's skip-step rule) ..."""
+    spike_min_rise: float = limit(0.5, "[0, inf)")
+    """... when it is also this fraction of the window's mean above it (a nearly constant
+    loss has a tiny standard deviation)."""
+    spike_min_steps: int = limit(2, "[1, inf)")
+    """Steps a spike lasts before the loss is back near its window for a warning: one off
+    batch whose next batches are normal again is an outlier in the data (info)."""
+    spike_factor: float = limit(10.0, "(1, inf)")
+    """A loss this many times the largest one seen so far is a spike whatever the window
+    (Megatron-LM's check)."""
     onset_factor: float = limit(2.0, "(1, inf)")
     """A loss above this multiple of its best, or a gradient norm above this multiple of its
     early baseline, has left its normal level: divergence and explosion are dated from the

@@ -25,6 +25,7 @@ from .detectors import (
     exploding,
     loss_divergence,
     loss_plateau,
+    loss_spike,
     nonfinite,
     saturated,
     vanishing,
@@ -32,8 +33,8 @@ from .detectors import (
 
 __all__ = ["CAUSE_IDS", "DETECTORS", "REGISTRY", "WHOLE_RUN_KINDS", "Context", "run_detectors"]
 
-DETECTORS = (nonfinite, exploding, vanishing, dying, saturated, loss_divergence, loss_plateau,
-             eval_mode)
+DETECTORS = (nonfinite, exploding, vanishing, dying, saturated, loss_divergence, loss_spike,
+             loss_plateau, eval_mode)
 """One entry per detector module, in the order they run."""
 
 Detect = Callable[[Context], list[Finding]]
