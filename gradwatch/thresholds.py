@@ -125,9 +125,9 @@ class Thresholds:
     spike_min_rise: float = limit(0.5, "[0, inf)")
     """... when it is also this fraction of the window's mean above it (a nearly constant
     loss has a tiny standard deviation)."""
-    spike_min_steps: int = limit(2, "[1, inf)")
-    """Steps a spike lasts before the loss is back near its window for a warning: one off
-    batch whose next batches are normal again is an outlier in the data (info)."""
+    spike_min_steps: int = limit(4, "[1, inf)")
+    """Steps a spike lasts before the loss is back near its window, for a warning: a loss
+    back within fewer steps is an outlier batch (info), frequent near convergence."""
     spike_factor: float = limit(10.0, "(1, inf)")
     """A loss this many times the largest one seen so far is a spike whatever the window
     (Megatron-LM's check)."""

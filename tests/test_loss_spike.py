@@ -83,7 +83,7 @@ def test_one_off_batch_that_does_not_derail_training_is_info() -> None:
     [f] = spikes(report)
     assert f.severity == "info" and f.evidence["spikes"][0]["step"] == 400
     assert f.evidence["spikes"][0]["steps_to_recover"] == 1
-    assert "an outlier batch" in f.summary and not f.remedies
+    assert "brief outliers in the minibatch losses" in f.summary and not f.remedies
     assert report.problems == []
 
 
@@ -144,7 +144,7 @@ def test_synthetic_sigma_and_rise_boundaries(sigmas: float, found: bool) -> None
     loss = noisy()
     window = loss[150 - T.spike_window:150]
     # 6.5 sigma of a 5% noise is a 33% rise: below spike_min_rise, not a spike.
-    loss[150] = loss[151] = window.mean() + sigmas * window.std()
+    loss[150:150 + T.spike_min_steps] = window.mean() + sigmas * window.std()
     got = [f for f in loss_spike.detect(Context(history(loss), T)) if f.severity == "warning"]
     assert bool(got) == found
     if found:
@@ -153,6 +153,16 @@ def test_synthetic_sigma_and_rise_boundaries(sigmas: float, found: bool) -> None
 
 def test_synthetic_megatron_factor_and_too_short_runs() -> None:
     loss = noisy(200)
-    loss[100] = loss[101] = 11.0 * loss[:100].max()  # 10x the largest so far
+    loss[100:100 + T.spike_min_steps] = 11.0 * loss[:100].max()  # 10x the largest so far
     assert loss_spike.detect(Context(history(loss), T))[0].first_step == 100
     assert loss_spike.detect(Context(history(loss[:T.spike_window]), T)) == []
+
+
+def test_synthetic_duration_boundary() -> None:
+    loss = noisy()
+    window = loss[150 - T.spike_window:150]
+    for last, severity in ((T.spike_min_steps - 1, "info"), (T.spike_min_steps, "warning")):
+        spiked = loss.copy()
+        spiked[150:150 + last] = window.mean() + 12 * window.std()
+        [f] = loss_spike.detect(Context(history(spiked), T))
+        assert f.severity == severity and f.evidence["spikes"][0]["steps_to_recover"] == last

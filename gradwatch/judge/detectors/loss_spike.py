@@ -8,9 +8,9 @@ sigmas), or a loss ``spike_factor`` times the largest one seen so far (Megatron-
 check). The spike ends when the loss is back within two of the window's standard
 deviations of its mean; a loss that never comes back before the run ends is a divergence,
 reported as ``loss_divergence``, not here. A spike that threw the model off lasts
-``spike_min_steps`` or more: a warning. A single batch whose loss is far off while the next
-ones are normal again is an outlier in the data (a bad or heavy-tailed batch) that did not
-derail training: said as info, with its step.
+``spike_min_steps`` or more: a warning. A batch whose loss is far off while the loss is back
+within a few steps is an outlier in the data (a bad or heavy-tailed batch, frequent near
+convergence) that did not derail training: said as info, with its step.
 
 Every spike of the run goes into one finding (their list in ``evidence["spikes"]``), since
 they share their causes and remedies: the gradient norm at the spike against its usual size
@@ -149,8 +149,9 @@ def _finding(ctx: Context, rows: list[dict[str, Any]]) -> Finding:
                f"{fmt(biggest['window_mean'])} of the {t.spike_window} steps before{grad}; it "
                f"was back within {RECOVERED_SIGMA:g} sigma after "
                f"{biggest['steps_to_recover']} step(s)."
-               + ("" if lasting or restarts else " Each time only that batch was off and the "
-                  "next ones were normal again: an outlier batch, not a derailed run."))
+               + ("" if lasting or restarts else f" Each time the loss was back within "
+                  f"{t.spike_min_steps - 1} step(s): brief outliers in the minibatch losses "
+                  f"(an odd batch), not a derailed run."))
     listed = sorted(rows, key=lambda r: -(r["sigma"] or 0.0))[:MAX_LISTED]
     evidence = {"spikes": sorted(listed, key=lambda r: r["step"]), "count": n,
                 "one_batch_outliers": outliers,
