@@ -142,7 +142,8 @@ class FixControl:
 
     def verify(self, report: Report) -> None:
         """Verify the remedies of ``report``'s problems on re-runs as long as its run;
-        ``repair`` is then the one that repairs the most severe, earliest problem."""
+        ``repair`` is then the one that repairs the most of them (see :func:`choose`), or
+        None."""
         step = int(report.run.get("steps") or 0)
         problems = sorted({f.kind for f in report.findings
                            if f.severity in ("warning", "error")})
