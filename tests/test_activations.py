@@ -64,6 +64,24 @@ def test_functional_relu_sites_are_named_by_module_and_call_count() -> None:
     assert report.series["dead_fraction"]["FunctionalNet.relu@3"][-1] == 1.0
 
 
+def test_dead_sites_behind_an_entirely_dead_one_are_named_with_it() -> None:
+    # relu@3 is dead for every input; relu@4 then sees only fc4's bias: the 24 units whose
+    # bias is negative are dead too, as a consequence, and are named in the same finding.
+    model = FunctionalNet(bias=-4.0)
+    with torch.no_grad():
+        model.fc4.bias[:24], model.fc4.bias[24:] = -1.0, 1.0
+    x, y = _regression()
+    report = train_full_batch(model, x, y, lr=1e-3, steps=40, optimizer="adam")
+    finding = only(report, "dying_relu")  # one finding, not one per dead site
+    assert finding.evidence["site"] == "FunctionalNet.relu@3"
+    [behind] = finding.evidence["dead_behind"]
+    assert behind["site"] == "FunctionalNet.relu@4"
+    assert (behind["dead_units"], behind["units"]) == (24, 32)
+    assert "FunctionalNet.relu@4" in finding.layers
+    assert "Behind it, fed only a constant, FunctionalNet.relu@4 (24 of 32 units from step " \
+        "0) are dead too." in finding.summary
+
+
 def test_partly_dead_module_site_with_its_dead_units_listed() -> None:
     model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 1))
     with torch.no_grad():
@@ -96,6 +114,13 @@ def test_learning_rate_spike_kills_units_and_is_named_as_the_cause() -> None:
     assert 60 < finding.evidence["dead_since_step"] <= 64
     assert finding.causes[0].id == "learning_rate_spike"
     assert "rose to 5 at step 60" in finding.causes[0].text
+    # The spike's update moved the weights, not mainly the bias: the pre-activations sit
+    # well below the dead units' bias, so the bias is not blamed, the weights are.
+    ids = [c.id for c in finding.causes]
+    assert "large_negative_bias" not in ids and "weights_push_below_zero" in ids
+    ev = finding.evidence
+    assert ev["pre_activation_mean"]["last"] < 2 * ev["bias_dead_mean"] < 0
+    assert finding.remedies[0].id == "lower_learning_rate"
 
 
 def test_conv_net_counts_dead_channels() -> None:

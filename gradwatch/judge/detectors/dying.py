@@ -9,6 +9,7 @@ revive it. Transient zeros are common in healthy nets; only units dead on
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -19,7 +20,8 @@ from ..context import Context, Group, fmt
 from . import vanishing
 
 KIND = "dying_relu"
-CAUSES = ("large_negative_bias", "learning_rate_spike", "dead_at_init")
+CAUSES = ("large_negative_bias", "weights_push_below_zero", "learning_rate_spike",
+          "dead_at_init")
 """The ids of the causes this detector names besides the shared ones of ``causes.py``."""
 RELU_KINDS = ("relu", "relu6")
 
@@ -94,6 +96,23 @@ def _downstream_of_dead_site(ctx: Context, i: int) -> bool:
     return False
 
 
+def _dead_behind(ctx: Context, i: int) -> list[dict[str, Any]]:
+    """The later ReLU sites of the same model with dead units, when site ``i`` is entirely
+    dead: each reported with it, as its consequence, rather than as a finding of its own."""
+    site = ctx.site(i)
+    if not site.final.get("units") or site.final.get("dead_units") != site.final["units"]:
+        return []
+    out = []
+    for j in _same_model_from(ctx, i)[1:]:
+        final = ctx.site(j).final
+        units, dead = final.get("units"), final.get("dead_units", 0)
+        if units and dead and dead / units >= ctx.t.dying_fraction:
+            out.append({"site": ctx.site_name(j), "label": ctx.site_label(j),
+                        "dead_units": int(dead), "units": int(units),
+                        "dead_since_step": final.get("dead_since_step_median")})
+    return out
+
+
 def _same_model_from(ctx: Context, i: int) -> list[int]:
     """Site ``i`` and the ReLU sites after it in the same model, in forward order."""
     site = ctx.site(i)
@@ -144,6 +163,7 @@ def _site_finding(ctx: Context, i: int) -> Finding | None:
         negative_bias(ctx, i), dead_at_init(ctx, i),
         learning_rate_spike(ctx, since, site.layer) if killed else None,
         C.learning_rate_too_high(ctx, until=since) if killed else None,
+        weights_push_down(ctx, i) if killed else None,
         C.unscaled_inputs(ctx)) if c]
     ids = {c.id for c in causes}
     # Units killed by training, or by a bias set far below zero, are the classic dying
@@ -165,9 +185,10 @@ def _site_finding(ctx: Context, i: int) -> Finding | None:
         layers = list(dict.fromkeys(ctx.name(ctx.site(j).layer) for j in set_low))
         remedies.append(remedy("positive_bias_init", layer=layers[0], layers=layers,
                                bias=fmt(bias)))
-    # Updates drove the bias of the dead units below zero: smaller ones.
-    driven = site.bias_init is not None and bias is not None and \
-        site.bias_init > bias / 2 and "large_negative_bias" in ids
+    # Updates drove the dead units below zero (their bias, or their weights): smaller ones.
+    driven = (site.bias_init is not None and bias is not None and
+              site.bias_init > bias / 2 and "large_negative_bias" in ids) or \
+        "weights_push_below_zero" in ids
     if ids & {"learning_rate_spike", "learning_rate_too_high"} or driven:
         # The ratio measured is that of the updates that killed the units, not of training
         # at a sane rate: cut by at most explosion_lr_reduction, as for a blow-up.
@@ -189,6 +210,12 @@ def _site_finding(ctx: Context, i: int) -> Finding | None:
                f"themselves.")
     if severity == "info":
         summary += " They were dead from initialisation and training did not kill more."
+    behind = _dead_behind(ctx, i)
+    if behind:
+        summary += " Behind it, fed only a constant, " + ", ".join(
+            f"{b['label']} ({b['dead_units']} of {b['units']} units from step "
+            f"{b['dead_since_step']})"
+            for b in behind) + " are dead too."
     pre_mean = ctx.site_stat("pre_mean")[ok, i]
     pre_std = ctx.site_stat("pre_std")[ok, i]
     dead_max = ctx.site_stat("dead_pre_max")[ok, i]
@@ -207,9 +234,14 @@ def _site_finding(ctx: Context, i: int) -> Finding | None:
         "dead_units_max_pre_activation": float(dead_max[-1]),
         "dead_fraction_series": {"steps": steps[k].tolist(), "values": frac[ok][k].tolist()},
     }
+    if behind:
+        evidence["dead_behind"] = [{k: v for k, v in b.items() if k != "label"}
+                                   for b in behind]
     layers = [ctx.name(site.layer)] if site.layer is not None else []
+    layers += [b["site"] for b in behind]
     return Finding(kind=KIND, severity=severity, first_step=first_step,
-                   last_step=int(steps[-1]), layers=[*layers, name], summary=summary,
+                   last_step=int(steps[-1]), layers=list(dict.fromkeys([*layers, name])),
+                   summary=summary,
                    evidence=evidence, causes=causes, remedies=remedies)
 
 
@@ -219,6 +251,33 @@ def _site_first_last(ctx: Context, i: int, stat: str) -> tuple[float, float] | N
     v = ctx.site_stat(stat)[:, i]
     v = v[np.isfinite(v)]
     return (float(v[0]), float(v[-1])) if v.size else None
+
+
+def _weights_push_down(ctx: Context, i: int) -> float | None:
+    """The site's mean pre-activation at the end, where it is negative and the dead units'
+    bias is less than half of it: the weights, not the bias, put the units below zero."""
+    b_dead = ctx.site(i).final.get("bias_dead_mean")
+    mean = _site_first_last(ctx, i, "pre_mean")
+    if mean is None or not mean[1] < 0:
+        return None
+    if b_dead is not None and -b_dead >= 0.5 * -mean[1]:
+        return None
+    return mean[1]
+
+
+def weights_push_down(ctx: Context, i: int) -> Cause | None:
+    """Units below zero because of what their weights make of the inputs, the bias being
+    a small part of it."""
+    site = ctx.site(i)
+    mean = _weights_push_down(ctx, i)
+    if mean is None or site.layer is None:
+        return None
+    b_dead = site.final.get("bias_dead_mean")
+    bias = f" (the bias on the dead units is {fmt(b_dead)})" if b_dead is not None else ""
+    return Cause("weights_push_below_zero",
+                 f"the pre-activations of {ctx.site_label(i)} average {fmt(mean)} at the end"
+                 f"{bias}: the weights of {ctx.label(site.layer)}, not its bias, put the units "
+                 f"below zero")
 
 
 def negative_bias(ctx: Context, i: int) -> Cause | None:
@@ -233,7 +292,7 @@ def negative_bias(ctx: Context, i: int) -> Cause | None:
     default = 1 / math.sqrt(fan_in) if fan_in else 0.0
     # Both beyond the spread of the pre-activations and beyond anything PyTorch's default
     # init draws (U(-1/sqrt(fan_in), 1/sqrt(fan_in))): a bias someone or something set.
-    if -b_dead < spread[0] or -b_dead <= default:
+    if -b_dead < spread[0] or -b_dead <= default or _weights_push_down(ctx, i) is not None:
         return None
     alive = site.final.get("bias_alive_mean")
     origin = ("it was set so at initialisation" if site.bias_init is not None
