@@ -19,7 +19,7 @@ from ..report import Report
 from .launch import Job, VerifySettings, run_job
 from .search import asked, candidate_key, next_round, remedy_parts
 from .settle import Settle
-from .verdict import WINDOW, Outcome, Parts, deterministic, rank, solved, verdict
+from .verdict import WINDOW, Outcome, Parts, declares_all, deterministic, rank, solved, verdict
 
 __all__ = ["CHECK_STEPS", "DEFAULT_STEPS", "MAX_ROUNDS", "MIN_STEPS", "VerifySettings",
            "rerun_steps", "verify_report"]
@@ -161,8 +161,8 @@ def verify_report(report: Any, script: str | os.PathLike[str], args: Sequence[st
         for remedy in finding.remedies:
             parts = remedy_parts(remedy)
             key = candidate_key(parts)
-            if not asked(settings, parts) or (not settings.diagnostics and all(
-                    rid in CATALOGUE and CATALOGUE[rid].diagnostic for rid, _ in parts)):
+            if not asked(settings, parts) or (not settings.diagnostics and
+                                               declares_all(parts, "diagnostic")):
                 continue  # not asked for (--verify-remedies): left without "verified"
             if any(rid not in CATALOGUE for rid, _ in parts):
                 # No process for what gradwatch cannot do itself (residual connections, ...).
@@ -183,8 +183,7 @@ def verify_report(report: Any, script: str | os.PathLike[str], args: Sequence[st
         """The early stop of a re-run of candidate ``key``: against the first run, for the
         findings that offer it."""
         parts = {**candidates, **combos}.get(key, ())
-        if not settings.settle or (parts and all(
-                rid in CATALOGUE and CATALOGUE[rid].loss_neutral for rid, _ in parts)):
+        if not settings.settle or declares_all(parts, "loss_neutral"):
             return None  # a remedy the training loss cannot judge runs its whole budget
         mine = [f for f in problems
                 if any(candidate_key(remedy_parts(r)) == key for r in f.remedies)]

@@ -12,7 +12,7 @@ from ..findings import Remedy
 from ..judge.advice import round_sig
 from ..remedies import CATALOGUE, describe, refuses
 from .launch import VerifySettings
-from .verdict import Outcome, Parts, rank, solved, verdict
+from .verdict import Outcome, Parts, declares_all, rank, solved, verdict
 
 __all__ = ["COMPATIBLE", "LADDER", "MAX_PARTS", "PAIRS_PER_FINDING", "PAIRS_PER_PASS", "asked",
            "candidate_key", "next_round", "remedy_parts"]
@@ -25,8 +25,7 @@ PAIRS_PER_PASS = 6
 
 
 def _diagnostic(remedy_id: str) -> bool:
-    entry = CATALOGUE.get(remedy_id)
-    return entry is not None and entry.diagnostic
+    return declares_all(((remedy_id, {}),), "diagnostic")
 
 
 def candidate_key(parts: Parts) -> str:

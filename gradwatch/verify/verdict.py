@@ -9,7 +9,7 @@ from typing import Any, Literal
 from ..remedies import CATALOGUE
 
 __all__ = ["DETERMINISM_RTOL", "MARGIN", "WINDOW", "Outcome", "Parts", "Status", "Verified",
-           "deterministic", "loss_at", "rank", "solved", "verdict", "window_loss"]
+           "declares_all", "deterministic", "loss_at", "rank", "solved", "verdict", "window_loss"]
 
 #: Share of a re-run's last steps whose mean loss is compared (at least one step).
 WINDOW = 0.1
@@ -137,6 +137,13 @@ def _declared(parts: Parts, what: str) -> list[Any]:
     return [getattr(CATALOGUE[rid], what) for rid, _ in parts if rid in CATALOGUE]
 
 
+def declares_all(parts: Parts, what: str) -> bool:
+    """Every remedy of ``parts`` is in the catalogue and declares ``what`` (``diagnostic``,
+    ``loss_neutral``) about itself."""
+    return bool(parts) and all(rid in CATALOGUE and getattr(CATALOGUE[rid], what)
+                               for rid, _ in parts)
+
+
 def verdict(kind: str, base: list[Outcome], runs: list[Outcome], steps: int,
             parts: Parts = ()) -> Verified:
     """The ``verified`` record of one remedy against the baseline, over its repeats."""
@@ -146,7 +153,7 @@ def verdict(kind: str, base: list[Outcome], runs: list[Outcome], steps: int,
     if not done:
         worst = next((r for r in runs if r.status in ("failed", "not_applicable")), None) or \
             (runs[0] if runs else Outcome("not_finished", note="never started"))
-        if worst.status == "failed" and parts and all(_declared(parts, "diagnostic")):
+        if worst.status == "failed" and declares_all(parts, "diagnostic"):
             # Stopping at the first bad value, and naming it, is what it is for.
             return Verified("diagnostic", note="a diagnostic, not a fix: it stopped the re-run "
                             f"where the first non-finite value appeared: {worst.note}")
@@ -184,7 +191,7 @@ def verdict(kind: str, base: list[Outcome], runs: list[Outcome], steps: int,
             "no_effect"
         note = {"better": None, "no_effect": "no measurable effect on the loss",
                 "worse": f"makes the loss worse: {before:.3g} -> {after:.3g}"}[status]
-        if parts and all(_declared(parts, "loss_neutral")):
+        if declares_all(parts, "loss_neutral"):
             # What it fixes is not the training loss (a validation forward in eval mode):
             # the training loss differs only by chance (another random stream for dropout).
             status = "fixed" if finding_gone and in_baseline else "no_effect"
