@@ -82,6 +82,10 @@ class Thresholds:
     exploding_grad_to_weight: float = limit(1e2, "(0, inf)")
     """Total gradient norm / total weight norm above this: one SGD step of lr 0.01 would
     move the weights by more than their own size."""
+    grad_spike_factor: float = limit(100.0, "(1, inf)")
+    """A raw (pre-clipping) gradient norm this many times the median of the ``spike_window``
+    measured steps before it, and above ``onset_factor`` x the early level: an explosion
+    even when the loss does not show it (clipping hides it from the update)."""
     exploding_error_factor: float = limit(1e4, "[1, inf)")
     """Either exploding ratio above this multiple of its limit: severity error."""
     baseline_steps: int = limit(5, "[1, inf)")
@@ -160,6 +164,10 @@ class Thresholds:
     """A lower learning rate against an explosion or divergence is sized by the largest
     update from the one before the onset to this many steps after it: later, dead or frozen
     weights barely move, and their tiny updates would hide the oversized ones."""
+    consequence_window_steps: int = limit(50, "[0, inf)")
+    """A finding that begins this many steps or fewer after an explosion or a NaN began (dead
+    or saturated units, a diverging, stalling or spiking loss) is linked to it as its
+    consequence (``judge/links.py``); the root's severity rises to the consequence's."""
     forward_shrink_per_layer: float = limit(0.7, "(0, 1]")
     """Activation RMS falling by more than this factor per layer at the first step: the
     forward signal (and with it the backward one) shrinks with depth."""
@@ -224,6 +232,10 @@ class Thresholds:
     """A loss that fell to this fraction of its start or less (medians of the first and last
     ``baseline_steps`` steps): the model learns from the timesteps the gradient reaches, so
     vanishing through time is info, not a problem (the task may not need longer memory)."""
+    through_time_outgrow: float = limit(10.0, "(1, inf)")
+    """A first-to-last ratio that rose this many times from the start of the run to its end
+    (medians of ``through_time_min_measurements`` measurements each) while the loss fell:
+    the run is outgrowing its starting state, so vanishing through time is info."""
     forget_bias_low: float = limit(0.5, "(-inf, inf)")
     """LSTM forget-gate / GRU update-gate bias (bias_ih + bias_hh, mean over units) below
     this at the first forward: the gate starts near or below one half and the state decays

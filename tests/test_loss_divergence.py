@@ -83,7 +83,12 @@ def test_loss_falls_then_diverges_after_the_learning_rate_is_raised(
 
 def test_divergence_causes_and_remedies(raised: dict[str, Any]) -> None:
     f = only(raised["report"], "loss_divergence")
-    assert [c.id for c in f.causes] == ["learning_rate_too_high"]
+    # Its own cause, then the link to the explosion that the raised rate set off.
+    assert [c.id for c in f.causes] == ["learning_rate_too_high", "follows_explosion"]
+    root = only(raised["report"], "exploding_gradient")
+    assert f.evidence["root"] == {"kind": "exploding_gradient", "first_step": root.first_step}
+    assert {"kind": "loss_divergence", "first_step": f.first_step} in \
+        root.evidence["consequences"]
     remedies = {r.id: r.code for r in f.remedies}
     assert set(remedies) == {"lower_learning_rate", "clip_grad_norm"}
     assert 'group["lr"] *=' in remedies["lower_learning_rate"]

@@ -531,6 +531,20 @@ def test_synthetic_vanishing_with_a_loss_that_fell_is_info() -> None:
     assert f.severity == "info" and "may not need a longer memory" in f.summary
 
 
+def test_synthetic_vanishing_that_the_run_outgrows_is_info() -> None:
+    # The ratio rises 170x over the run (still below the limit) while the loss falls, but
+    # not to half: the starting state is being outgrown (pytorch/examples mnist_rnn).
+    losses = list(np.linspace(2.3, 1.6, 20))
+    rising = list(np.geomspace(1e-8, 1.7e-6, 20))
+    (f,) = through_time.detect(synthetic(rising, losses), "vanishing_gradient")
+    assert f.severity == "info" and "outgrowing" in f.summary
+    assert f.evidence["ratio_growth_over_run"] > 50  # medians of the first and last 3
+    # The same ratios with a loss that does not fall, or flat ratios: a problem.
+    (flat_loss,) = through_time.detect(synthetic(rising, [2.3] * 20), "vanishing_gradient")
+    (flat,) = through_time.detect(synthetic([1e-5] * 20, losses), "vanishing_gradient")
+    assert flat_loss.severity != "info" and flat.severity == "warning"
+
+
 def test_synthetic_underflow_to_zero_still_vanishes() -> None:
     (f,) = through_time.detect(synthetic([0.0] * 10), "vanishing_gradient")
     assert f.severity == "error" and "underflows to 0" in f.summary

@@ -309,6 +309,18 @@ class Context:
         total[np.all(np.isnan(g), axis=1)] = np.nan
         return total
 
+    def early_level(self, norms: np.ndarray) -> float:
+        """The gradient norm's level at the start of the run: the median over the first
+        ``baseline_steps`` finite values, or over those before a jump of more than
+        ``exploding_growth``-fold inside that window (a rate typed 1000x too high blows up
+        on the first update, and a baseline that includes the blow-up would hide it)."""
+        head = norms[: self.t.baseline_steps]
+        for j in range(1, len(head)):
+            before = float(np.median(head[:j]))
+            if head[j] > self.t.exploding_growth * before:
+                return before
+        return float(np.median(head))
+
     def finite_loss(self) -> tuple[np.ndarray, np.ndarray]:
         mask = np.isfinite(self.loss)
         return self.steps[mask], self.loss[mask]

@@ -8,6 +8,7 @@ value on the host: every number stays on the tensors' device until the monitor's
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -27,19 +28,58 @@ class StepMeasures:
         self.buffers, self.watched = buffers, watched
         self._snapshot: list[torch.Tensor] | None = None
         self._snapshot_idx: list[int] = []
+        self.scale: torch.Tensor | None = None
+        """The loss scaler's factor in the last backward (None without one)."""
+        self._scalers: dict[int, bool] = {}  # data_ptr -> is a GradScaler's factor
+
+    def read_scale(self, loss: torch.Tensor) -> None:
+        """Note the loss scaler's factor in ``loss``'s graph, before backward() frees it.
+
+        Under mixed precision ``GradScaler.scale(loss).backward()`` multiplies the loss,
+        and so every gradient backward() makes, by the scaler's factor (2**16 at first,
+        halved on each overflow, doubled every 2000 clean steps): the user's loss and raw
+        gradient norms are the scaled ones divided by it. The factor is the scaler's
+        one-element float32 tensor in the last product of the graph, a power of two >= 2
+        (its value read once per scaler); it is divided out on the device, without a sync.
+        """
+        self.scale = None
+        fn = getattr(loss, "grad_fn", None)
+        if fn is None or type(fn).__name__ != "MulBackward0":
+            return
+        factor = getattr(fn, "_saved_other", None)
+        if not isinstance(factor, torch.Tensor) or factor.dim() > 1 or \
+                factor.numel() != 1 or factor.dtype != torch.float32 or factor.requires_grad:
+            return
+        known = self._scalers.get(factor.data_ptr())
+        if known is None:  # one read per scaler, at its first backward
+            value = float(factor.item())
+            known = value >= 2 and math.isfinite(value) and \
+                value == 2.0 ** round(math.log2(value))
+            self._scalers[factor.data_ptr()] = known
+        self.scale = factor if known else None
+
+    def unscaled(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss as the model computed it (see :meth:`read_scale`)."""
+        return loss if self.scale is None else loss.detach() / self.scale
 
     def gradients(self, row: int, key: str) -> None:
         """The norm of every tracked gradient into ``row`` of ``key`` ("grad" as backward
         left them, "grad_applied" as the optimizer will apply them)."""
         buf = self.buffers.buf[key]
         grads = [None if p is None else p.grad for p in self.watched.params()]
+        # As backward left them they carry the loss scaler's factor; applied ones do not
+        # (the scaler unscales them before the optimizer's step).
+        scale = self.scale if key == "grad" else None
         idx = [i for i, g in enumerate(grads) if g is None]
         if not idx:  # the common case: every parameter has a gradient
-            buf[row].copy_(stats.norms(grads, buf.device))
+            values = stats.norms(grads, buf.device)
+            buf[row].copy_(values if scale is None else values / scale.to(buf.device))
             return
         idx = [i for i, g in enumerate(grads) if g is not None]
         if idx:
             values = stats.norms([grads[i] for i in idx], buf.device)
+            if scale is not None:
+                values = values / scale.to(values.device)
             buf[row].index_copy_(0, torch.tensor(idx, device=values.device), values)
 
     def snapshot(self, row: int) -> None:

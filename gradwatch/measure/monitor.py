@@ -191,6 +191,7 @@ class Monitor:
     @guarded
     def on_backward_begin(self, loss: torch.Tensor) -> None:
         """Before autograd runs: read the graph once; close a hand-made update."""
+        self.measures.read_scale(loss)  # a GradScaler's factor, before backward() frees it
         # Read the graph once per model: at the first backward, and again when a model
         # appears that no graph has covered yet (scripts that train several in turn).
         graph = self.graph.walk(loss, self.discover) if isinstance(loss, torch.Tensor) \
@@ -218,7 +219,7 @@ class Monitor:
             # Closure inside optimizer.step() (LBFGS and friends): the first evaluation
             # is the loss and gradient at the step's starting point.
             if not self._grads_taken:
-                self._step_losses.append(loss)
+                self._step_losses.append(self.measures.unscaled(loss))
                 if self._is_sampled(self.step):
                     self.measures.gradients(self._row(), "grad")
                 self._grads_taken = True
@@ -228,7 +229,7 @@ class Monitor:
                 # No watched parameter has a gradient: this backward trained another
                 # model (one the watch cannot tell by its output), not this one.
                 return
-        self._losses.append(loss)
+        self._losses.append(self.measures.unscaled(loss))
         if self._is_sampled(self.step):
             # Accumulation: the last call holds the summed gradients.
             self.measures.gradients(self._row(), "grad")

@@ -1,9 +1,12 @@
-"""Remedies that change the optimizer: clipping, a lower rate, Adam, skipping bad steps."""
+"""Remedies that change the optimizer: clipping, a lower rate, Adam, skipping bad or spiking
+steps."""
 
 from __future__ import annotations
 
+import collections
 import gc
 import math
+import statistics
 from typing import Any
 
 import torch
@@ -166,6 +169,37 @@ def _guard_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module | None,
                    "change)")
 
 
+def _skip_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module | None,
+                    params: dict[str, Any], changes: list[str]) -> None:
+    factor, window = number(params, "spike_factor"), int(number(params, "window"))
+    if not 1 < factor < math.inf or window < 1:
+        raise ValueError(f"spike_factor must be > 1 and window >= 1, got {factor}, {window}")
+    recent: collections.deque[float] = collections.deque(maxlen=window)
+    raw: dict[int, torch.Tensor] = {}  # the norm of each gradient as backward() left it
+
+    def record(p: torch.Tensor) -> None:
+        raw[id(p)] = torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float64)
+
+    def skip(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        # Judged on the raw norms: the script may clip between backward() and step().
+        norms = [raw[id(p)] for p in all_params(opt) if p.grad is not None and id(p) in raw]
+        raw.clear()
+        if not norms:
+            return
+        norm = float(torch.linalg.vector_norm(torch.stack(norms)))
+        if len(recent) == window and not norm <= factor * statistics.median(recent):
+            for p in all_params(opt):
+                p.grad = None  # every optimizer skips a parameter without a gradient
+            return
+        recent.append(norm)
+
+    for p in all_params(optimizer):
+        p.register_post_accumulate_grad_hook(record)
+    optimizer.register_step_pre_hook(skip)
+    changes.append(f"skip {type(optimizer).__name__}.step() when the gradient norm is above "
+                   f"{fmt(factor)}x its median over the {window} steps before")
+
+
 def _fell(params: dict[str, Any]) -> str:
     """" (1/N of it)" for a rate that fell from ``floor`` to ``last``, where both are
     numbers."""
@@ -230,4 +264,26 @@ ENTRIES = [
                    "optimizer.zero_grad()"),
         to_optimizer=_guard_optimizer,
         needs_optimizer=True),
+    RemedyEntry(
+        "skip_spiking_steps",
+        lambda p: (f"skip the update of a step whose gradient norm is above {p['spike_factor']}x "
+                   f"its median over the {p['window']} steps before (OLMo-core's skip-step "
+                   f"rule): one odd batch then changes nothing, and the rate can stay"),
+        lambda p: ("import collections, statistics\n"
+                   f"recent = collections.deque(maxlen={p['window']})  # before the loop\n"
+                   "# each step, after loss.backward():\n"
+                   "norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), "
+                   "float(\"inf\")))\n"
+                   f"if len(recent) == recent.maxlen and norm > {p['spike_factor']} * "
+                   "statistics.median(recent):\n"
+                   "    optimizer.zero_grad()  # a spike: skip this update\n"
+                   "else:\n"
+                   "    recent.append(norm)\n"
+                   "    optimizer.step()\n"
+                   "    optimizer.zero_grad()"),
+        to_optimizer=_skip_optimizer,
+        needs_optimizer=True,
+        hides={"exploding_gradient": "it skips the update of a spiking step, not the spike: "
+                                     "the raw gradient norm still jumps; the loss says "
+                                     "whether the run stays on course"}),
 ]

@@ -3,6 +3,8 @@ fluctuates, grow through depth, or stay huge relative to the weights they update
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from ...findings import Finding, Remedy
@@ -28,6 +30,76 @@ def _grad_to_weight(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
     ok = np.isfinite(g) & np.isfinite(total_w) & (total_w > 0) & \
         (ctx.steps[idx] == ctx.detail_steps)
     return ctx.detail_steps[ok], g[ok] / total_w[ok]
+
+
+@dataclasses.dataclass
+class Spike:
+    """Steps whose raw gradient norm jumped far above its recent window."""
+
+    steps: np.ndarray  # every such step
+    step: int  # the largest jump's
+    factor: float  # its norm / the window's median
+    norm: float
+    median: float
+    applied: float | None  # the norm the optimizer applied there, when measured (clipping)
+
+
+def grad_spike(ctx: Context) -> Spike | None:
+    """The raw gradient norm's jumps to ``grad_spike_factor`` x the median of the
+    ``spike_window`` measured steps before it and above ``onset_factor`` x the run's early
+    level (a converged run's tiny gradients may jump 100x and still be small), or None."""
+    t = ctx.t
+    ok = np.isfinite(ctx.total_grad) & (ctx.total_grad > 0)
+    steps, total = ctx.steps[ok], ctx.total_grad[ok]
+    w = t.spike_window
+    if total.size <= max(w, t.baseline_steps):
+        return None
+    median = np.median(np.lib.stride_tricks.sliding_window_view(total[:-1], w), axis=1)
+    ratio = total[w:] / median
+    over = (ratio > t.grad_spike_factor) & (total[w:] > t.onset_factor * ctx.early_level(total))
+    if not over.any():
+        return None
+    k = int(np.argmax(np.where(over, ratio, 0)))
+    step = int(steps[w + k])
+    applied = ctx.detail("grad_norm_applied")[ctx.detail_steps == step]
+    clipped = float(np.sqrt(np.nansum(applied[0] ** 2))) \
+        if applied.size and np.isfinite(applied[0]).any() else None
+    return Spike(steps[w:][over], step, float(ratio[k]), float(total[w + k]), float(median[k]),
+                 clipped)
+
+
+def _spike_reason(ctx: Context, spike: Spike) -> str:
+    n = len(spike.steps)
+    hid = (f"; clipping cut it to {fmt(spike.applied)} before the update, which hid it from "
+           f"the loss" if spike.applied is not None and spike.applied < spike.norm / 2 else "")
+    return (f"the raw gradient norm (before any clipping) jumped to {fmt(spike.norm)} at step "
+            f"{spike.step}, {fmt(spike.factor)}x its median {fmt(spike.median)} over the "
+            f"{ctx.t.spike_window} steps before ({n} such step{'s' if n > 1 else ''}){hid}")
+
+
+def _spike_evidence(spike: Spike) -> dict:
+    return {"grad_spike_step": spike.step, "grad_spike_norm": spike.norm,
+            "grad_spike_window_median": spike.median, "grad_spike_factor": spike.factor,
+            "grad_spike_steps": [int(s) for s in spike.steps[:20]],
+            "grad_spike_applied_norm": spike.applied}
+
+
+def _spike_finding(ctx: Context, spike: Spike) -> Finding:
+    """Gradient spikes the run came back from: a warning, with a guard against them."""
+    g = ctx.grad[np.searchsorted(ctx.steps, spike.step)]
+    order = np.argsort(np.where(np.isfinite(g), g, -1))[::-1]
+    layers = [ctx.name(int(i)) for i in order[:3] if np.isfinite(g[i])]
+    clips = spike.applied is not None and spike.applied < spike.norm / 2
+    remedies: list[Remedy] = [remedy("skip_spiking_steps",
+                                     spike_factor=f"{ctx.t.grad_spike_factor:g}",
+                                     window=ctx.t.spike_window)]
+    if not clips and (threshold := clip_threshold(ctx)):
+        remedies.append(remedy("clip_grad_norm", max_norm=threshold))
+    summary = (f"{ctx.subject}Gradient spike: {_spike_reason(ctx, spike)}. The norm came back "
+               f"to its level afterwards, but such a step is an explosion the run survived: "
+               f"it sits at the edge of stability (an odd batch, too high a rate).")
+    return Finding(KIND, "warning", int(spike.steps[0]), int(spike.steps[-1]),
+                   ctx.in_forward_order(layers), summary, _spike_evidence(spike), [], remedies)
 
 
 def loss_trouble(ctx: Context, since: int) -> str | None:
@@ -65,13 +137,16 @@ def detect(ctx: Context) -> list[Finding]:
     layers: set[str] = set()
     worst = 0.0  # how far past its limit the strongest signal is
     notes: list[str] = []
+    spike = grad_spike(ctx)
 
     # 1. growth over time against the early-run baseline, with a loss that suffers from it
     if finite.sum() > t.baseline_steps:
         steps_f, total_f = ctx.steps[finite], total[finite]
-        base = float(np.median(total_f[: t.baseline_steps]))
+        base = ctx.early_level(total_f)
         growth = total_f / base
-        over = growth > t.exploding_growth
+        # Spikes the norm came back from are judged as spikes, not as growth.
+        over = (growth > t.exploding_growth) & \
+            ~np.isin(steps_f, spike.steps if spike else [])
         note = loss_trouble(ctx, int(steps_f[np.argmax(over)])) if over.any() else None
         if note is not None:
             notes.append(note)
@@ -128,7 +203,10 @@ def detect(ctx: Context) -> list[Finding]:
                            f"{ctx.label(group.layers[-1])}")
 
     if not reasons:
-        return []
+        return [_spike_finding(ctx, spike)] if spike else []
+    if spike is not None:
+        reasons.append(_spike_reason(ctx, spike))
+        evidence.update(_spike_evidence(spike))
     if not layers:
         g = np.nanmax(np.where(np.isfinite(ctx.grad), ctx.grad, np.nan), axis=0) \
             if ctx.grad.size else np.array([])

@@ -137,6 +137,9 @@ def _finding(ctx: Context, rows: list[dict[str, Any]]) -> Finding:
             remedies.append(remedy("clip_grad_norm", max_norm=threshold))
         if (lr := lower_lr(ctx, blow_up=True, anyway=True)):
             remedies.append(lr)
+        if by_update:  # an oversized update came with the spike: skip such steps
+            remedies.append(remedy("skip_spiking_steps", spike_factor=f"{t.spike_factor:g}",
+                                   window=t.spike_window))
     severity = "warning" if lasting else "info"
     n = len(rows)
     grad = (f", gradient norm {fmt(biggest['grad_norm'])} (median before "

@@ -154,7 +154,7 @@ def grad_growth(ctx: Context, until: int) -> tuple[float, int] | None:
     total, steps = total[ok], ctx.steps[before][ok]
     if total.size <= ctx.t.baseline_steps:
         return None
-    growth = total / float(np.median(total[: ctx.t.baseline_steps]))
+    growth = total / ctx.early_level(total)
     peak = int(np.argmax(growth))
     near = np.nonzero(growth[: peak + 1] <= ctx.t.onset_factor)[0]
     onset = int(near[-1]) + 1 if near.size else 0

@@ -157,6 +157,23 @@ def _loss_fell(ctx: Context) -> tuple[float, float] | None:
     return None
 
 
+def _outgrown(ctx: Context, ratio: np.ndarray) -> tuple[float, float, float] | None:
+    """(start, end, end / start) of the ratio when it rose ``through_time_outgrow``-fold over
+    the run (medians of ``through_time_min_measurements`` measurements) while the loss fell
+    (median of the last ``baseline_steps`` below the first's); else None."""
+    k = ctx.t.through_time_min_measurements
+    _, loss = ctx.finite_loss()
+    n = ctx.t.baseline_steps
+    if ratio.size < 2 * k or loss.size < 2 * n:
+        return None
+    start, end = float(np.median(ratio[:k])), float(np.median(ratio[-k:]))
+    if not (start > 0 and end >= ctx.t.through_time_outgrow * start):
+        return None
+    if not float(np.median(loss[-n:])) < float(np.median(loss[:n])):
+        return None
+    return start, end, end / start
+
+
 def _vanishing(ctx: Context, m: Measured) -> Finding | None:
     t = ctx.t
     rows = _active(m, ctx)
@@ -184,8 +201,11 @@ def _vanishing(ctx: Context, m: Measured) -> Finding | None:
     _, loss = ctx.finite_loss()
     if loss.size:
         evidence.update(loss_first=float(loss[0]), loss_last=float(loss[-1]))
-    severity = "info" if fell else "error" if median < t.through_time_vanishing_ratio_error \
-        else "warning"
+    grew = _outgrown(ctx, ratio[rows])
+    if grew is not None:
+        evidence["ratio_growth_over_run"] = grew[2]
+    severity = "info" if fell or grew else \
+        "error" if median < t.through_time_vanishing_ratio_error else "warning"
     per_step = f" (x{fmt(decay)} per step)" if decay is not None else ""
     gets = (f"gets {fmt(median)} of the last one's gradient" if median > 0 else
             "gets a gradient so small that it underflows to 0")
@@ -194,6 +214,10 @@ def _vanishing(ctx: Context, m: Measured) -> Finding | None:
         tail_text = (f": the model learns only from about the last {memory or 'few'} steps; "
                      f"the loss fell from {fmt(fell[0])} to {fmt(fell[1])}, so the task may "
                      f"not need a longer memory")
+    elif grew:
+        tail_text = (f"; the run is outgrowing it: the ratio rose {fmt(grew[2])}x, from "
+                     f"{fmt(grew[0])} at the start to {fmt(grew[1])} at the end, while the loss "
+                     f"fell: the model is learning to carry the gradient further back")
     else:
         tail_text = f", so the model cannot learn dependencies {reach}"
     summary = (f"{ctx.subject}Gradients vanish through time in {m.name}: the first of "
