@@ -189,6 +189,10 @@ class Thresholds:
     at or above this: dying ReLU (warning)."""
     dying_fraction_error: float = limit(0.5, "(0, 1]")
     """... at or above this, or every unit of a site dead: dying ReLU (error)."""
+    still_learning_fall: float = limit(0.1, "(0, 1)")
+    """A loss whose last steps sit this fraction or more below both its level when units
+    died and its best before: the model still learns, so a partly dead ReLU site is a
+    warning, not an error (capacity lost, training not stopped)."""
     saturation_margin: float = limit(0.01, "(0, 0.5)")
     """An output within this fraction of the activation's output range from a bound is
     saturated (sigmoid < 0.01 or > 0.99, |tanh| > 0.98): its slope is below ~4% of the
@@ -234,8 +238,9 @@ class Thresholds:
     vanishing through time is info, not a problem (the task may not need longer memory)."""
     through_time_outgrow: float = limit(10.0, "(1, inf)")
     """A first-to-last ratio that rose this many times from the start of the run to its end
-    (medians of ``through_time_min_measurements`` measurements each) while the loss fell:
-    the run is outgrowing its starting state, so vanishing through time is info."""
+    (medians of ``through_time_min_measurements`` measurements each), to within this factor
+    of ``through_time_vanishing_ratio``, while the loss fell: the run is outgrowing its
+    starting state, so vanishing through time is info."""
     forget_bias_low: float = limit(0.5, "(-inf, inf)")
     """LSTM forget-gate / GRU update-gate bias (bias_ih + bias_hh, mean over units) below
     this at the first forward: the gate starts near or below one half and the state decays

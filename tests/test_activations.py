@@ -92,7 +92,22 @@ def test_partly_dead_module_site_with_its_dead_units_listed() -> None:
     assert finding.summary.split(" units at ")[1].startswith("layer 1 (relu)")
     assert finding.evidence["dead_units"] == 10
     assert finding.evidence["dead_unit_indices"] == list(range(10))
-    assert finding.severity == "error"  # 62% >= dying_fraction_error
+    # 62% >= dying_fraction_error, but the other 6 units carry the fit on: a warning.
+    assert finding.severity == "warning"
+    learned = finding.evidence["still_learning"]
+    assert learned["loss_last"] < 0.9 * learned["loss_when_dead"]
+    assert "still learns" in finding.summary
+
+
+def test_partly_dead_site_in_a_model_that_stopped_learning_is_an_error() -> None:
+    model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 1))
+    with torch.no_grad():
+        model[0].bias[:10] = -8.0
+    x, y = _regression()
+    # A rate so small that the loss does not move: the dead units are all the news.
+    finding = only(train_full_batch(model, x, y, lr=1e-9, steps=30), "dying_relu")
+    assert finding.severity == "error"
+    assert finding.evidence["still_learning"] is None
 
 
 def test_learning_rate_spike_kills_units_and_is_named_as_the_cause() -> None:

@@ -69,7 +69,12 @@ def test_high_lr_kills_relu_units_and_only_the_lower_lr_repairs_it(high_lr) -> N
         for own, gw in zip(r.metric(arm, "dead_fraction"),
                            r.metric(arm, "gradwatch_dead_fraction"), strict=True):
             assert abs(own - gw) <= 0.1, (arm, own, gw)
-    assert _severities(r, "relu_lr0.3", "dying_relu") == ["error"] * len(SEEDS)
+    # Most units die in the first steps; the few left keep the loss falling (at 10x the
+    # control's), so the dead units are a warning: capacity lost, training not stopped.
+    assert _severities(r, "relu_lr0.3", "dying_relu") == ["warning"] * len(SEEDS)
+    dying = [f for run in r["relu_lr0.3"] for f in run.report.findings
+             if f.kind == "dying_relu"]
+    assert dying and all(f.evidence["still_learning"] is not None for f in dying)
     assert all(k is None or k == "info" for k in _severities(r, "relu_lr0.01", "dying_relu"))
     f = r.finding("relu_lr0.3", "dying_relu")
     assert f.evidence["site"] == "3" and f.evidence["dead_since_step"] <= 8

@@ -321,6 +321,24 @@ class Context:
                 return before
         return float(np.median(head))
 
+    def learns_after(self, step: int) -> tuple[float, float] | None:
+        """(loss then, loss at the end) when the model kept learning after ``step``: the
+        median of the last losses is at least ``still_learning_fall`` below both the median
+        just after ``step`` and the best loss before it (a loss coming back down from a
+        blow-up is recovering, not learning); else None. Windows of ``baseline_steps`` or a
+        tenth of the steps after ``step``, whichever is longer."""
+        steps, loss = self.finite_loss()
+        after = loss[steps >= step]
+        w = max(self.t.baseline_steps, after.size // 10)
+        if after.size < 2 * w:
+            return None
+        then, end = float(np.median(after[:w])), float(np.median(after[-w:]))
+        before = loss[steps < step]
+        ref = min(then, float(before.min())) if before.size else then
+        if not end <= ref * (1 - self.t.still_learning_fall):
+            return None
+        return then, end
+
     def finite_loss(self) -> tuple[np.ndarray, np.ndarray]:
         mask = np.isfinite(self.loss)
         return self.steps[mask], self.loss[mask]

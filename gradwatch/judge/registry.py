@@ -17,7 +17,7 @@ import numpy as np
 from ..findings import Finding
 from ..history import History
 from ..thresholds import Thresholds
-from . import causes, links
+from . import causes, links, repeats
 from .context import Context
 from .detectors import (
     dying,
@@ -60,7 +60,8 @@ def run_detectors(history: History, thresholds: Thresholds) -> tuple[list[Findin
     findings = list(whole_findings)
     for ctx in views:
         # Linked per model: one model's explosion does not explain another's dead units.
-        mine = _judge(ctx, [(k, d) for k, d in REGISTRY if k not in WHOLE_RUN_KINDS], errors)
+        mine = repeats.merge_repeated(
+            _judge(ctx, [(k, d) for k, d in REGISTRY if k not in WHOLE_RUN_KINDS], errors))
         links.link([*whole_findings, *mine], thresholds)
         findings.extend(mine)
     # Roots before their consequences, each severity in the order things happened.

@@ -175,6 +175,9 @@ def _site_finding(ctx: Context, i: int) -> Finding | None:
         severity = "error" if share >= t.dying_fraction_error else "warning"
     else:
         severity = "info"
+    learns = ctx.learns_after(since) if severity == "error" and dead < units else None
+    if learns is not None:
+        severity = "warning"  # capacity lost, training not stopped
     remedies: list[Remedy] = [remedy("leaky_relu", site=name, old="(nn.ReLU, nn.ReLU6)")]
     bias = site.final.get("bias_dead_mean")
     # A bias re-init helps where the bias was set negative; where updates drove a positive
@@ -210,6 +213,10 @@ def _site_finding(ctx: Context, i: int) -> Finding | None:
                f"themselves.")
     if severity == "info":
         summary += " They were dead from initialisation and training did not kill more."
+    if learns is not None:
+        summary += (f" The model still learns with the units left (the loss went from "
+                    f"{fmt(learns[0])} when they died to {fmt(learns[1])}): capacity is lost, "
+                    f"training is not stopped.")
     behind = _dead_behind(ctx, i)
     if behind:
         summary += " Behind it, fed only a constant, " + ", ".join(
@@ -233,6 +240,8 @@ def _site_finding(ctx: Context, i: int) -> Finding | None:
         "pre_activation_std": {"first": float(pre_std[0]), "last": float(pre_std[-1])},
         "dead_units_max_pre_activation": float(dead_max[-1]),
         "dead_fraction_series": {"steps": steps[k].tolist(), "values": frac[ok][k].tolist()},
+        "still_learning": None if learns is None else {"loss_when_dead": learns[0],
+                                                       "loss_last": learns[1]},
     }
     if behind:
         evidence["dead_behind"] = [{k: v for k, v in b.items() if k != "label"}

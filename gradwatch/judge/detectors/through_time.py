@@ -159,15 +159,18 @@ def _loss_fell(ctx: Context) -> tuple[float, float] | None:
 
 def _outgrown(ctx: Context, ratio: np.ndarray) -> tuple[float, float, float] | None:
     """(start, end, end / start) of the ratio when it rose ``through_time_outgrow``-fold over
-    the run (medians of ``through_time_min_measurements`` measurements) while the loss fell
-    (median of the last ``baseline_steps`` below the first's); else None."""
+    the run (medians of ``through_time_min_measurements`` measurements) to within that
+    factor of the limit, while the loss fell (median of the last ``baseline_steps`` below
+    the first's); else None. A ratio that rose 150x from 1e-8 is still far from carrying
+    anything: the run is not outgrowing it."""
     k = ctx.t.through_time_min_measurements
     _, loss = ctx.finite_loss()
     n = ctx.t.baseline_steps
     if ratio.size < 2 * k or loss.size < 2 * n:
         return None
     start, end = float(np.median(ratio[:k])), float(np.median(ratio[-k:]))
-    if not (start > 0 and end >= ctx.t.through_time_outgrow * start):
+    grow, limit = ctx.t.through_time_outgrow, ctx.t.through_time_vanishing_ratio
+    if not (start > 0 and end >= grow * start and end >= limit / grow):
         return None
     if not float(np.median(loss[-n:])) < float(np.median(loss[:n])):
         return None
