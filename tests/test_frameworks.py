@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from torch import nn
 
+from gradwatch.measure import frameworks
 from gradwatch.remedies import CATALOGUE, describe, remedy
 from gradwatch.remedies.base import swap_optimizer
 from gradwatch.remedies.frameworks import FRAMEWORKS, LIGHTNING, TRANSFORMERS, render
@@ -236,3 +238,55 @@ def test_gradwatch_imports_no_framework() -> None:
             "          if m in sys.modules]\n"
             "assert not loaded, loaded\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# ----------------------------------------------------------------------------- detection
+def _fake_class(name: str, module: str, base: type = object) -> type:
+    cls = type(name, (base,), {})
+    cls.__module__ = module
+    return cls
+
+
+def test_detection_reads_the_stack_and_class_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without either package installed: classes named like theirs, in modules named like
+    theirs, are recognised on the stack only once the package is in sys.modules."""
+    fake_base = _fake_class("LightningModule", "lightning.pytorch.core.module", nn.Module)
+
+    class Lit(fake_base):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
+            self.lr = 0.5
+
+        def training_step(self) -> Any:
+            return frameworks.lightning_owner(self.net[2]), frameworks.detect()
+
+    for name in ("lightning", "lightning.pytorch", "pytorch_lightning", "transformers"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    lit = Lit()
+    assert lit.training_step() == (None, None)  # not loaded: not even looked for
+    monkeypatch.setitem(sys.modules, "lightning.pytorch", sys)
+    owner, facts = lit.training_step()
+    assert owner == (lit, "net.2")
+    assert facts["name"] == "lightning" and facts["module_class"] == "Lit"
+    assert facts["package"] == "lightning.pytorch"
+
+    trainer_cls = _fake_class("Trainer", "transformers.trainer")
+
+    class Args:
+        learning_rate, max_grad_norm, lr_scheduler_type = 5e-5, 1.0, "linear"
+
+    class MyTrainer(trainer_cls):  # type: ignore[misc, valid-type]
+        args, model, optimizer = Args(), nn.Linear(1, 1), None
+
+        def compute_loss(self) -> Any:
+            facts: dict[str, Any] = {}
+            frameworks.note(facts)
+            return facts
+
+    monkeypatch.setitem(sys.modules, "transformers", sys)
+    facts = MyTrainer().compute_loss()["framework"]
+    assert facts["name"] == "transformers" and facts["trainer_class"] == "MyTrainer"
+    assert facts["model_class"] == "Linear"
+    assert facts["args"]["learning_rate"] == 5e-5 and facts["args"]["max_grad_norm"] == 1.0
+    assert frameworks.detect() is None  # no framework object up this test's stack

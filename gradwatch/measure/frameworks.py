@@ -122,7 +122,7 @@ def _lightning_facts(module: Any) -> dict[str, Any]:
     facts: dict[str, Any] = {
         "name": "lightning", "package": package, "module_class": cls.__name__,
         "automatic_optimization": bool(getattr(module, "automatic_optimization", True)),
-        "lr_attribute": _lr_attribute(module)}
+        "lr_attribute": None}
     trainer = getattr(module, "_trainer", None)
     if trainer is not None:
         facts["trainer"] = {
@@ -142,16 +142,23 @@ def _lightning_facts(module: Any) -> dict[str, Any]:
         except Exception:
             optimizers = []
         facts["optimizers"] = [type(getattr(o, "optimizer", o)).__name__ for o in optimizers]
+        if optimizers:
+            facts["lr_attribute"] = _lr_attribute(module, optimizers[0])
     return facts
 
 
-def _lr_attribute(module: Any) -> str | None:
-    """The attribute (or hyper-parameter) the LightningModule keeps its rate in, if any."""
+def _lr_attribute(module: Any, optimizer: Any) -> str | None:
+    """The attribute (or hyper-parameter) of the LightningModule that holds the rate its
+    first optimizer started with, if any: where configure_optimizers read it."""
+    groups = getattr(optimizer, "param_groups", None) or [{}]
+    start = _number(groups[0].get("initial_lr", groups[0].get("lr")))
+    if start is None:
+        return None
+    hparams = getattr(module, "_hparams", None)
     for name in ("lr", "learning_rate"):
-        if _number(getattr(module, name, None)) is not None:
+        if _number(getattr(module, name, None)) == start:
             return f"self.{name}"
-        hparams = getattr(module, "_hparams", None)
-        if hparams is not None and _number(_get(hparams, name)) is not None:
+        if hparams is not None and _number(_get(hparams, name)) == start:
             return f"self.hparams.{name}"
     return None
 
