@@ -281,7 +281,7 @@ class GlobalProbes:
         LightningModule's training_step calls is named as a part of the LightningModule:
         its layers by their path in it (``net.3``), the root after the LightningModule."""
         try:
-            caller = sys._getframe(2)
+            caller = sys._getframe(1)
             owner = frameworks.lightning_owner(module, caller)
             holder, prefix = owner if owner is not None else (module, "")
             name = self.name_of(holder) or type(holder).__name__.lower()
