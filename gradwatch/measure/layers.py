@@ -68,8 +68,10 @@ class Watched:
         self.dead_slots = 0
 
     # ------------------------------------------------------------------ registration
-    def add_root(self, module: nn.Module, name: str) -> int | None:
-        """Track a top-level model; its parameter-owning modules become layers.
+    def add_root(self, module: nn.Module, name: str, prefix: str = "") -> int | None:
+        """Track a top-level model; its parameter-owning modules become layers, named by
+        their path inside it, after ``prefix`` (the model's own path inside the module
+        that holds it, for a submodule a LightningModule calls: ``net`` -> ``net.3``).
 
         Returns the root's index, or None when it was tracked already.
         """
@@ -83,6 +85,7 @@ class Watched:
         self._root_modules.append([id(module)])
         self.history.roots.append(name)
         for path, mod in module.named_modules():
+            path = f"{prefix}.{path}" if prefix and path else (prefix or path)
             if id(mod) not in self._module_name:
                 self._module_name[id(mod)] = path
                 self._root_modules[root].append(id(mod))
@@ -188,7 +191,8 @@ class Watched:
         return len(self._optimizers)
 
     def module_name(self, module: nn.Module) -> str | None:
-        """The module's path inside its root ("" for the root itself), None if not watched."""
+        """The module's path inside its root ("" for the root itself, unless the root was
+        added with a prefix), None if not watched."""
         return self._module_name.get(id(module))
 
     def layer_of_module(self, module: nn.Module) -> int | None:

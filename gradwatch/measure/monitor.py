@@ -112,10 +112,10 @@ class Monitor:
         elif event == "on_backward_end" and self.mode == "backward":
             self.step += 1
 
-    def add_root(self, module: nn.Module, name: str) -> None:
+    def add_root(self, module: nn.Module, name: str, prefix: str = "") -> None:
         """Track a top-level model: its parameter-owning modules become layers."""
         self.watched.reap()
-        self.watched.add_root(module, name)
+        self.watched.add_root(module, name, prefix)
 
     def add_tensors(self, tensors: Iterable[torch.Tensor]) -> None:
         """Track parameters no tracked module owns: those of a model the script holds

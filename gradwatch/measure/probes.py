@@ -13,6 +13,7 @@ Three kinds of probe feed a :class:`~gradwatch.measure.monitor.Monitor`:
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +23,7 @@ from torch import nn
 from torch.nn.modules import module as module_hooks
 from torch.optim import optimizer as optimizer_hooks
 
+from . import frameworks
 from .monitor import Monitor
 
 __all__ = ["INTERCEPTOR", "GlobalProbes", "Handles", "attach_model", "attach_optimizer",
@@ -275,18 +277,25 @@ class GlobalProbes:
             monitor.on_root_forward(module, output, args)
 
     def _adopt(self, module: nn.Module) -> None:
-        """A new root: named after the script's variable that holds it."""
-        name = self.name_of(module) or type(module).__name__.lower()
+        """A new root: named after the script's variable that holds it. A submodule that a
+        LightningModule's training_step calls is named as a part of the LightningModule:
+        its layers by their path in it (``net.3``), the root after the LightningModule."""
         try:
-            self.monitor.add_root(module, name)
+            caller = sys._getframe(1)
+            owner = frameworks.lightning_owner(module, caller)
+            holder, prefix = owner if owner is not None else (module, "")
+            name = self.name_of(holder) or type(holder).__name__.lower()
+            self.monitor.add_root(module, name, prefix)
+            frameworks.note(self.monitor.history.facts, caller)
         except Exception as exc:  # never break the user's forward
             self.monitor.fail(exc)
             if self.monitor.options.strict:
                 raise
 
     def _step_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self.monitor.enabled:
-            self.monitor.add_optimizer(optimizer)
+        if self.monitor.enabled and self.monitor.add_optimizer(optimizer):
+            # The framework stepping it, read again now that its optimizer exists.
+            frameworks.note(self.monitor.history.facts, sys._getframe(1))
         self.monitor.on_step_begin(optimizer)
 
     def _step_post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:

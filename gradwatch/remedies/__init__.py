@@ -4,11 +4,13 @@ Detectors name a remedy by id with the parameters they measured (``judge.advice.
 :func:`describe` fills in its text and code when the report is built, and :func:`apply`
 changes a live model and optimizer with it. To add a remedy: one ``RemedyEntry`` in the
 ``ENTRIES`` of its family module (``init``, ``activations``, ``optimizer``, ``architecture``,
-``modes``, ``recurrent``, ``data``, ``numerics``), and a test.
+``modes``, ``recurrent``, ``data``, ``numerics``), and a test. Under Lightning or the Hugging
+Face Trainer, :func:`describe` renders the code in the framework's terms (``frameworks``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -17,6 +19,7 @@ from torch import nn
 from ..findings import Finding, Remedy, set_applier
 from . import activations, architecture, data, init, modes, numerics, optimizer, recurrent
 from .base import SWAPS, Application, NotApplicable, RemedyEntry, check_optimizer
+from .frameworks import render
 from .init import following_activations
 
 __all__ = ["CATALOGUE", "Application", "NotApplicable", "RemedyEntry", "apply", "describe",
@@ -41,20 +44,23 @@ def remedy(remedy_id: str, **params: Any) -> Remedy:
     return _entry(remedy_id).describe(**params)
 
 
-def describe(r: Remedy) -> Remedy:
+def describe(r: Remedy, framework: Mapping[str, Any] | None = None) -> Remedy:
     """``r`` with its text and code filled from its parameters (a pair ``a+b`` proved by
-    ``--verify`` keeps the text it was given)."""
+    ``--verify`` keeps the text it was given), in the terms of ``framework`` (the run's
+    ``facts["framework"]``: Lightning, the Hugging Face Trainer) where it trains the model."""
     if "+" in r.id and isinstance(r.params.get("parts"), list):
         return r
-    filled = _entry(r.id).describe(**r.params)
+    filled = render(_entry(r.id).describe(**r.params), framework)
     filled.verified = r.verified
     return filled
 
 
-def describe_findings(findings: list[Finding]) -> list[Finding]:
-    """Every remedy of every finding described, in place; the findings are returned."""
+def describe_findings(findings: list[Finding],
+                      framework: Mapping[str, Any] | None = None) -> list[Finding]:
+    """Every remedy of every finding described (for ``framework``, see :func:`describe`),
+    in place; the findings are returned."""
     for f in findings:
-        f.remedies = [describe(r) for r in f.remedies]
+        f.remedies = [describe(r, framework) for r in f.remedies]
     return findings
 
 

@@ -137,7 +137,7 @@ def build_report(monitor: Any) -> Report:
     """
     try:
         findings, detector_errors = run_detectors(monitor.history, monitor.thresholds)
-        describe_findings(findings)
+        describe_findings(findings, monitor.history.facts.get("framework"))
     except Exception as exc:
         findings, detector_errors = [], [f"the detectors could not run: "
                                           f"{type(exc).__name__}: {exc}"]

@@ -231,11 +231,12 @@ def verify_report(report: Any, script: str | os.PathLike[str], args: Sequence[st
                 runs.run({"baseline": (), **candidates}, repeats, first=1, say=say)
             results.update(runs.results)
             default_lr = _default_lr(report)
+            framework = (report.to_dict().get("facts") or {}).get("framework")
             for _ in range(MAX_ROUNDS if settings.combine and base.status == "ok" else 0):
                 if time.monotonic() >= deadline:
                     break
                 batch = next_round(problems, {**candidates, **combos}, results, steps,
-                                   settings, default_lr)
+                                   settings, default_lr, framework)
                 if not batch:
                     break
                 say(f"verify: {len(batch)} more re-run(s) for what no re-run repaired yet: "

@@ -71,11 +71,13 @@ def combined_remedy(first: Any, second: dict[str, Any], reason: str | None = Non
 
 def next_round(problems: list[Any], tried: dict[str, Parts],
                results: dict[str, list[Outcome]], steps: int, settings: VerifySettings,
-               default_lr: float | None = None) -> dict[str, Parts]:
+               default_lr: float | None = None,
+               framework: dict[str, Any] | None = None) -> dict[str, Parts]:
     """The re-runs of the next round of the search, each added to its finding's remedies
     (unverified until the round runs): for every finding that no re-run has repaired yet,
     the next rung of the learning-rate ladder, compatible pairs of the remedies it offers,
-    and its best single together with what that single's own re-run still found."""
+    and its best single together with what that single's own re-run still found. The
+    rungs' code is written for ``framework`` (the run's ``facts["framework"]``)."""
     base = results.get("baseline", [])
     seen = {_as_set(parts) for parts in tried.values()}
     # The remedy object of each candidate tried or queued, to list it under another finding
@@ -89,7 +91,7 @@ def next_round(problems: list[Any], tried: dict[str, Parts],
             remedy_parts(r))], steps, remedy_parts(r)).to_dict() for r in ran}
         if any(solved(v) for v in verdicts.values()):
             continue
-        found = [_lr_rung(finding, ran, verdicts, default_lr),
+        found = [_lr_rung(finding, ran, verdicts, default_lr, framework),
                  *_compatible(finding, ran, verdicts),
                  *_follow_up_pairs(finding, ran, verdicts, results, settings)]
         added = 0
@@ -135,7 +137,8 @@ def _as_set(parts: Parts) -> frozenset[str]:
 
 
 def _lr_rung(finding: Any, ran: list[Any], verdicts: dict[int, dict[str, Any]],
-             default_lr: float | None) -> Remedy | None:
+             default_lr: float | None, framework: dict[str, Any] | None = None
+             ) -> Remedy | None:
     """The next, lower learning rate, when every rung tried so far ran without repairing
     the finding and none made the loss worse (a rate too low to learn ends the ladder)."""
     rungs = [r for r in ran if r.id == "lower_learning_rate"]
@@ -156,7 +159,7 @@ def _lr_rung(finding: Any, ran: list[Any], verdicts: dict[int, dict[str, Any]],
     factor = lower[0]
     return describe(Remedy("lower_learning_rate", "", "", params={
         **first, "factor": factor, "lr": round_sig(old * factor), "ladder": True,
-        "capped": False}))
+        "capped": False}), framework)
 
 
 def _compatible(finding: Any, ran: list[Any], verdicts: dict[int, dict[str, Any]]
