@@ -119,6 +119,23 @@ def _pl_guard(p: Params, fw: Facts) -> tuple[str, str]:
             "return loss")
 
 
+def _pl_skip(p: Params, fw: Facts) -> tuple[str, str]:
+    cls = _cls(fw)
+    return (f"under Lightning, {cls}.on_before_optimizer_step sees the gradients before the "
+            "Trainer clips them and drops a spiking step's (the optimizer skips a parameter "
+            "without a gradient)",
+            f"# in {cls}.__init__: self.recent = collections.deque(maxlen={p['window']})\n"
+            "def on_before_optimizer_step(self, optimizer):  # before Lightning's clipping\n"
+            "    norm = float(torch.nn.utils.clip_grad_norm_(self.parameters(), "
+            "float(\"inf\")))\n"
+            f"    if len(self.recent) == self.recent.maxlen and norm > {p['spike_factor']} * "
+            "statistics.median(self.recent):\n"
+            "        for q in self.parameters():\n"
+            "            q.grad = None  # a spike: no update for this step\n"
+            "    else:\n"
+            "        self.recent.append(norm)")
+
+
 def _pl_anomaly(p: Params, fw: Facts) -> tuple[str, str]:
     return ("under Lightning the Trainer turns it on for the whole fit: "
             "Trainer(detect_anomaly=True)",
@@ -164,6 +181,7 @@ LIGHTNING: dict[str, Render] = {
     "hold_learning_rate": _pl_hold_lr,
     "adaptive_optimizer": _pl_adam,
     "guard_nonfinite_loss": _pl_guard,
+    "skip_spiking_steps": _pl_skip,
     "detect_anomaly": _pl_anomaly,
     "assert_finite_inputs": _pl_assert_inputs,
     "standardize_inputs": _pl_standardize,
@@ -219,6 +237,31 @@ def _hf_guard(p: Params, fw: Facts) -> tuple[str, str]:
             "trainer = Trainer(..., callbacks=[SkipNonFiniteStep()])")
 
 
+def _hf_skip(p: Params, fw: Facts) -> tuple[str, str]:
+    return ("under the Hugging Face Trainer, which clips before its callbacks see the "
+            "gradients, a callback records each gradient's norm as backward() leaves it and "
+            "drops a spiking step's gradients before the optimizer step",
+            "import collections, statistics\n"
+            "from transformers import TrainerCallback\n"
+            "class SkipSpikingSteps(TrainerCallback):\n"
+            "    def on_train_begin(self, args, state, control, model=None, **kwargs):\n"
+            f"        self.raw, self.recent = {{}}, collections.deque(maxlen={p['window']})\n"
+            "        for q in model.parameters():\n"
+            "            if q.requires_grad:  # the norm before the Trainer's clipping\n"
+            "                q.register_post_accumulate_grad_hook(\n"
+            "                    lambda q: self.raw.__setitem__(q, q.grad.norm()))\n"
+            "    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):\n"
+            "        norm = float(torch.stack(list(self.raw.values())).norm())\n"
+            "        self.raw.clear()\n"
+            f"        if len(self.recent) == self.recent.maxlen and norm > {p['spike_factor']} "
+            "* statistics.median(self.recent):\n"
+            "            for q in model.parameters():\n"
+            "                q.grad = None  # a spike: no update for this step\n"
+            "        else:\n"
+            "            self.recent.append(norm)\n"
+            "trainer = Trainer(..., callbacks=[SkipSpikingSteps()])")
+
+
 def _hf_anomaly(p: Params, fw: Facts) -> tuple[str, str]:
     return ("under the Hugging Face Trainer, TrainingArguments(debug=\"underflow_overflow\") "
             "names the first module whose inputs or outputs hold inf/NaN",
@@ -234,6 +277,7 @@ TRANSFORMERS: dict[str, Render] = {
     "hold_learning_rate": _hf_hold_lr,
     "adaptive_optimizer": _hf_adam,
     "guard_nonfinite_loss": _hf_guard,
+    "skip_spiking_steps": _hf_skip,
     "detect_anomaly": _hf_anomaly,
 }
 """The Hugging Face ``transformers.Trainer`` and its ``TrainingArguments``."""
