@@ -194,3 +194,62 @@ def test_transformer_encoder_with_dropout_and_eval_validation() -> None:
     # The feed-forward ReLU runs as a functional call inside each encoder layer.
     assert {"encoder.layers.0.relu@1", "encoder.layers.1.relu@1"} <= \
         set(report.series["dead_fraction"])
+
+
+def test_fine_tuning_a_head_on_a_frozen_backbone_in_eval_mode() -> None:
+    # The backbone gets no gradient by design (requires_grad False, eval mode for its
+    # BatchNorm): no vanishing gradient, no dead or frozen layers, no eval-mode finding.
+    g = generator(5)
+    backbone = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                             nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1),
+                             nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten())
+    backbone.requires_grad_(False)
+    backbone.eval()
+    model = nn.Sequential(backbone, nn.Linear(32, 4))
+    y = torch.randint(0, 4, (512,), generator=g)
+    x = torch.randn(512, 3, 16, 16, generator=g) + y.view(-1, 1, 1, 1).float()
+    opt = torch.optim.Adam(model[1].parameters(), lr=1e-2)
+    report, losses = fit(model, opt, minibatches(x, y, 64), nn.functional.cross_entropy, 160)
+    assert_healthy(report, losses, drop=1.5)
+    assert all(not p.requires_grad for p in backbone.parameters())
+
+
+class GaussianVAE(nn.Module):
+    """The layout of pytorch/examples' VAE (encoder, mean and log-variance heads, the
+    reparameterisation, decoder) with a Gaussian likelihood."""
+
+    def __init__(self, n: int = 256, hidden: int = 200, latent: int = 20) -> None:
+        super().__init__()
+        self.fc1, self.fc3 = nn.Linear(n, hidden), nn.Linear(latent, hidden)
+        self.fc21, self.fc22 = nn.Linear(hidden, latent), nn.Linear(hidden, latent)
+        self.fc4 = nn.Linear(hidden, n)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h = torch.relu(self.fc1(x))
+        mu, logvar = self.fc21(h), self.fc22(h)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        return self.fc4(torch.relu(self.fc3(z))), mu, logvar
+
+
+def test_vae_whose_kl_term_rises_while_the_reconstruction_falls() -> None:
+    # The KL term grows from ~0.6 to ~24 while the reconstruction error falls 5x: the loss
+    # is a sum of two terms pulling against each other, not a plateau, spike or divergence.
+    g = generator(6)
+    proj = torch.randn(16, 256, generator=g) / 2
+    model = GaussianVAE()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses, kls = [], []
+    with gradwatch.watch(model, opt) as gw:
+        for _ in range(300):
+            x = torch.tanh(torch.randn(128, 16, generator=g) @ proj)
+            recon, mu, logvar = model(x)
+            kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / 128
+            loss = nn.functional.mse_loss(recon, x, reduction="sum") / 128 + kl
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            kls.append(kl.item())
+    assert kls[-1] > 10 * kls[0]
+    assert_healthy(gw.report(), losses, drop=2)
