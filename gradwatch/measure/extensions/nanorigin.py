@@ -13,8 +13,9 @@ used it, the latest forward with gradients of each watched model is replayed onc
 execution order of the models:
 
 * on copies of its inputs and buffers (BatchNorm statistics, caches), with the generator
-  state it started from (CPU and accelerators: Dropout draws the same mask), without
-  gradients, the monitor suspended (no hook measures it); afterwards every buffer, the
+  state it started from (CPU and accelerators: Dropout draws the same mask), with gradients
+  enabled as in the original forward (some kernels differ without them) but no backward,
+  the monitor suspended (no hook measures it); afterwards every buffer, the
   RNG states (torch, Python, numpy) and the user's modules are as they were: the run's
   numbers do not change;
 * under a ``TorchFunctionMode`` that sees every torch call (functional, tensor method,
@@ -23,7 +24,9 @@ execution order of the models:
   floating-point output holds NaN (Inf) while no input held NaN (Inf) is where a NaN (an
   Inf) is born; each non-finite output remembers where its NaN and its Inf were born, so
   that the model output's non-finite values are traced to their own birth, not to an
-  intentional ``-inf`` mask elsewhere. A module whose output turned non-finite while no op
+  intentional ``-inf`` mask elsewhere. A NaN made from an Inf born earlier from finite
+  values (``exp`` overflow then ``inf - inf``, ``x / 0``) is traced to the Inf's birth, the
+  op that turned it NaN being noted. A module whose output turned non-finite while no op
   inside it was seen doing so (a C++ extension) is the birth place at module level.
 
 What is recorded (``history.events.nonfinite_origin``, a dict, judged by
@@ -170,7 +173,7 @@ class OriginTracer:
             return
         inputs = pre if pre is not None else \
             [(t, *_flags(t)) for t in _tensors((args, kwargs), [])]
-        self._note(func, k, [t for t, _, _ in inputs], inputs, outs, None)
+        self._note(func, k, [t for t, _, _ in inputs], inputs, outs, None, args, kwargs)
 
     def module_done(self, module: nn.Module, args: tuple[Any, ...], output: Any,
                     births_before: int) -> None:
@@ -191,11 +194,16 @@ class OriginTracer:
 
     def _note(self, func: Any, k: int, tensors: list[torch.Tensor],
               inputs: list[tuple[torch.Tensor, bool, bool]], outs: list[torch.Tensor],
-              module: nn.Module | None) -> None:
+              module: nn.Module | None, args: tuple[Any, ...] = (),
+              kwargs: dict[str, Any] | None = None) -> None:
+        kwargs = kwargs or {}
         in_nan = [t for t, n, _ in inputs if n]
         in_inf = [t for t, _, i in inputs if i]
         here = module if module is not None else self._module()
         op = op_name(func) if func is not None else None
+        # an Inf the call was given as a number (masked_fill(mask, -inf), full(..., -inf)):
+        # a mask, written on purpose, not an Inf the arithmetic made
+        constant = any(isinstance(a, float) and math.isinf(a) for a in (*args, *kwargs.values()))
         for o in outs:
             has_nan, has_inf = _flags(o)
             if not (has_nan or has_inf):
@@ -203,7 +211,8 @@ class OriginTracer:
             nan_birth = inf_birth = None
             if has_inf:
                 inf_birth = self._carried(in_inf, 1) if in_inf else \
-                    self._birth("inf", op, k, here, inputs, tensors, module is not None)
+                    self._birth("inf", op, k, here, inputs, tensors, module is not None,
+                                constant)
             if has_nan:
                 nan_birth = self._carried(in_nan, 0) if in_nan else \
                     self._birth("nan", op, k, here, inputs, tensors, module is not None)
@@ -222,7 +231,7 @@ class OriginTracer:
 
     def _birth(self, kind: str, op: str | None, k: int, module: nn.Module | None,
                inputs: list[tuple[torch.Tensor, bool, bool]], tensors: list[torch.Tensor],
-               module_level: bool) -> dict[str, Any]:
+               module_level: bool, constant: bool = False) -> dict[str, Any]:
         path = self._path(module)
         site = path if op is None else f"{path}.{op}@{k}"
         inf_inputs = [t for t, _, i in inputs if i]
@@ -232,12 +241,11 @@ class OriginTracer:
             "module_type": type(module).__name__ if module is not None else None,
             "op": op, "kind": kind, "module_level": module_level, "op_index": self.ops,
             "inputs": "finite" if not inf_inputs else "inf",
-            "input_min": lo, "input_max": hi, "module_ref": module,
+            "input_min": lo, "input_max": hi, "module_ref": module, "constant": constant,
         }
         if inf_inputs:
             origin = self._carried(inf_inputs, 1)
-            birth["inf_from"] = None if origin is OUTSIDE else \
-                {k2: v for k2, v in origin.items() if k2 != "module_ref"}
+            birth["inf_birth"] = None if origin is OUTSIDE else origin
         self.births.append(birth)
         return birth
 
@@ -439,7 +447,7 @@ class NanOrigin(Extension):
             return out
         # Inf that came in from outside (a -inf mask, an Inf in the data) and turned NaN
         from_outside = found is OUTSIDE or (found.get("inputs") == "inf" and
-                                            found.get("inf_from") is None)
+                                            found.get("inf_birth") is None)
         if from_outside and inf_in is not None:
             out = {"status": "input", "kind": "inf", "input_index": inf_in, "note": note}
             if found is not OUTSIDE:
@@ -449,10 +457,21 @@ class NanOrigin(Extension):
             return {"status": "buffers", "note": note,
                     "reason": "the non-finite values came from a buffer or constant of the "
                               "model, not from an op of this forward"}
+        extra: dict[str, Any] = {}
+        inf_birth = found.get("inf_birth")
+        if inf_birth is not None and inf_birth.get("constant"):
+            # NaN from an Inf written on purpose (a -inf mask): born here, the mask noted
+            extra = {"inf_from": inf_birth["site"]}
+        elif inf_birth is not None:
+            # NaN from an Inf born earlier from finite values (exp overflow, x / 0, a -inf
+            # mask): the producer is where the Inf was born; where it turned NaN is noted.
+            extra = {"nan_site": found["site"], "nan_module": found["module"],
+                     "nan_op": found["op"]}
+            found = found["inf_birth"]
         module = found.get("module_ref")
         layer = m.watched.layer_of_module(module) if module is not None else None
-        birth = {key: v for key, v in found.items() if key != "module_ref"}
-        return {"status": "producer", **birth, "layer_index": layer, "note": note,
+        birth = {key: v for key, v in found.items() if key not in ("module_ref", "inf_birth")}
+        return {"status": "producer", **birth, **extra, "layer_index": layer, "note": note,
                 "births": len(tracer.births), "ops": tracer.ops}
 
     def _replay(self, root: nn.Module, k: _Kept, args: Any, kwargs: Any,
@@ -503,7 +522,9 @@ class NanOrigin(Extension):
             set_rng(k.rng)  # replay: random ops draw the same numbers as the forward did
             m.suspended += 1
             try:
-                with torch.no_grad(), _Mode(tracer):
+                # With gradients, as the forward ran: some kernels differ without them
+                # (attention's fully masked rows); no backward ever runs on this graph.
+                with torch.enable_grad(), _Mode(tracer):
                     return root(*args, **kwargs)
             finally:
                 m.suspended -= 1
