@@ -210,8 +210,7 @@ class Monitor:
             # generator's loss flows back through the discriminator, whose optimizer then
             # zeroes it and steps on the discriminator's own loss.
             self._losses, self._grads_taken = [], False
-        for ext in self.extensions if isinstance(loss, torch.Tensor) else ():
-            ext.on_backward_begin(loss)
+        self._each_extension(lambda ext: ext.on_backward_begin(loss))
 
     @guarded
     def on_backward_end(self, loss: torch.Tensor) -> None:

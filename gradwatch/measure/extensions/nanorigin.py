@@ -18,25 +18,27 @@ execution order of the models:
   the monitor suspended (no hook measures it); afterwards every buffer, the
   RNG states (torch, Python, numpy) and the user's modules are as they were: the run's
   numbers do not change;
-* under a ``TorchFunctionMode`` that sees every torch call (functional, tensor method,
-  operator, ``F.scaled_dot_product_attention``, ``F.multi_head_attention_forward``...) and
-  forward hooks on every submodule, which say in whose forward each call runs. An op whose
-  floating-point output holds NaN (Inf) while no input held NaN (Inf) is where a NaN (an
-  Inf) is born; each non-finite output remembers where its NaN and its Inf were born, so
-  that the model output's non-finite values are traced to their own birth, not to an
-  intentional ``-inf`` mask elsewhere. A NaN made from an Inf born earlier from finite
-  values (``exp`` overflow then ``inf - inf``, ``x / 0``) is traced to the Inf's birth, the
-  op that turned it NaN being noted. A module whose output turned non-finite while no op
-  inside it was seen doing so (a C++ extension) is the birth place at module level.
+* under the tracer of ``tracer.py``: a ``TorchFunctionMode`` that sees every torch call
+  (functional, tensor method, operator, ``F.scaled_dot_product_attention``,
+  ``F.multi_head_attention_forward``...) and forward hooks on every submodule, which say
+  in whose forward each call runs. An op whose floating-point output holds NaN (Inf) while
+  no input held NaN (Inf) is where a NaN (an Inf) is born, and each non-finite value is
+  traced to its own birth. The *producer* is the birth of the values the model's output
+  holds (NaN first): a NaN made from an Inf born earlier from finite values (``exp``
+  overflow then ``inf - inf``, ``x / 0``) is traced to that Inf's birth, the op that
+  turned it NaN being noted; an Inf written on purpose (``masked_fill(mask, -inf)``) is a
+  mask, not a producer: the NaN it became (a softmax over a fully masked row) is.
 
 What is recorded (``history.events.nonfinite_origin``, a dict, judged by
 ``judge/detectors/nonfinite.py``): the step, the model, and ``status``: ``"producer"`` (the
 birth place: module path, its type, the op, a site name ``Module.op@k`` as activation sites
-are named, NaN or Inf, whether the op's inputs were finite or held Inf, born where, their
-finite range), ``"input"`` (the model's input was already non-finite: the batch, not the
-model), ``"weights"`` (a parameter was already non-finite), ``"output_finite"`` (the replay's
-output was finite: the loss computation outside the model, or an op that does not repeat
-itself, made the NaN), ``"skipped"`` or ``"failed"`` with the reason.
+are named, NaN or Inf, whether the op's inputs were finite or held a mask's Inf, their
+finite range, where a NaN formed from its Inf), ``"input"`` (the model's input was already
+non-finite: the batch, not the model), ``"weights"`` (a parameter was already non-finite),
+``"buffers"`` (non-finite values from a buffer or constant), ``"output_finite"`` (the
+replay's output was finite: the loss computation outside the model, or an op that does not
+repeat itself, made the NaN), ``"skipped"``, ``"failed"`` or ``"not_checked"`` with the
+reason.
 
 Not covered: a loss on an accelerator (reading it would cost a host sync per step: the
 status ``"not_checked"`` says so when a NaN loss is found at a flush), a model run through
@@ -55,244 +57,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from ..extension import Extension
 from .rerun import MAX_BUFFER_BYTES, Opaque, copy_inputs, float_tensors, get_rng, set_rng
+from .tracer import OUTSIDE, OriginTracer, TraceMode, flags
 
-__all__ = ["NanOrigin", "OriginTracer"]
+__all__ = ["NanOrigin"]
 
-OUTSIDE: dict[str, Any] = {"outside": True}
-"""Where a non-finite value came from when no op or module of the forward made it: the
-model's input, a buffer or a constant."""
 _MAX_INPUT_ITEMS = 4096  # larger input containers are not copied for the replay
-_MAX_TRACKED = 100_000  # non-finite tensors remembered during one replay (ids stay unique)
-_OP_NAMES = {"__truediv__": "div", "__rtruediv__": "div", "__mul__": "mul", "__rmul__": "mul",
-             "__add__": "add", "__radd__": "add", "__sub__": "sub", "__rsub__": "sub",
-             "__pow__": "pow", "__rpow__": "pow", "__matmul__": "matmul",
-             "__rmatmul__": "matmul", "__neg__": "neg", "__getitem__": "getitem",
-             "__setitem__": "setitem", "__itruediv__": "div_", "__imul__": "mul_",
-             "__iadd__": "add_", "__isub__": "sub_"}
-
-
-def op_name(func: Any) -> str:
-    """A torch function's short name: ``log``, ``div`` (for ``/``), ``softmax``."""
-    name = getattr(func, "__name__", None) or type(func).__name__
-    return _OP_NAMES.get(name, name)
-
-
-def _inplace(func: Any, kwargs: dict[str, Any]) -> bool:
-    """Whether the call writes into its first argument (or ``out``)."""
-    name = getattr(func, "__name__", "")
-    return (name.endswith("_") and not name.endswith("__")) or name in (
-        "__setitem__", "__itruediv__", "__imul__", "__iadd__", "__isub__") or \
-        "out" in kwargs or kwargs.get("inplace") is True
-
-
-def _tensors(obj: Any, out: list[torch.Tensor], depth: int = 0) -> list[torch.Tensor]:
-    """Floating-point tensors of a call's arguments or output (nested up to three levels)."""
-    if isinstance(obj, torch.Tensor):
-        if obj.is_floating_point() or obj.is_complex():
-            out.append(obj)
-    elif depth < 3 and isinstance(obj, (tuple, list)):
-        for o in obj:
-            _tensors(o, out, depth + 1)
-    elif depth < 3 and isinstance(obj, dict):
-        for o in obj.values():
-            _tensors(o, out, depth + 1)
-    return out
-
-
-def _flags(t: torch.Tensor) -> tuple[bool, bool]:
-    """(holds NaN, holds Inf): one host read."""
-    if t.numel() == 0 or (not t.is_floating_point() and not t.is_complex()):
-        return False, False
-    both = torch.stack([torch.isnan(t).any(), torch.isinf(t).any()]).tolist()
-    return bool(both[0]), bool(both[1])
-
-
-def _finite_range(tensors: list[torch.Tensor]) -> tuple[float | None, float | None]:
-    """Smallest and largest finite value of the first real tensor (the op's operand)."""
-    for t in tensors:
-        if t.is_complex() or t.numel() == 0:
-            continue
-        finite = t.detach()[torch.isfinite(t.detach())]
-        if finite.numel():
-            lo_hi = torch.stack([finite.min(), finite.max()]).double().tolist()
-            return float(lo_hi[0]), float(lo_hi[1])
-        return None, None
-    return None, None
-
-
-class OriginTracer:
-    """Follows one forward: where each NaN and Inf is born, and which values carry them."""
-
-    def __init__(self, names: dict[int, str], root_name: str) -> None:
-        self.names, self.root_name = names, root_name
-        self.stack: list[nn.Module] = []
-        self.counts: dict[tuple[int, str], int] = {}
-        self.births: list[dict[str, Any]] = []  # every birth, in execution order
-        # id -> (NaN birth, Inf birth) of every non-finite tensor seen; the tensors are
-        # kept alive for the replay so that no id is reused
-        self.carried: dict[int, tuple[dict[str, Any] | None, dict[str, Any] | None]] = {}
-        self._alive: list[torch.Tensor] = []
-        self.ops = 0
-        self.paused = False
-        self.error: str | None = None
-
-    # ------------------------------------------------------------------ naming
-    def _module(self) -> nn.Module | None:
-        return self.stack[-1] if self.stack else None
-
-    def _path(self, module: nn.Module | None) -> str:
-        if module is None:
-            return self.root_name
-        path = self.names.get(id(module))
-        return path if path else self.root_name
-
-    def count(self, op: str) -> int:
-        key = (id(self._module()), op)
-        k = self.counts[key] = self.counts.get(key, 0) + 1
-        return k
-
-    # ------------------------------------------------------------------ one op
-    def pre(self, args: tuple[Any, ...], kwargs: dict[str, Any]
-            ) -> list[tuple[torch.Tensor, bool, bool]]:
-        """Inputs and their NaN/Inf flags before an in-place call overwrites them."""
-        return [(t, *_flags(t)) for t in _tensors((args, kwargs), [])]
-
-    def after(self, func: Any, k: int, args: tuple[Any, ...], kwargs: dict[str, Any],
-              out: Any, pre: list[tuple[torch.Tensor, bool, bool]] | None) -> None:
-        """The call returned ``out``: note where its non-finite values were born."""
-        outs = _tensors(out, [])
-        if not outs:
-            return
-        finite = torch.stack([torch.isfinite(o).all() for o in outs if o.numel()]).all() \
-            if any(o.numel() for o in outs) else torch.tensor(True)
-        if bool(finite):  # the common case: one host read per op
-            return
-        inputs = pre if pre is not None else \
-            [(t, *_flags(t)) for t in _tensors((args, kwargs), [])]
-        self._note(func, k, [t for t, _, _ in inputs], inputs, outs, None, args, kwargs)
-
-    def module_done(self, module: nn.Module, args: tuple[Any, ...], output: Any,
-                    births_before: int) -> None:
-        """A module returned: a birth at module level if no op inside it was seen making
-        its non-finite output (a C++ extension, an op outside torch)."""
-        if len(self.births) > births_before:
-            return
-        outs = [o for o in _tensors(output, []) if id(o) not in self.carried]
-        if not outs:
-            return
-        flags = [_flags(o) for o in outs]
-        if not any(n or i for n, i in flags):
-            return
-        inputs = [(t, *_flags(t)) for t in _tensors(args, [])]
-        params = [p for p in module.parameters(recurse=True)]
-        inputs += [(p, *_flags(p)) for p in params]
-        self._note(None, 1, [t for t, _, _ in inputs], inputs, outs, module)
-
-    def _note(self, func: Any, k: int, tensors: list[torch.Tensor],
-              inputs: list[tuple[torch.Tensor, bool, bool]], outs: list[torch.Tensor],
-              module: nn.Module | None, args: tuple[Any, ...] = (),
-              kwargs: dict[str, Any] | None = None) -> None:
-        kwargs = kwargs or {}
-        in_nan = [t for t, n, _ in inputs if n]
-        in_inf = [t for t, _, i in inputs if i]
-        here = module if module is not None else self._module()
-        op = op_name(func) if func is not None else None
-        # an Inf the call was given as a number (masked_fill(mask, -inf), full(..., -inf)):
-        # a mask, written on purpose, not an Inf the arithmetic made
-        constant = any(isinstance(a, float) and math.isinf(a) for a in (*args, *kwargs.values()))
-        for o in outs:
-            has_nan, has_inf = _flags(o)
-            if not (has_nan or has_inf):
-                continue
-            nan_birth = inf_birth = None
-            if has_inf:
-                inf_birth = self._carried(in_inf, 1) if in_inf else \
-                    self._birth("inf", op, k, here, inputs, tensors, module is not None,
-                                constant)
-            if has_nan:
-                nan_birth = self._carried(in_nan, 0) if in_nan else \
-                    self._birth("nan", op, k, here, inputs, tensors, module is not None)
-            if len(self._alive) < _MAX_TRACKED:
-                self._alive.append(o)
-                self.carried[id(o)] = (nan_birth, inf_birth)
-
-    def _carried(self, tensors: list[torch.Tensor], which: int) -> dict[str, Any]:
-        """Where the NaN (0) or Inf (1) of the first input that carries one was born;
-        :data:`OUTSIDE` when it came from no op seen (an input, a buffer, a constant)."""
-        for t in tensors:
-            found = self.carried.get(id(t))
-            if found is not None and found[which] is not None:
-                return found[which]
-        return OUTSIDE
-
-    def _birth(self, kind: str, op: str | None, k: int, module: nn.Module | None,
-               inputs: list[tuple[torch.Tensor, bool, bool]], tensors: list[torch.Tensor],
-               module_level: bool, constant: bool = False) -> dict[str, Any]:
-        path = self._path(module)
-        site = path if op is None else f"{path}.{op}@{k}"
-        inf_inputs = [t for t, _, i in inputs if i]
-        lo, hi = _finite_range(tensors)
-        birth: dict[str, Any] = {
-            "site": site, "module": path,
-            "module_type": type(module).__name__ if module is not None else None,
-            "op": op, "kind": kind, "module_level": module_level, "op_index": self.ops,
-            "inputs": "finite" if not inf_inputs else "inf",
-            "input_min": lo, "input_max": hi, "module_ref": module, "constant": constant,
-        }
-        if inf_inputs:
-            origin = self._carried(inf_inputs, 1)
-            birth["inf_birth"] = None if origin is OUTSIDE else origin
-        self.births.append(birth)
-        return birth
-
-    def output_origin(self, output: Any) -> dict[str, Any] | None:
-        """The birth of the non-finite values the model's output holds, NaN first;
-        :data:`OUTSIDE` if they came from outside, None if the output is finite."""
-        outs = _tensors(output, [])
-        flags = [_flags(o) for o in outs]
-        for which, want in ((0, "nan"), (1, "inf")):
-            for o, f in zip(outs, flags, strict=True):
-                if f[which]:
-                    found = self.carried.get(id(o))
-                    if found is not None and found[which] is not None:
-                        return found[which]
-                    # not traced through (an op outside the mode): the first such birth
-                    first = next((b for b in self.births if b["kind"] == want), None)
-                    return first if first is not None else OUTSIDE
-        return None
-
-
-class _Mode(TorchFunctionMode):
-    """Passes every torch call through and hands its result to the tracer."""
-
-    def __init__(self, tracer: OriginTracer) -> None:
-        super().__init__()
-        self.tracer = tracer
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
-                           kwargs: dict[str, Any] | None = None) -> Any:
-        kwargs = kwargs or {}
-        tr = self.tracer
-        if tr.paused:
-            return func(*args, **kwargs)
-        try:
-            tr.ops += 1
-            k = tr.count(op_name(func))
-            pre = tr.pre(args, kwargs) if _inplace(func, kwargs) else None
-        except Exception as exc:  # tracing must never break the replayed forward
-            tr.paused, tr.error = True, f"{type(exc).__name__}: {exc}"[:300]
-            return func(*args, **kwargs)
-        out = func(*args, **kwargs)
-        try:
-            tr.after(func, k, args, kwargs, out, pre)
-        except Exception as exc:
-            tr.paused, tr.error = True, f"{type(exc).__name__}: {exc}"[:300]
-        return out
-
 
 class _Kept:
     """The latest forward with gradients of one model: references, not copies."""
@@ -343,7 +115,7 @@ class NanOrigin(Extension):
                                 self._order)
 
     def on_backward_begin(self, loss: torch.Tensor) -> None:
-        if self.done or not self._kept:
+        if self.done or not self._kept or not isinstance(loss, torch.Tensor):
             self._seq += 1
             return
         kept = [k for k in self._kept.values() if k.seq == self._seq]
@@ -418,13 +190,13 @@ class NanOrigin(Extension):
                                                    "see keyword arguments)"}
         if any(t._version != v for t, v in k.versions):
             note = "an input was changed in place after the forward: replayed on its new values"
-        flags = [_flags(t) for t in float_tensors((args, kwargs), [])]
-        nan_in = next((i for i, f in enumerate(flags) if f[0]), None)
+        seen = [flags(t) for t in float_tensors((args, kwargs), [])]
+        nan_in = next((i for i, f in enumerate(seen) if f[0]), None)
         if nan_in is not None:  # NaN is never meant: the batch is bad, not the model
             return {"status": "input", "kind": "nan", "input_index": nan_in, "note": note}
-        inf_in = next((i for i, f in enumerate(flags) if f[1]), None)
+        inf_in = next((i for i, f in enumerate(seen) if f[1]), None)
         params = [(n, p) for n, p in root.named_parameters()]
-        bad = [n for n, p in params if any(_flags(p.detach()))]
+        bad = [n for n, p in params if any(flags(p.detach()))]
         if bad:
             return {"status": "weights", "params": bad[:20], "note": note}
         names = {id(mod): path for path, mod in root.named_modules()}
@@ -524,7 +296,7 @@ class NanOrigin(Extension):
             try:
                 # With gradients, as the forward ran: some kernels differ without them
                 # (attention's fully masked rows); no backward ever runs on this graph.
-                with torch.enable_grad(), _Mode(tracer):
+                with torch.enable_grad(), TraceMode(tracer):
                     return root(*args, **kwargs)
             finally:
                 m.suspended -= 1
