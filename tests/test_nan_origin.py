@@ -348,3 +348,20 @@ def test_the_command_line_report_names_the_producer(tmp_path: Path) -> None:
     assert f["evidence"]["producer"] == "attn" and f["layers"][0] == "attn"
     assert "attn (multi_head_attention_forward) output NaN" in f["summary"]
     assert report["run"]["internal_errors"] == []
+
+
+def test_a_compiled_model_is_not_replayed_and_its_run_is_unchanged() -> None:
+    """torch.compile: the forward runs inside compiled code, gradwatch sees no forward to
+    replay; the report says the origin was not checked, and the numbers are unchanged."""
+    def make() -> nn.Module:
+        return torch.compile(LogNet(), backend="aot_eager")
+
+    torch._dynamo.reset()
+    plain_run = train(make, log_batch(11), steps=14, watched=False)
+    torch._dynamo.reset()
+    run = train(make, log_batch(11), steps=14)
+    assert first_bad(run["losses"]) == 11 and run["errors"] == []
+    assert_same_run(plain_run, run)
+    f = only(run["report"], "nonfinite")
+    assert f.evidence["producer_status"] == "not_checked" and f.evidence["producer"] is None
+    assert "torch.compile" in f.evidence["producer_reason"]

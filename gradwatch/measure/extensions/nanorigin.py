@@ -5,15 +5,16 @@ A NaN that appears in the forward spreads into every layer after it, so the laye
 output is non-finite say little about where it came from; ``torch.autograd.detect_anomaly``
 covers only the backward. Checking every op of every forward would cost a reduction and a
 host sync per op; this extension costs, per training forward, a reference to its inputs
-(not a copy) and the generator state, and per backward one host read of a CPU loss (about
-0.3 us). Nothing else runs until a loss is NaN/Inf.
+(not a copy) and, for a model with random layers, the generator state (about 1 us), and per
+backward one host read of a CPU loss (about 1 us). Nothing else runs until a loss is NaN/Inf.
 
 On the first non-finite loss, before ``backward()`` runs and so before any optimizer has
 used it, the latest forward with gradients of each watched model is replayed once, in
 execution order of the models:
 
 * on copies of its inputs and buffers (BatchNorm statistics, caches), with the generator
-  state it started from (CPU and accelerators: Dropout draws the same mask), with gradients
+  state it started from when the model has random layers (saved at each forward of such
+  a model only: CPU and accelerators; Dropout draws the same mask), with gradients
   enabled as in the original forward (some kernels differ without them) but no backward,
   the monitor suspended (no hook measures it); afterwards every buffer, the
   RNG states (torch, Python, numpy) and the user's modules are as they were: the run's
@@ -59,6 +60,7 @@ import torch
 from torch import nn
 
 from ..extension import Extension
+from .evalmode import mode_dependent
 from .rerun import MAX_BUFFER_BYTES, Opaque, copy_inputs, float_tensors, get_rng, set_rng
 from .tracer import OUTSIDE, OriginTracer, TraceMode, flags
 
@@ -67,15 +69,30 @@ __all__ = ["NanOrigin"]
 _MAX_INPUT_ITEMS = 4096  # larger input containers are not copied for the replay
 
 class _Kept:
-    """The latest forward with gradients of one model: references, not copies."""
+    """One watched model and its latest forward with gradients: references, not copies.
+    Made once per model and updated in place at each forward (the hot path)."""
 
-    __slots__ = ("args", "index", "kwargs", "order", "rng", "root", "seq", "versions")
+    __slots__ = ("args", "devices", "index", "kwargs", "order", "random", "rng", "root",
+                 "seq", "versions")
 
-    def __init__(self, root: nn.Module, index: int, args: tuple[Any, ...],
-                 kwargs: dict[str, Any], rng: Any, seq: int, order: int) -> None:
+    def __init__(self, root: nn.Module, index: int, devices: list[torch.device],
+                 random: bool) -> None:
         self.root = weakref.ref(root)
-        self.index, self.args, self.kwargs, self.rng = index, args, kwargs, rng
-        self.seq, self.order = seq, order
+        self.index, self.devices, self.random = index, devices, random
+        self.args: tuple[Any, ...] = ()
+        self.kwargs: dict[str, Any] = {}
+        self.rng: Any = None
+        self.seq = self.order = -1  # no forward kept yet
+        self.versions: list[tuple[torch.Tensor, int]] = []
+
+    def keep(self, args: tuple[Any, ...], kwargs: dict[str, Any], seq: int,
+             order: int) -> None:
+        self.args, self.kwargs, self.seq, self.order = args, kwargs, seq, order
+        if self.random:
+            # the generator state the forward starts from (CPU: a 5 KB copy, about 1 us),
+            # for models with random layers only
+            self.rng = [(None, torch.get_rng_state())] if not self.devices else \
+                get_rng(self.devices)
         # in-place changes to an input after the forward show in its version counter
         self.versions = [(t, t._version) for t in args if isinstance(t, torch.Tensor)]
 
@@ -85,10 +102,10 @@ class NanOrigin(Extension):
     module where the NaN/Inf was born (see the module docstring)."""
 
     def __init__(self) -> None:
-        self._kept: dict[int, _Kept] = {}  # id(root) -> its latest forward with grad
-        self._devices: dict[int, list[torch.device]] = {}  # id(root) -> accelerators
+        self._kept: dict[int, _Kept | None] = {}  # id(root) -> it (None: never replayed)
         self._seq = 0  # backward calls so far: forwards kept since the last one count
         self._order = 0
+        self._device: str | None = None  # an accelerator a loss lived on (never read)
         self.done = False
 
     # ------------------------------------------------------------------ hot path
@@ -97,31 +114,37 @@ class NanOrigin(Extension):
         if self.done or not torch.is_grad_enabled():
             return
         key = id(module)
-        devices = self._devices.get(key)
-        if devices is None:
-            if getattr(module, "_compiled_call_impl", None) is not None:
-                devices = self._devices[key] = [torch.device("meta")]  # never replayed
-            else:
-                first = next(module.parameters(), None)
-                devices = self._devices[key] = [] if first is None or \
-                    first.device.type == "cpu" else [first.device]
-        if devices and devices[0].type == "meta":
-            return
+        kept = self._kept.get(key, False)
+        if kept is False:
+            kept = self._kept[key] = self._new(module)
+        if kept is not None:
+            self._order += 1
+            kept.keep(args, kwargs, self._seq, self._order)
+
+    def _new(self, module: nn.Module) -> _Kept | None:
+        """A model's first forward: its record, or None if it is never replayed."""
         index = self.monitor.watched.root_of_module(module)
-        if index is None:
-            return
-        self._order += 1
-        self._kept[key] = _Kept(module, index, args, kwargs, get_rng(devices), self._seq,
-                                self._order)
+        if index is None or getattr(module, "_compiled_call_impl", None) is not None:
+            return None
+        first = next(module.parameters(), None)
+        devices = [] if first is None or first.device.type == "cpu" else [first.device]
+        # Dropout of every kind, RReLU...: their draws are replayed from the saved state;
+        # a model without them (or with only a functional F.dropout) saves none per step
+        random = any((found := mode_dependent(mod)) is not None and found[0] != "batchnorm"
+                     for mod in module.modules())
+        return _Kept(module, index, devices, random)
 
     def on_backward_begin(self, loss: torch.Tensor) -> None:
-        if self.done or not self._kept or not isinstance(loss, torch.Tensor):
-            self._seq += 1
+        seq = self._seq
+        self._seq = seq + 1
+        if self.done or not isinstance(loss, torch.Tensor):
             return
-        kept = [k for k in self._kept.values() if k.seq == self._seq]
-        self._seq += 1
-        if not kept or loss.device.type != "cpu":
-            return  # another model's loss; an accelerator's loss is not read (no sync)
+        if not loss.is_cpu:
+            self._device = loss.device.type  # not read: that would be a sync per step
+            return
+        kept = [k for k in self._kept.values() if k is not None and k.seq == seq]
+        if not kept:
+            return  # no forward of a watched model since the last backward: not its loss
         # One host read of a CPU scalar: no synchronisation with any device.
         value = loss.detach().item() if loss.numel() == 1 else \
             (math.nan if not bool(torch.isfinite(loss.detach()).all()) else 0.0)
@@ -137,22 +160,27 @@ class NanOrigin(Extension):
         self._kept = {}
 
     def on_flush(self, steps: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
-        """A NaN loss that was not checked (it lives on an accelerator): say so."""
+        """A NaN loss that was not checked (on an accelerator, or without a forward of a
+        watched model): say so, and check no later one."""
         ev = self.monitor.history.events
         if ev.nonfinite_origin is None and ev.first_nonfinite_loss is not None:
             self.done, self._kept = True, {}
-            ev.nonfinite_origin = {
-                "status": "not_checked", "step": ev.first_nonfinite_loss,
-                "reason": "the loss lives on an accelerator, where reading it at every step "
-                          "would cost a synchronisation; the forward was not replayed"}
+            reason = (f"the loss lives on {self._device}, where reading it at every step "
+                      f"would cost a synchronisation" if self._device else
+                      "no forward of a watched model with gradients was seen before its "
+                      "backward (a torch.compile'd model, one run only through its "
+                      "submodules)")
+            ev.nonfinite_origin = {"status": "not_checked", "step": ev.first_nonfinite_loss,
+                                   "reason": f"{reason}: the forward was not replayed"}
 
     def on_root_gone(self, root: int) -> None:
+        """Drop what was kept of a model that died (its id may be reused)."""
         for key, k in list(self._kept.items()):
-            if k.index == root:
+            if k is None or k.index == root:
                 del self._kept[key]
 
     def finish(self) -> None:
-        self._kept, self._devices = {}, {}
+        self._kept = {}
 
     # ------------------------------------------------------------------ the replay
     def _trace(self, kept: list[_Kept], loss: float) -> dict[str, Any]:
@@ -253,7 +281,7 @@ class NanOrigin(Extension):
         modules = list(root.modules())
         swapped: list[tuple[nn.Module, str, torch.Tensor]] = []
         budget = MAX_BUFFER_BYTES
-        rng_now = get_rng([d for d, _ in k.rng if d is not None])
+        rng_now = get_rng(k.devices)
         py_state, np_state = random.getstate(), np.random.get_state()
         handles: list[Any] = []
         births_at: dict[int, list[int]] = {}
@@ -291,7 +319,8 @@ class NanOrigin(Extension):
             for mod in modules:
                 handles.append(mod.register_forward_pre_hook(pre))
                 handles.append(mod.register_forward_hook(post, always_call=True))
-            set_rng(k.rng)  # replay: random ops draw the same numbers as the forward did
+            if k.rng is not None:
+                set_rng(k.rng)  # replay: random ops draw the same numbers as the forward did
             m.suspended += 1
             try:
                 # With gradients, as the forward ran: some kernels differ without them
