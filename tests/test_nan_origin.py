@@ -126,7 +126,7 @@ def train(make: Callable[[], nn.Module], batch: Batch, steps: int = 30,
         losses.append(loss.item())
         opt.step()
     out: dict[str, Any] = {"state": model.state_dict(), "optimizer": opt.state_dict(),
-                           "rng": torch.get_rng_state(), "losses": losses}
+                           "rng": torch.get_rng_state(), "losses": losses, "model": model}
     if gw is not None:
         gw.close()
         out["report"] = gw.report()
@@ -365,3 +365,58 @@ def test_a_compiled_model_is_not_replayed_and_its_run_is_unchanged() -> None:
     f = only(run["report"], "nonfinite")
     assert f.evidence["producer_status"] == "not_checked" and f.evidence["producer"] is None
     assert "torch.compile" in f.evidence["producer_reason"]
+
+
+# --------------------------------------------------------------------------- replay fidelity
+def test_fp16_overflow_under_autocast_is_found_in_the_layer_that_overflowed() -> None:
+    """The forward runs under torch.autocast (float16); the backward, and so the replay,
+    outside it: the replay enters the same autocast, or the overflow would not repeat."""
+    def batch(step: int, g: torch.Generator) -> tuple[tuple[Any, ...], torch.Tensor]:
+        x = torch.rand(16, 4, generator=g)
+        if step == 14:
+            x = x * 1e5  # finite in float32, beyond float16's 65504
+        return (x,), torch.ones(16, 1)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(1)
+    with gradwatch.watch(model, opt) as gw:
+        for step in range(18):
+            (x,), y = batch(step, g)
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = F.mse_loss(model(x).float(), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    ev = only(gw.report(), "nonfinite").evidence
+    assert ev["producer_status"] == "producer" and ev["producer_step"] == 14
+    assert ev["producer"] == "0" and ev["producer_op"] == "linear"
+    assert ev["producer_inputs"] == "finite"
+
+
+def test_state_a_forward_keeps_in_attributes_is_put_back() -> None:
+    """A forward that rebinds attributes (a call count, a carried hidden state): the
+    replay's rebinding is undone, so the next forwards see what they would have seen."""
+    class Stateful(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 8)
+            self.head = nn.Linear(8, 1)
+            self.calls = 0
+            self.memory = torch.zeros(8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls = self.calls + 1
+            h = torch.tanh(self.lin(x) + self.memory)
+            self.memory = h.mean(dim=0).detach()
+            return self.head(torch.log(h + 1.0 + 10.0 * x[:, :1].clamp(max=0.0)))
+
+    runs = []
+    for watched in (False, True):
+        runs.append(train(Stateful, log_batch(9), steps=15, watched=watched))
+    plain_run, run = runs
+    assert run["origin"]["status"] == "producer" and run["origin"]["op"] == "log"
+    assert_same_run(plain_run, run)
+    assert run["model"].calls == plain_run["model"].calls == 15
+    assert same_bits(run["model"].memory, plain_run["model"].memory)

@@ -16,9 +16,11 @@ execution order of the models:
   state it started from when the model has random layers (saved at each forward of such
   a model only: CPU and accelerators; Dropout draws the same mask), with gradients
   enabled as in the original forward (some kernels differ without them) but no backward,
-  the monitor suspended (no hook measures it); afterwards every buffer, the
-  RNG states (torch, Python, numpy) and the user's modules are as they were: the run's
-  numbers do not change;
+  under the ``torch.autocast`` the forward ran in (fp16 overflow), the monitor suspended
+  (no hook measures it); afterwards every buffer, every module attribute the forward
+  rebinds (``self.hidden = ...``), the RNG states (torch, Python, numpy) are as they were:
+  the run's numbers do not change (the user's own forward hooks do run again, as they do
+  for the eval-mode check's re-run);
 * under the tracer of ``tracer.py``: a ``TorchFunctionMode`` that sees every torch call
   (functional, tensor method, operator, ``F.scaled_dot_product_attention``,
   ``F.multi_head_attention_forward``...) and forward hooks on every submodule, which say
@@ -50,6 +52,7 @@ status ``"not_checked"`` says so when a NaN loss is found at a flush), a model r
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import weakref
@@ -68,17 +71,29 @@ __all__ = ["NanOrigin"]
 
 _MAX_INPUT_ITEMS = 4096  # larger input containers are not copied for the replay
 
+def _autocast(device_type: str) -> torch.dtype | None:
+    """The dtype of the ``torch.autocast`` region the forward runs in, None outside one."""
+    try:
+        if torch.is_autocast_enabled(device_type):  # type: ignore[call-arg]
+            return torch.get_autocast_dtype(device_type)
+    except (TypeError, AttributeError, RuntimeError):  # torch < 2.4: not replayed in it
+        return None
+    return None
+
+
 class _Kept:
     """One watched model and its latest forward with gradients: references, not copies.
     Made once per model and updated in place at each forward (the hot path)."""
 
-    __slots__ = ("args", "devices", "index", "kwargs", "order", "random", "rng", "root",
-                 "seq", "versions")
+    __slots__ = ("args", "autocast", "device_type", "devices", "index", "kwargs", "order",
+                 "random", "rng", "root", "seq", "versions")
 
     def __init__(self, root: nn.Module, index: int, devices: list[torch.device],
                  random: bool) -> None:
         self.root = weakref.ref(root)
         self.index, self.devices, self.random = index, devices, random
+        self.device_type = devices[0].type if devices else "cpu"
+        self.autocast: torch.dtype | None = None  # the forward ran under torch.autocast
         self.args: tuple[Any, ...] = ()
         self.kwargs: dict[str, Any] = {}
         self.rng: Any = None
@@ -93,6 +108,7 @@ class _Kept:
             # for models with random layers only
             self.rng = [(None, torch.get_rng_state())] if not self.devices else \
                 get_rng(self.devices)
+        self.autocast = _autocast(self.device_type)
         # in-place changes to an input after the forward show in its version counter
         self.versions = [(t, t._version) for t in args if isinstance(t, torch.Tensor)]
 
@@ -283,6 +299,8 @@ class NanOrigin(Extension):
         budget = MAX_BUFFER_BYTES
         rng_now = get_rng(k.devices)
         py_state, np_state = random.getstate(), np.random.get_state()
+        # attributes the forward rebinds (self.hidden = ...) are put back after it
+        attrs = [(mod, dict(mod.__dict__)) for mod in modules]
         handles: list[Any] = []
         births_at: dict[int, list[int]] = {}
 
@@ -325,7 +343,9 @@ class NanOrigin(Extension):
             try:
                 # With gradients, as the forward ran: some kernels differ without them
                 # (attention's fully masked rows); no backward ever runs on this graph.
-                with torch.enable_grad(), TraceMode(tracer):
+                amp = torch.autocast(k.device_type, dtype=k.autocast) \
+                    if k.autocast is not None else contextlib.nullcontext()
+                with torch.enable_grad(), amp, TraceMode(tracer):
                     return root(*args, **kwargs)
             finally:
                 m.suspended -= 1
@@ -337,3 +357,8 @@ class NanOrigin(Extension):
             np.random.set_state(np_state)
             for mod, key, buf in swapped:
                 mod._buffers[key] = buf
+            for mod, saved in attrs:
+                now = mod.__dict__
+                if now.keys() != saved.keys() or any(now[n] is not v for n, v in saved.items()):
+                    now.clear()
+                    now.update(saved)
