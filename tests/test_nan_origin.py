@@ -51,27 +51,35 @@ class LogNet(nn.Module):
 
 
 class MaskedAttention(nn.Module):
-    """Hand-written attention: scores masked with -inf, softmax, dropout."""
+    """Hand-written attention: scores masked with -inf (``masked_fill`` or an indexed
+    assignment), softmax, dropout."""
 
-    def __init__(self, d: int = 8) -> None:
+    def __init__(self, d: int = 8, setitem: bool = False) -> None:
         super().__init__()
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
+        self.setitem = setitem
 
     def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         scores = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])
-        scores = scores.masked_fill(pad[:, None, :], float("-inf"))
+        mask = pad[:, None, :].expand_as(scores)
+        if self.setitem:
+            scores[mask] = float("-inf")
+        else:
+            scores = scores.masked_fill(mask, float("-inf"))
         weights = F.dropout(scores.softmax(dim=-1), 0.1, self.training)
         return self.proj(weights @ v)
 
 
 class AttnNet(nn.Module):
-    def __init__(self, hand_written: bool) -> None:
+    def __init__(self, masking: str) -> None:
+        """``masking``: "mha" (nn.MultiheadAttention), "masked_fill" or "setitem"."""
         super().__init__()
+        hand_written = masking != "mha"
         self.embed = nn.Linear(6, 8)
-        self.attn: nn.Module = MaskedAttention() if hand_written else \
-            nn.MultiheadAttention(8, 2, dropout=0.1, batch_first=True)
+        self.attn: nn.Module = MaskedAttention(setitem=masking == "setitem") \
+            if hand_written else nn.MultiheadAttention(8, 2, dropout=0.1, batch_first=True)
         self.head = nn.Linear(8, 1)
         self.hand_written = hand_written
 
@@ -218,9 +226,9 @@ def test_a_parameterised_layer_that_divides_by_zero_leads_the_layers() -> None:
 
 
 # --------------------------------------------------------------------------- attention
-@pytest.mark.parametrize("hand_written", [False, True])
-def test_a_fully_masked_attention_row_names_the_attention(hand_written: bool) -> None:
-    run = train(lambda: AttnNet(hand_written), attention_batch(13), steps=20)
+@pytest.mark.parametrize("masking", ["mha", "masked_fill", "setitem"])
+def test_a_fully_masked_attention_row_names_the_attention(masking: str) -> None:
+    run = train(lambda: AttnNet(masking), attention_batch(13), steps=20)
     assert first_bad(run["losses"]) == 13 and run["errors"] == []
     f = only(run["report"], "nonfinite")
     ev = f.evidence
@@ -228,15 +236,15 @@ def test_a_fully_masked_attention_row_names_the_attention(hand_written: bool) ->
     assert ev["producer"] == "attn" and ev["producer_kind"] == "nan"
     # the -inf of the mask is written on purpose: the NaN is born where it is normalised
     assert ev["producer_inputs"] == "inf" and ev["producer_inf_from"] is not None
-    if hand_written:
+    if masking != "mha":
         assert ev["producer_type"] == "MaskedAttention" and ev["producer_op"] == "softmax"
-        assert ev["producer_inf_from"] == "attn.masked_fill@1"
+        assert ev["producer_inf_from"] == f"attn.{masking}@1"
     else:
         assert ev["producer_type"] == "MultiheadAttention"
         assert ev["producer_op"] == "multi_head_attention_forward"
         assert f.layers[0] == "attn"  # a parameterised layer leads
     assert "the forward pass produced them at step 13: attn (" in f.summary
-    assert_same_run(run, train(lambda: AttnNet(hand_written), attention_batch(13), steps=20,
+    assert_same_run(run, train(lambda: AttnNet(masking), attention_batch(13), steps=20,
                                watched=False))
 
 
@@ -284,7 +292,7 @@ def test_a_healthy_run_replays_nothing_and_is_bit_identical() -> None:
 
 def test_healthy_attention_with_masks_replays_nothing() -> None:
     """-inf masks at every step are no NaN: only a non-finite loss starts a replay."""
-    run = train(lambda: AttnNet(True), attention_batch(None), steps=20)
+    run = train(lambda: AttnNet("masked_fill"), attention_batch(None), steps=20)
     assert run["origin"] is None and run["ext"].done is False
     assert "nonfinite" not in run["report"].kinds()
 

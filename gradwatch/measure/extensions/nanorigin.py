@@ -14,7 +14,7 @@ execution order of the models:
 
 * on copies of its inputs and buffers (BatchNorm statistics, caches), with the generator
   state it started from when the model has random layers (saved at each forward of such
-  a model only: CPU and accelerators; Dropout draws the same mask), with gradients
+  a model only: Dropout draws the same mask), with gradients
   enabled as in the original forward (some kernels differ without them) but no backward,
   under the ``torch.autocast`` the forward ran in (fp16 overflow), the monitor suspended
   (no hook measures it); afterwards every buffer, every module attribute the forward
@@ -43,11 +43,14 @@ replay's output was finite: the loss computation outside the model, or an op tha
 repeat itself, made the NaN), ``"skipped"``, ``"failed"`` or ``"not_checked"`` with the
 reason.
 
-Not covered: a loss on an accelerator (reading it would cost a host sync per step: the
-status ``"not_checked"`` says so when a NaN loss is found at a flush), a model run through
-``torch.compile`` (never replayed: its forward is not seen), keyword arguments under
-``gradwatch run`` (global hooks do not see them: the note says so), NaN born in
-``backward()`` (``detect_anomaly`` covers that).
+Not covered: a model on an accelerator (its loss is not read, which would cost a host sync
+per step, and nothing of its forwards is kept: when a flush finds a non-finite loss, the
+status ``"not_checked"`` says so), a model run through ``torch.compile`` (its forward is
+not seen), a forward that synchronises with other processes (SyncBatchNorm, FSDP: skipped;
+DistributedDataParallel is replayed through the module it wraps), keyword arguments under
+``gradwatch run`` (global hooks do not see them: the reason says so), NaN born in
+``backward()`` (``detect_anomaly`` covers that), state a forward changes in place outside
+buffers and attributes (a list it appends to).
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ __all__ = ["NanOrigin"]
 
 _MAX_INPUT_ITEMS = 4096  # larger input containers are not copied for the replay
 
+
 def _autocast(device_type: str) -> torch.dtype | None:
     """The dtype of the ``torch.autocast`` region the forward runs in, None outside one."""
     try:
@@ -85,14 +89,12 @@ class _Kept:
     """One watched model and its latest forward with gradients: references, not copies.
     Made once per model and updated in place at each forward (the hot path)."""
 
-    __slots__ = ("args", "autocast", "device_type", "devices", "index", "kwargs", "order",
-                 "random", "rng", "root", "seq", "versions")
+    __slots__ = ("args", "autocast", "index", "kwargs", "order", "random", "rng", "root", "seq",
+                 "versions")
 
-    def __init__(self, root: nn.Module, index: int, devices: list[torch.device],
-                 random: bool) -> None:
+    def __init__(self, root: nn.Module, index: int, random: bool) -> None:
         self.root = weakref.ref(root)
-        self.index, self.devices, self.random = index, devices, random
-        self.device_type = devices[0].type if devices else "cpu"
+        self.index, self.random = index, random
         self.autocast: torch.dtype | None = None  # the forward ran under torch.autocast
         self.args: tuple[Any, ...] = ()
         self.kwargs: dict[str, Any] = {}
@@ -106,9 +108,8 @@ class _Kept:
         if self.random:
             # the generator state the forward starts from (CPU: a 5 KB copy, about 1 us),
             # for models with random layers only
-            self.rng = [(None, torch.get_rng_state())] if not self.devices else \
-                get_rng(self.devices)
-        self.autocast = _autocast(self.device_type)
+            self.rng = [(None, torch.get_rng_state())]
+        self.autocast = _autocast("cpu")
         # in-place changes to an input after the forward show in its version counter
         self.versions = [(t, t._version) for t in args if isinstance(t, torch.Tensor)]
 
@@ -143,12 +144,13 @@ class NanOrigin(Extension):
         if index is None or getattr(module, "_compiled_call_impl", None) is not None:
             return None
         first = next(module.parameters(), None)
-        devices = [] if first is None or first.device.type == "cpu" else [first.device]
+        if first is not None and first.device.type != "cpu":
+            return None  # its loss is not read on an accelerator (a sync): nothing to keep
         # Dropout of every kind, RReLU...: their draws are replayed from the saved state;
         # a model without them (or with only a functional F.dropout) saves none per step
         random = any((found := mode_dependent(mod)) is not None and found[0] != "batchnorm"
                      for mod in module.modules())
-        return _Kept(module, index, devices, random)
+        return _Kept(module, index, random)
 
     def on_backward_begin(self, loss: torch.Tensor) -> None:
         seq = self._seq
@@ -222,6 +224,11 @@ class NanOrigin(Extension):
         if any(type(mod).__name__ == "OptimizedModule" or
                getattr(mod, "_compiled_call_impl", None) is not None for mod in root.modules()):
             return {"status": "skipped", "reason": "the model holds torch.compile'd modules"}
+        if any(isinstance(mod, nn.SyncBatchNorm) or "FullyShard" in type(mod).__name__ or
+               type(mod).__name__ == "FSDPModule" for mod in root.modules()):
+            # their forward talks to the other processes, which do not replay: a hang
+            return {"status": "skipped", "reason": "the forward synchronises across processes "
+                                                   "(SyncBatchNorm, FSDP)"}
         try:
             args = copy_inputs(tuple(k.args), [_MAX_INPUT_ITEMS])
             kwargs = copy_inputs(dict(k.kwargs), [_MAX_INPUT_ITEMS])
@@ -259,7 +266,8 @@ class NanOrigin(Extension):
                           "outside the model, or an op that does not repeat itself, made "
                           "the non-finite value"}
             if m.discover:
-                out["reason"] += " (gradwatch run does not see keyword arguments)"
+                out["reason"] += (", or keyword arguments of the call, which gradwatch run "
+                                  "does not see")
             return out
         # Inf that came in from outside (a -inf mask, an Inf in the data) and turned NaN
         from_outside = found is OUTSIDE or (found.get("inputs") == "inf" and
@@ -279,8 +287,8 @@ class NanOrigin(Extension):
             # NaN from an Inf written on purpose (a -inf mask): born here, the mask noted
             extra = {"inf_from": inf_birth["site"]}
         elif inf_birth is not None:
-            # NaN from an Inf born earlier from finite values (exp overflow, x / 0, a -inf
-            # mask): the producer is where the Inf was born; where it turned NaN is noted.
+            # NaN from an Inf born earlier from finite values (exp overflow, x / 0): the
+            # producer is where the Inf was born; where it turned NaN is noted.
             extra = {"nan_site": found["site"], "nan_module": found["module"],
                      "nan_op": found["op"]}
             found = found["inf_birth"]
@@ -297,7 +305,7 @@ class NanOrigin(Extension):
         modules = list(root.modules())
         swapped: list[tuple[nn.Module, str, torch.Tensor]] = []
         budget = MAX_BUFFER_BYTES
-        rng_now = get_rng(k.devices)
+        rng_now = get_rng([])
         py_state, np_state = random.getstate(), np.random.get_state()
         # attributes the forward rebinds (self.hidden = ...) are put back after it
         attrs = [(mod, dict(mod.__dict__)) for mod in modules]
@@ -343,10 +351,14 @@ class NanOrigin(Extension):
             try:
                 # With gradients, as the forward ran: some kernels differ without them
                 # (attention's fully masked rows); no backward ever runs on this graph.
-                amp = torch.autocast(k.device_type, dtype=k.autocast) \
+                amp = torch.autocast("cpu", dtype=k.autocast) \
                     if k.autocast is not None else contextlib.nullcontext()
+                # DistributedDataParallel's own forward broadcasts buffers to the other
+                # processes, which do not replay: the module it wraps is run instead
+                call = root.module if isinstance(
+                    root, nn.parallel.DistributedDataParallel) else root
                 with torch.enable_grad(), amp, TraceMode(tracer):
-                    return root(*args, **kwargs)
+                    return call(*args, **kwargs)
             finally:
                 m.suspended -= 1
         finally:

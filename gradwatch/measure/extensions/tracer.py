@@ -123,6 +123,8 @@ class OriginTracer:
               out: Any, pre: list[tuple[torch.Tensor, bool, bool]] | None) -> None:
         """The call returned ``out``: note where its non-finite values were born."""
         outs = _tensors(out, [])
+        if not outs and pre is not None and args and isinstance(args[0], torch.Tensor):
+            outs = _tensors(args[0], [])  # x[mask] = -inf returns None: x is the output
         if not outs:
             return
         finite = torch.stack([torch.isfinite(o).all() for o in outs if o.numel()]).all() \
