@@ -14,15 +14,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import only
+from conftest import linear_stack, only
 from torch import nn
 
 import gradwatch
+from gradwatch.findings import Finding
+from gradwatch.judge.context import Context
+from gradwatch.judge.detectors import nonfinite
 from gradwatch.measure.extensions.nanorigin import NanOrigin
 from gradwatch.runner import run_script
+from gradwatch.thresholds import Thresholds
 
 SCRIPTS = Path(__file__).parent / "scripts"
 ATTENTION_SCRIPT = SCRIPTS / "train_nan_attention.py"
@@ -428,3 +433,62 @@ def test_state_a_forward_keeps_in_attributes_is_put_back() -> None:
     assert_same_run(plain_run, run)
     assert run["model"].calls == plain_run["model"].calls == 15
     assert same_bits(run["model"].memory, plain_run["model"].memory)
+
+
+# --------------------------------------------------------------------------- the judge alone
+def synthetic(origin: dict[str, Any] | None, bad_step: int = 20) -> Finding:
+    """The nonfinite finding of a 3-layer history whose loss is NaN from ``bad_step`` on,
+    with ``origin`` as the replay recorded it (the judge needs no torch)."""
+    h = linear_stack(3, ["relu"] * 3)
+    steps = np.arange(30)
+    loss = np.linspace(1.0, 0.5, 30)
+    loss[bad_step:] = np.nan
+    grad = np.ones((30, 3)) / math.sqrt(3)
+    h.record_steps(steps, loss, np.ones(30), grad, np.zeros_like(grad), np.zeros(30))
+    h.facts.update(optimizers=[{"type": "SGD", "groups": [{"lr": 0.01}]}],
+                   optimizer_roots=[[0]], graph={"0": {"branch_merges": 0, "norm_ops": 0}},
+                   module={"0": {"norm_modules": []}})
+    h.events.nonfinite_origin = origin
+    [f] = nonfinite.detect(Context(h, Thresholds()))
+    return f
+
+
+def test_judge_names_the_producer_and_leads_with_its_layer() -> None:
+    f = synthetic({"status": "producer", "step": 20, "module": "2", "module_type": "Linear",
+                   "op": "linear", "site": "2.linear@1", "kind": "inf", "inputs": "finite",
+                   "input_min": -3.0, "input_max": 5e4, "layer_index": 1})
+    assert f.layers == ["2"]  # the producer leads (no gradient was recorded non-finite)
+    assert "produced them at step 20: 2 (linear) output Inf from finite inputs (from -3 to " \
+        "5.0e+04)" in f.summary
+    assert f.evidence["producer"] == "2" and f.evidence["producer_site"] == "2.linear@1"
+    cause = next(c for c in f.causes if c.id == "invalid_forward_op")
+    assert "2 (linear) output Inf" in cause.text
+
+
+def test_judge_without_a_replay_or_for_another_step_keeps_its_sentence() -> None:
+    plain = synthetic(None)
+    assert "producer_status" not in plain.evidence
+    assert "the loss itself was non-finite" in plain.summary
+    later = synthetic({"status": "producer", "step": 25, "module": "feat", "op": "log",
+                       "kind": "nan", "inputs": "finite", "layer_index": None})
+    assert "the loss itself was non-finite" in later.summary
+    assert "the first non-finite loss (step 25) was born in feat (log)" in later.summary
+
+
+@pytest.mark.parametrize(("origin", "text", "cause"), [
+    ({"status": "input", "kind": "inf", "input_index": 0},
+     "input at step 20 already held Inf: no layer", "nonfinite_input"),
+    ({"status": "output_finite", "reason": "..."},
+     "gave a finite model output, so the loss computation outside the model",
+     "invalid_forward_op"),
+    ({"status": "weights", "params": ["0.weight"]}, "read non-finite weights (0.weight)",
+     "invalid_forward_op"),
+    ({"status": "not_checked", "reason": "the loss lives on cuda"},
+     "the loss itself was non-finite", "invalid_forward_op"),
+])
+def test_judge_says_what_the_replay_found_when_no_op_produced_it(
+        origin: dict[str, Any], text: str, cause: str) -> None:
+    f = synthetic({**origin, "step": 20})
+    assert text in f.summary and f.evidence["producer"] is None
+    assert f.evidence["producer_status"] == origin["status"]
+    assert cause in {c.id for c in f.causes}
