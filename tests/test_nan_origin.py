@@ -230,6 +230,29 @@ def test_a_parameterised_layer_that_divides_by_zero_leads_the_layers() -> None:
     assert "which turned to NaN in head (linear)" in f.summary
 
 
+def test_an_op_the_function_mode_cannot_see_is_found_at_module_level() -> None:
+    """A module whose computation no torch function mode sees (as a C++ extension's): the
+    module whose output turned NaN from finite inputs is the producer, with no op."""
+    class Opaque(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with torch._C.DisableTorchFunction():
+                return torch.log(x)
+
+    class Net(LogNet):
+        def __init__(self) -> None:
+            super().__init__()
+            self.feat = Opaque()
+
+    run = train(Net, log_batch(16), steps=20)
+    assert first_bad(run["losses"]) == 16 and run["errors"] == []
+    f = only(run["report"], "nonfinite")
+    ev = f.evidence
+    assert ev["producer"] == "feat" and ev["producer_type"] == "Opaque"
+    assert ev["producer_op"] is None and ev["producer_site"] == "feat"
+    assert ev["producer_kind"] == "nan" and ev["producer_inputs"] == "finite"
+    assert "produced them at step 16: feat output NaN from finite inputs" in f.summary
+
+
 # --------------------------------------------------------------------------- attention
 @pytest.mark.parametrize("masking", ["mha", "masked_fill", "setitem"])
 def test_a_fully_masked_attention_row_names_the_attention(masking: str) -> None:

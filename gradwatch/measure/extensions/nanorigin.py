@@ -255,7 +255,8 @@ class NanOrigin(Extension):
         try:
             output = self._replay(root, k, args, kwargs, tracer)
         except Exception as exc:  # the user's model failed on the replay: recorded
-            return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:300]}
+            why = " (gradwatch run does not see keyword arguments)" if m.discover else ""
+            return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:300] + why}
         if tracer.error is not None:
             return {"status": "failed", "reason": tracer.error}
         found = tracer.output_origin(output)
