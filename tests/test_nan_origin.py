@@ -515,3 +515,33 @@ def test_judge_says_what_the_replay_found_when_no_op_produced_it(
     assert text in f.summary and f.evidence["producer"] is None
     assert f.evidence["producer_status"] == origin["status"]
     assert cause in {c.id for c in f.causes}
+
+
+def test_gradwatch_run_with_keyword_arguments_says_it_could_not_replay(tmp_path: Path) -> None:
+    """Global hooks do not see keyword arguments: the replay without them fails, the report
+    says why, and the script runs on unchanged."""
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import torch\n"
+        "from torch import nn\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.lin = nn.Linear(4, 1)\n"
+        "    def forward(self, x, *, shift):\n"
+        "        return self.lin(torch.log(x + shift))\n"
+        "torch.manual_seed(0)\n"
+        "model = Net()\n"
+        "opt = torch.optim.SGD(model.parameters(), lr=0.01)\n"
+        "for step in range(12):\n"
+        "    x = torch.rand(8, 4)\n"
+        "    loss = model(x, shift=-2.0 if step == 7 else 1.0).pow(2).mean()\n"
+        "    opt.zero_grad()\n"
+        "    loss.backward()\n"
+        "    opt.step()\n"
+        "print('DONE')\n", encoding="utf-8")
+    result = run_script(script)
+    assert result.exit_code == 0
+    ev = only(result.report, "nonfinite").evidence
+    assert ev["producer_status"] == "failed" and ev["producer_step"] == 7
+    assert "keyword arguments" in ev["producer_reason"]
