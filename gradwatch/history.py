@@ -196,6 +196,12 @@ class Events:
     nonfinite_weight_params: list[str] = dataclasses.field(default_factory=list)
     first_nonfinite_act: int | None = None
     nonfinite_act_layers: list[str] = dataclasses.field(default_factory=list)
+    #: Where the first non-finite loss was born, found by replaying its forward
+    #: (``measure/extensions/nanorigin.py``): ``status`` ("producer", "input", "weights",
+    #: "buffers", "output_finite", "skipped", "failed", "not_checked"), ``step`` and, for a
+    #: producer, ``site``, ``module``, ``module_type``, ``op``, ``kind`` ("nan" | "inf"),
+    #: ``inputs`` ("finite" | "inf"), ``input_min``/``input_max``, ``layer_index``.
+    nonfinite_origin: dict[str, Any] | None = None
     nonfinite_loss_steps: int = 0
     best_loss: float = math.inf
     best_loss_step: int | None = None

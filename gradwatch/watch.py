@@ -13,6 +13,7 @@ from torch import nn
 from .measure.extension import Extension
 from .measure.extensions.activations import ActivationSites
 from .measure.extensions.evalmode import EvalModeCheck
+from .measure.extensions.nanorigin import NanOrigin
 from .measure.extensions.recurrent import RecurrentGradients
 from .measure.monitor import Monitor, Options
 from .measure.probes import INTERCEPTOR, Handles, attach_model, attach_optimizer, unwrap_compiled
@@ -26,8 +27,8 @@ OPTION_NAMES = (*tuple(f.name for f in dataclasses.fields(Options)), "thresholds
 
 def default_extensions() -> list[Extension]:
     """The forward-side measurements every monitor gets: activation sites (dead and
-    saturated units), the eval-mode check, gradients through time."""
-    return [ActivationSites(), EvalModeCheck(), RecurrentGradients()]
+    saturated units), the eval-mode check, gradients through time, where a NaN is born."""
+    return [ActivationSites(), EvalModeCheck(), RecurrentGradients(), NanOrigin()]
 
 
 def _options(options: Mapping[str, Any]) -> tuple[Options, Thresholds]:

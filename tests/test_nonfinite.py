@@ -82,7 +82,9 @@ def test_inf_in_a_sampled_batch_is_traced_to_the_input() -> None:
     assert f.evidence["origin"] == "forward" and f.evidence["forward_produced_it"] is True
     assert f.evidence["forward_overflowed"] is False
     assert {"loss", "activation"} <= set(f.evidence["first_nonfinite"])
-    assert f.layers[0] == "0" and "layer 0 output non-finite values first" in f.summary
+    # the replay of step 7's forward sees the Inf in the batch: no layer is blamed
+    assert f.layers[0] == "0" and "input at step 7 already held Inf" in f.summary
+    assert f.evidence["producer_status"] == "input" and f.evidence["producer"] is None
     assert f.evidence["last_finite_loss"] == pytest.approx(run["loss"][6], rel=1e-6)
     assert [c.id for c in f.causes] == ["nonfinite_input"]
     remedies = [r.id for r in f.remedies]
@@ -90,15 +92,18 @@ def test_inf_in_a_sampled_batch_is_traced_to_the_input() -> None:
     assert "clip_grad_norm" not in remedies and "clipping cannot help" in f.summary
 
 
-def test_inf_in_an_unsampled_batch_is_traced_to_the_forward_pass() -> None:
+def test_inf_in_an_unsampled_batch_is_traced_to_the_input_by_the_replay() -> None:
+    """Step 21 measures no input statistics: the replay of its forward sees the bad batch."""
     run = train(inf_batch_at(21))
     assert first_bad(run["loss"]) == 21
     f = only(run["report"], "nonfinite")
     assert f.first_step == 21
     assert f.evidence["origin"] == "forward" and f.evidence["first_nonfinite_loss_step"] == 21
     assert f.evidence["last_finite_loss"] == pytest.approx(run["loss"][20], rel=1e-6)
-    assert [c.id for c in f.causes] == ["invalid_forward_op"]
-    assert "clip_grad_norm" not in {r.id for r in f.remedies}
+    assert [c.id for c in f.causes] == ["nonfinite_input"]
+    assert f.evidence["producer_status"] == "input" and f.evidence["producer_step"] == 21
+    remedies = {r.id for r in f.remedies}
+    assert "clip_grad_norm" not in remedies and "assert_finite_inputs" in remedies
     # the step before was healthy: nothing else is blamed
     assert {x.kind for x in run["report"].problems} == {"nonfinite"}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 __all__ = ["Extension"]
@@ -38,6 +39,10 @@ class Extension:
     def on_root_forward(self, module: nn.Module, args: tuple[Any, ...],
                         kwargs: dict[str, Any], output: Any) -> None:
         """A watched model's forward returned (``output`` is None when it raised)."""
+
+    def on_backward_begin(self, loss: torch.Tensor) -> None:
+        """``backward()`` is about to run on ``loss``: no optimizer has used it yet, so the
+        weights are still those of the forward that made it."""
 
     def wants_layer_pre(self, module: nn.Module) -> bool:
         """Whether :meth:`on_layer_forward_pre` must see this layer's forward."""

@@ -211,6 +211,7 @@ class Monitor:
             # generator's loss flows back through the discriminator, whose optimizer then
             # zeroes it and steps on the discriminator's own loss.
             self._losses, self._grads_taken = [], False
+        self._each_extension(lambda ext: ext.on_backward_begin(loss))
 
     @guarded
     def on_backward_end(self, loss: torch.Tensor) -> None:

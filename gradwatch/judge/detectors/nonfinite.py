@@ -1,8 +1,11 @@
 """nonfinite: the first step and place where a loss, gradient, weight or activation became
-NaN/Inf, where it came from (forward, backward or an update), and whether clipping could
-have helped."""
+NaN/Inf, where it came from (forward, backward or an update), where in the forward it was
+born (the op or module a replay of the first non-finite loss's forward found,
+``events.nonfinite_origin``), and whether clipping could have helped."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
@@ -47,6 +50,12 @@ def detect(ctx: Context) -> list[Finding]:
         origin = "update"
         how = f"an update made the weights non-finite ({ev.nonfinite_weight_params[0]})"
         layers = _layers(ctx, ev.nonfinite_weight_params)
+    born = ev.nonfinite_origin or {}
+    if origin == "forward" and born.get("step") == step:
+        how, layers = _born(ctx, born, how, layers)
+    elif born.get("status") == "producer":
+        how += (f"; the first non-finite loss (step {born.get('step')}) was born in "
+                f"{_producer(born)}")
 
     # A NaN gradient from a finite loss: that loss is the last finite one.
     finite_before = np.isfinite(ctx.loss) & ((ctx.steps < step) if origin != "backward"
@@ -110,6 +119,7 @@ def detect(ctx: Context) -> list[Finding]:
         "last_finite_loss": last_loss,
         "last_finite_loss_step": last_step,
         "first_loss": ev.first_loss,
+        **_born_evidence(born),
     }
     summary = f"Non-finite values (NaN/Inf) from step {step} on: {how}.{before}{tail}"
     return [Finding(KIND, "error", step, max(_last_bad_step(ctx), step), layers, summary,
@@ -139,6 +149,77 @@ def _layers(ctx: Context, params: list[str]) -> list[str]:
             names.append(ctx.name(i))
     order = {ctx.name(i): k for k, i in enumerate(ctx.h.layer_order())}
     return sorted(names, key=lambda n: order.get(n, 0))
+
+
+# ------------------------------------------------------------ where it was born
+def _producer(born: dict[str, Any]) -> str:
+    """``feat (log) output NaN from finite inputs (-300 to 3.36)``."""
+    op = f" ({born['op']})" if born.get("op") else ""
+    what = "NaN" if born.get("kind") == "nan" else "Inf"
+    if born.get("inputs") == "finite":
+        lo, hi = born.get("input_min"), born.get("input_max")
+        src = "from finite inputs" + (f" (from {fmt(lo)} to {fmt(hi)})" if lo is not None
+                                      else "")
+    elif born.get("inf_from"):
+        src = f"from finite inputs and a mask's Inf ({born['inf_from']})"
+    else:
+        src = "from inputs holding Inf from a buffer or constant"
+    nan = f", which turned to NaN in {born['nan_module']} ({born.get('nan_op')})" \
+        if born.get("nan_module") else ""
+    return f"{born.get('module')}{op} output {what} {src}{nan}"
+
+
+def _born(ctx: Context, born: dict[str, Any], how: str, layers: list[str]
+          ) -> tuple[str, list[str]]:
+    """The sentence and the layers, once a replay of the forward found where it was born."""
+    status, step = born.get("status"), born.get("step")
+    if status == "producer":
+        index = born.get("layer_index")
+        if isinstance(index, int) and 0 <= index < len(ctx.h.layers):
+            lead = ctx.name(index)  # a parameterised layer: it leads the finding's layers
+            layers = [lead, *(name for name in layers if name != lead)]
+        return f"the forward pass produced them at step {step}: {_producer(born)}", layers
+    if status == "input":
+        what = "NaN" if born.get("kind") == "nan" else "Inf"
+        return (f"the model's input at step {step} already held {what}: no layer of the "
+                f"model produced it"), layers
+    if status == "weights":
+        return (f"the forward pass of step {step} read non-finite weights "
+                f"({', '.join(born.get('params', [])[:3])})"), layers
+    if status == "buffers":
+        return (f"the forward pass of step {step} carried non-finite values from a buffer "
+                f"or constant of the model, not produced by any of its ops"), layers
+    if status == "output_finite":
+        return (f"{how}; a replay of step {step}'s forward gave a finite model output, so "
+                f"the loss computation outside the model (or an op that does not repeat "
+                f"itself) produced them"), layers
+    return how, layers
+
+
+def _born_evidence(born: dict[str, Any]) -> dict[str, Any]:
+    """The replay's findings as evidence keys (none when no replay was recorded)."""
+    if not born:
+        return {}
+    out: dict[str, Any] = {"producer_status": born.get("status"),
+                           "producer_step": born.get("step")}
+    if born.get("status") == "producer":
+        out.update({
+            "producer": born.get("module"), "producer_op": born.get("op"),
+            "producer_site": born.get("site"), "producer_type": born.get("module_type"),
+            "producer_kind": born.get("kind"), "producer_inputs": born.get("inputs"),
+            "producer_input_range": [born.get("input_min"), born.get("input_max")],
+            "producer_nan_at": born.get("nan_site"), "producer_inf_from": born.get("inf_from"),
+        })
+    elif born.get("status") == "input":
+        out.update({"producer": None, "producer_kind": born.get("kind"),
+                    "producer_input_index": born.get("input_index")})
+    else:
+        out["producer"] = None
+    if born.get("reason"):
+        out["producer_reason"] = born["reason"]
+    if born.get("note"):
+        out["producer_note"] = born["note"]
+    return out
 
 
 # ------------------------------------------------------------ this kind's causes
@@ -196,11 +277,25 @@ def sudden_nonfinite(ctx: Context, step: int, origin: str) -> Cause | None:
                      f"repair a NaN gradient")
     rows = ctx.detail_steps == step
     x = ctx.io("input_rms")[rows]
+    born = ev.nonfinite_origin or {}
+    if born.get("step") == step and born.get("status") == "input":
+        return Cause("nonfinite_input",
+                     f"the model's input at step {step} already contains "
+                     f"{'NaN' if born.get('kind') == 'nan' else 'Inf'} (a replay of that "
+                     f"step's forward found input {born.get('input_index')} non-finite); "
+                     f"{last}every weight was finite: the batch is bad, not the model")
     if x.size and not np.isfinite(x).all():
         return Cause("nonfinite_input",
                      f"the model's input at step {step} already contains NaN/Inf (input RMS "
                      f"{fmt(float(x[0]))}); {last}every weight was finite: the batch is bad, "
                      f"not the model")
+    if born.get("step") == step and born.get("status") == "producer":
+        return Cause("invalid_forward_op",
+                     f"{last}every weight was finite and no gradient had grown, yet in the "
+                     f"forward pass of step {step} {_producer(born)}: an operation undefined "
+                     f"at this input (log or sqrt of a negative number, division by zero, "
+                     f"a softmax over only -inf); clipping cannot help, skipping the step "
+                     f"can")
     return Cause("invalid_forward_op",
                  f"{last}every weight was finite and no gradient had grown, yet the forward "
                  f"pass of step {step} produced NaN/Inf: a NaN/Inf in this batch's data or an "

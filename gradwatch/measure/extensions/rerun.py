@@ -12,22 +12,23 @@ import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
 
-__all__ = ["Pending", "compare_outputs", "float_tensors", "lazy", "norm_buffers", "prepare",
-           "relative_change", "rerun_in_eval"]
+__all__ = ["MAX_BUFFER_BYTES", "Opaque", "Pending", "compare_outputs", "copy_inputs",
+           "float_tensors", "get_rng", "lazy", "norm_buffers", "prepare", "relative_change",
+           "rerun_in_eval", "rng_devices", "set_rng"]
 
 _MAX_INPUT_ITEMS = 4096  # larger input containers are not copied for a re-run
-_MAX_BUFFER_BYTES = 1 << 28  # buffers beyond BatchNorm's are cloned for the re-run up to this
+MAX_BUFFER_BYTES = 1 << 28  # buffers beyond BatchNorm's are cloned for the re-run up to this
 
 
-class _Opaque(Exception):
+class Opaque(Exception):
     """An input the forward may change in place (a cache object): no re-run on it."""
 
 
-def _copy_inputs(obj: Any, budget: list[int]) -> Any:
-    """A copy of plain-data inputs (tensors cloned); raises :class:`_Opaque` on anything else."""
+def copy_inputs(obj: Any, budget: list[int]) -> Any:
+    """A copy of plain-data inputs (tensors cloned); raises :class:`Opaque` on anything else."""
     budget[0] -= 1
     if budget[0] < 0:
-        raise _Opaque("very large input container")
+        raise Opaque("very large input container")
     if isinstance(obj, torch.Tensor):
         return obj.detach().clone()
     if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes, torch.dtype,
@@ -36,12 +37,12 @@ def _copy_inputs(obj: Any, budget: list[int]) -> Any:
     if isinstance(obj, torch.Size):
         return obj
     if type(obj) is tuple or type(obj) is list:
-        return type(obj)(_copy_inputs(o, budget) for o in obj)
+        return type(obj)(copy_inputs(o, budget) for o in obj)
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return type(obj)(*(_copy_inputs(o, budget) for o in obj))
+        return type(obj)(*(copy_inputs(o, budget) for o in obj))
     if type(obj) is dict or type(obj) is OrderedDict:
-        return type(obj)((k, _copy_inputs(v, budget)) for k, v in obj.items())
-    raise _Opaque(type(obj).__name__)
+        return type(obj)((k, copy_inputs(v, budget)) for k, v in obj.items())
+    raise Opaque(type(obj).__name__)
 
 
 def float_tensors(obj: Any, out: list[torch.Tensor], depth: int = 0) -> list[torch.Tensor]:
@@ -60,12 +61,12 @@ def float_tensors(obj: Any, out: list[torch.Tensor], depth: int = 0) -> list[tor
     return out
 
 
-def _rng_devices(tensors: list[torch.Tensor]) -> list[torch.device]:
+def rng_devices(tensors: list[torch.Tensor]) -> list[torch.device]:
     return sorted({t.device for t in tensors if t.device.type not in ("cpu", "meta")},
                   key=str)
 
 
-def _get_rng(devices: list[torch.device]) -> list[tuple[torch.device | None, torch.Tensor]]:
+def get_rng(devices: list[torch.device]) -> list[tuple[torch.device | None, torch.Tensor]]:
     """The CPU generator's state and that of each accelerator the model's tensors use."""
     states: list[tuple[torch.device | None, torch.Tensor]] = [(None, torch.get_rng_state())]
     for d in devices:
@@ -74,7 +75,7 @@ def _get_rng(devices: list[torch.device]) -> list[tuple[torch.device | None, tor
     return states
 
 
-def _set_rng(states: list[tuple[torch.device | None, torch.Tensor]]) -> None:
+def set_rng(states: list[tuple[torch.device | None, torch.Tensor]]) -> None:
     for d, state in states:
         if d is None:
             torch.set_rng_state(state)
@@ -167,18 +168,18 @@ def prepare(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
     """Before the first measured forward: copies of its inputs and the RNG state."""
     try:
         budget = [_MAX_INPUT_ITEMS]
-        args_copy = _copy_inputs(tuple(args), budget)
-        kwargs_copy = _copy_inputs(dict(kwargs), budget)
-    except _Opaque as exc:
+        args_copy = copy_inputs(tuple(args), budget)
+        kwargs_copy = copy_inputs(dict(kwargs), budget)
+    except Opaque as exc:
         return Pending(None, None, str(exc), None)
     if discover and not args_copy:
         return Pending(None, None, "keyword-only call (gradwatch run cannot see "
                                     "keyword arguments)", None)
     tensors = float_tensors(args_copy, [])
     tensors += [p for p in module.parameters(recurse=True)][:1]
-    devices = _rng_devices(tensors)
+    devices = rng_devices(tensors)
     try:
-        rng = _get_rng(devices)
+        rng = get_rng(devices)
     except Exception:  # an accelerator without a readable generator state
         return Pending(None, None, f"generator state of {devices} that cannot be saved",
                         None)
@@ -198,8 +199,8 @@ def rerun_in_eval(module: nn.Module, norms: list[nn.Module],
                                     norm_buffers(norms, clone=False), strict=True):
             pre_bn[id(original)] = tensor
     swapped: list[tuple[nn.Module, str, torch.Tensor]] = []
-    budget = _MAX_BUFFER_BYTES
-    rng_now = _get_rng([d for d, _ in (pending.rng or []) if d is not None])
+    budget = MAX_BUFFER_BYTES
+    rng_now = get_rng([d for d, _ in (pending.rng or []) if d is not None])
     try:
         for mod in modules:
             for key, buf in mod._buffers.items():
@@ -217,7 +218,7 @@ def rerun_in_eval(module: nn.Module, norms: list[nn.Module],
         for mod in modules:
             mod.training = False
         if pending.rng is not None:
-            _set_rng(pending.rng)  # replay: random ops see the same numbers
+            set_rng(pending.rng)  # replay: random ops see the same numbers
         m.suspended += 1
         try:
             with torch.no_grad():
@@ -225,7 +226,7 @@ def rerun_in_eval(module: nn.Module, norms: list[nn.Module],
         finally:
             m.suspended -= 1
     finally:
-        _set_rng(rng_now)
+        set_rng(rng_now)
         for mod, flag in zip(modules, flags, strict=True):
             mod.training = flag
         for mod, key, buf in swapped:
