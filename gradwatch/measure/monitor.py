@@ -194,8 +194,7 @@ class Monitor:
         self.measures.read_scale(loss)  # a GradScaler's factor, before backward() frees it
         # Read the graph once per model: at the first backward, and again when a model
         # appears that no graph has covered yet (scripts that train several in turn).
-        graph = self.graph.walk(loss, self.discover) if isinstance(loss, torch.Tensor) \
-            else None
+        graph = self.graph.walk(loss, self.discover) if isinstance(loss, torch.Tensor) else None
         if graph is not None:
             if self.discover:
                 self.add_tensors(graph.leaves)
