@@ -6,6 +6,8 @@ report no explosion."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from conftest import only
 from torch import nn
@@ -13,7 +15,10 @@ from torch import nn
 import gradwatch
 from gradwatch.findings import Finding
 from gradwatch.judge import links
+from gradwatch.runner import run_script
 from gradwatch.thresholds import Thresholds
+
+SCRIPTS = Path(__file__).parent / "scripts"
 
 
 def _run(lr: float, zero_last: bool = False, steps: int = 200) -> gradwatch.Report:
@@ -88,3 +93,18 @@ def test_a_nan_is_not_the_consequence_of_what_it_caused_and_explains_later_findi
     assert "root" not in boom.evidence  # the explosion came first: it is the NaN's cause
     assert stall.evidence["root"]["kind"] == "nonfinite"
     assert "consequences" not in boom.evidence  # already explained by the stronger root
+
+
+def test_a_gan_keeps_its_findings_on_the_model_they_are_about() -> None:
+    # Two models, two optimizers, alternating steps under gradwatch run: the critic's dead
+    # units are the critic's finding (named, its layers), the generator has none, and no
+    # finding of one model is linked to the other's.
+    result = run_script(SCRIPTS / "train_gan_dead_critic.py")
+    assert result.exit_code == 0 and result.report is not None
+    problems = [f for f in result.report.findings if f.severity != "info"]
+    assert [f.kind for f in problems] == ["dying_relu"]
+    (dying,) = problems
+    assert dying.summary.startswith("critic: ")
+    assert all(name.startswith("critic.") for name in dying.layers)
+    assert dying.evidence["dead_units"] >= 16 and "root" not in dying.evidence
+    assert len(result.report.to_dict()["facts"]["optimizers"]) == 2
