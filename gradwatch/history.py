@@ -9,11 +9,14 @@ as events, outside the series, before any row is dropped.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Any
 
 import numpy as np
+
+from .excerpts import Excerpts
 
 __all__ = ["PROFILE_POINTS", "SITE_STATS", "Events", "History", "LayerInfo", "Series", "SiteInfo",
            "sampled_timesteps"]
@@ -228,6 +231,7 @@ class History:
         self.detail = Series({"weight_norm": 0, "update_norm": 0, "grad_norm_applied": 0,
                               "act_rms": 0, "model_io": len(self.MODEL_IO)}, capacity)
         self.events = Events()
+        self.excerpts = Excerpts()  # exact rows around loss and gradient outliers
         self.initial: dict[str, np.ndarray] = {}  # first sampled weight/act row, kept exactly
         self.facts: dict[str, Any] = {}  # structural facts (activations, norms, skips, lr)
         self.total_steps = 0
@@ -287,9 +291,30 @@ class History:
         # Host encoding, as for norms: NaN = no loss recorded, +inf = the loss was NaN/Inf.
         seen = loss_seen > 0
         loss = np.where(seen & ~np.isfinite(loss), np.inf, np.where(seen, loss, np.nan))
-        self.steps.append(steps, {"loss": loss.reshape(-1, 1), "grad_norm": grad_norm,
-                                  "nonfinite": nonfinite, "optimizer": optimizer.reshape(-1, 1),
-                                  "lr": lr.reshape(-1, 1)})
+        blocks = {"loss": loss.reshape(-1, 1), "grad_norm": grad_norm, "nonfinite": nonfinite,
+                  "optimizer": optimizer.reshape(-1, 1), "lr": lr.reshape(-1, 1)}
+        self.steps.append(steps, blocks)
+        self.excerpts.offer(steps, blocks)
+
+    def with_excerpts(self) -> History:
+        """This history with the exact rows kept around outliers merged into its per-step
+        series (a view for the spike detectors: a downsampled long run then has every step
+        around every spike); itself when nothing was kept."""
+        if not self.excerpts.kept_rows or self.steps.stride == 1:
+            return self  # nothing dropped from the series: it has every row already
+        widths = dict(self.steps._width)
+        extra_steps, extra = self.excerpts.rows(widths)
+        steps = self.steps.steps
+        new = ~np.isin(extra_steps, steps)
+        all_steps = np.concatenate([steps, extra_steps[new]])
+        order = np.argsort(all_steps, kind="stable")
+        all_steps = all_steps[order]
+        merged = Series(widths, max(4, len(all_steps) + len(all_steps) % 2))
+        merged.append(all_steps, {k: np.concatenate([self.steps.block(k), extra[k][new]])[order]
+                                  for k in widths})
+        view = copy.copy(self)
+        view.steps = merged
+        return view
 
     def record_detail(self, steps: np.ndarray, blocks: dict[str, np.ndarray]) -> None:
         """Append rows measured on sampled steps (weights, updates, activations, model I/O)."""

@@ -30,7 +30,8 @@ def data(n: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
 
 def classify(steps: int = 600, batch: int = 32, lr: float = 1e-3, corrupt: int | None = None,
              sched: Callable[[torch.optim.Optimizer], object] | None = None,
-             accumulate: int = 1, opt_cls: type = torch.optim.Adam) -> gradwatch.Report:
+             accumulate: int = 1, opt_cls: type = torch.optim.Adam,
+             capacity: int = 2048) -> gradwatch.Report:
     """A small MLP classifier; ``corrupt``: at that step one batch arrives with every label
     shifted by one class (a shard read with the wrong label map)."""
     x, y = data()
@@ -40,7 +41,7 @@ def classify(steps: int = 600, batch: int = 32, lr: float = 1e-3, corrupt: int |
     opt = opt_cls(model.parameters(), lr=lr)
     scheduler = sched(opt) if sched else None
     g = torch.Generator().manual_seed(1)
-    with gradwatch.watch(model, opt) as gw:
+    with gradwatch.watch(model, opt, capacity=capacity) as gw:
         for step in range(steps):
             opt.zero_grad()
             for _ in range(accumulate):
@@ -75,6 +76,21 @@ def test_a_batch_that_throws_the_model_off_is_a_spike_with_its_step_and_gradient
     assert [r.id for r in f.remedies][:1] == ["clip_grad_norm"]
     assert f.evidence["batch_index"] is None
     assert "spiked 1 time(s); the largest at step 400" in f.summary
+
+
+def test_a_spike_on_a_step_the_downsampled_series_dropped_is_found_exactly() -> None:
+    # 64 rows for 600 steps: the series keeps every 16th step, not 401. The rows around
+    # each outlier are kept exactly (gradwatch/excerpts.py): the spike, its window and its
+    # recovery are the same as in the run whose series kept every step.
+    full = classify(corrupt=401, opt_cls=torch.optim.SGD, lr=0.2)
+    short = classify(corrupt=401, opt_cls=torch.optim.SGD, lr=0.2, capacity=64)
+    assert 401 not in short.series["step"] and len(short.series["step"]) <= 65
+    [a], [b] = spikes(full), spikes(short)
+    assert b.first_step == 401 and b.severity == a.severity == "warning"
+    [sa], [sb] = a.evidence["spikes"], b.evidence["spikes"]
+    for key in ("step", "loss", "window_mean", "window_std", "grad_norm",
+                "grad_norm_window_median", "recovered_step"):
+        assert sb[key] == pytest.approx(sa[key]), key
 
 
 def test_one_off_batch_that_does_not_derail_training_is_info() -> None:

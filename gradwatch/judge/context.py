@@ -52,6 +52,13 @@ class Context:
         self.t = thresholds
         self.root = root
 
+    def dense(self) -> Context:
+        """This view with the exact rows kept around loss and gradient outliers merged into
+        the per-step series (``History.with_excerpts``): what the spike detectors judge, so
+        that a long, downsampled run keeps every step around every spike."""
+        h = self.h.with_excerpts()
+        return self if h is self.h else Context(h, self.t, self.root)
+
     def active_roots(self) -> list[int]:
         """Models that received gradients in this run."""
         g = self.h.steps.block("grad_norm")

@@ -12,7 +12,7 @@ with torch.no_grad():
 opt_g = torch.optim.Adam(generator.parameters(), lr=1e-3, betas=(0.5, 0.999))
 opt_c = torch.optim.Adam(critic.parameters(), lr=1e-3, betas=(0.5, 0.999))
 bce = nn.BCEWithLogitsLoss()
-for step in range(150):
+for _ in range(150):
     real = torch.randn(64, 2) * 0.5 + torch.tensor([2.0, -1.0])
     fake = generator(torch.randn(64, 4))
     loss_c = bce(critic(real), torch.ones(64, 1)) + bce(critic(fake.detach()), torch.zeros(64, 1))

@@ -49,6 +49,7 @@ def grad_spike(ctx: Context) -> Spike | None:
     ``spike_window`` measured steps before it and above ``onset_factor`` x the run's early
     level (a converged run's tiny gradients may jump 100x and still be small), or None."""
     t = ctx.t
+    ctx = ctx.dense()  # every step around each outlier, also in a downsampled long run
     ok = np.isfinite(ctx.total_grad) & (ctx.total_grad > 0)
     steps, total = ctx.steps[ok], ctx.total_grad[ok]
     w = t.spike_window

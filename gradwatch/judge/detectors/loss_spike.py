@@ -39,6 +39,7 @@ RESTART_JUMP, RESTART_STEPS = 1.5, 25
 
 
 def detect(ctx: Context) -> list[Finding]:
+    ctx = ctx.dense()  # every step around each outlier, also in a downsampled long run
     t = ctx.t
     steps, loss = ctx.finite_loss()
     w = t.spike_window
@@ -160,6 +161,7 @@ def _finding(ctx: Context, rows: list[dict[str, Any]]) -> Finding:
                 "one_batch_outliers": outliers,
                 "window": t.spike_window, "sigma_threshold": t.spike_sigma,
                 "batch_index": None,  # not exposed by a training loop gradwatch watches
+                "outliers_not_kept": ctx.h.excerpts.dropped,
                 "largest_step": biggest["step"]}
     return Finding(KIND, severity, rows[0]["step"], max(r["recovered_step"] for r in rows),
                    [], summary, evidence, causes, remedies)
