@@ -165,9 +165,10 @@ class Thresholds:
     update from the one before the onset to this many steps after it: later, dead or frozen
     weights barely move, and their tiny updates would hide the oversized ones."""
     consequence_window_steps: int = limit(50, "[0, inf)")
-    """A finding that begins this many steps or fewer after an explosion or a NaN began (dead
-    or saturated units, a diverging, stalling or spiking loss) is linked to it as its
-    consequence (``judge/links.py``); the root's severity rises to the consequence's."""
+    """A finding that begins after an explosion or a NaN began, and this many steps or fewer
+    after it was under way (its first step, or the step a growing gradient passed its
+    limit), is linked to it as its consequence (dead or saturated units, a diverging,
+    stalling or spiking loss; ``judge/links.py``); the root's severity rises to theirs."""
     forward_shrink_per_layer: float = limit(0.7, "(0, 1]")
     """Activation RMS falling by more than this factor per layer at the first step: the
     forward signal (and with it the backward one) shrinks with depth."""

@@ -108,3 +108,17 @@ def test_a_gan_keeps_its_findings_on_the_model_they_are_about() -> None:
     assert all(name.startswith("critic.") for name in dying.layers)
     assert dying.evidence["dead_units"] >= 16 and "root" not in dying.evidence
     assert len(result.report.to_dict()["facts"]["optimizers"]) == 2
+
+
+def test_a_gradient_that_grows_for_many_steps_explains_what_happens_while_it_grows() -> None:
+    t = Thresholds(consequence_window_steps=20)
+    root = _finding("exploding_gradient", 6)
+    root.evidence["growth_past_limit_step"] = 264  # rising from step 6, past 1000x at 264
+    dying, diverging, later = (_finding("dying_relu", 64, "error"),
+                               _finding("loss_divergence", 111, "error"),
+                               _finding("loss_plateau", 300))
+    links.link([root, dying, diverging, later], t)
+    assert dying.evidence["root"] == diverging.evidence["root"] == {
+        "kind": "exploding_gradient", "first_step": 6}
+    assert "root" not in later.evidence
+    assert root.severity == "error"

@@ -27,13 +27,15 @@ _WHAT = {"nonfinite": ("nonfinite", "values turned NaN/Inf"),
 
 def _explains(root: Finding, other: Finding, window: int) -> bool:
     """``other`` began at or after the root's start and no later than ``window`` steps after
-    it (or inside the root's own first steps): close enough to be its consequence, not a
-    problem the run had anyway."""
+    the root was fully under way (its start, or for a gradient that grew over many steps the
+    step it passed its limit): close enough to be its consequence, not a problem the run had
+    anyway."""
     if other is root or other.kind not in CONSEQUENCES or other.kind == root.kind:
         return False
     if root.kind == "nonfinite" and other.kind == "exploding_gradient":
         return False  # an explosion before the NaN is the NaN's cause, not its consequence
-    return root.first_step <= other.first_step <= root.first_step + window
+    under_way = max(root.first_step, int(root.evidence.get("growth_past_limit_step") or 0))
+    return root.first_step <= other.first_step <= under_way + window
 
 
 def link(findings: list[Finding], thresholds: Thresholds) -> list[Finding]:
