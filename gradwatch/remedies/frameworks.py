@@ -119,6 +119,16 @@ def _pl_guard(p: Params, fw: Facts) -> tuple[str, str]:
             "return loss")
 
 
+def _skip_or_keep(p: Params, params: str, indent: str) -> str:
+    """The skip-step rule on ``norm`` against ``self.recent``, at ``indent``."""
+    return (f"{indent}if len(self.recent) == self.recent.maxlen and norm > {p['spike_factor']} "
+            f"* statistics.median(self.recent):\n"
+            f"{indent}    for q in {params}:\n"
+            f"{indent}        q.grad = None  # a spike: no update for this step\n"
+            f"{indent}else:\n"
+            f"{indent}    self.recent.append(norm)")
+
+
 def _pl_skip(p: Params, fw: Facts) -> tuple[str, str]:
     cls = _cls(fw)
     return (f"under Lightning, {cls}.on_before_optimizer_step sees the gradients before the "
@@ -128,12 +138,7 @@ def _pl_skip(p: Params, fw: Facts) -> tuple[str, str]:
             "def on_before_optimizer_step(self, optimizer):  # before Lightning's clipping\n"
             "    norm = float(torch.nn.utils.clip_grad_norm_(self.parameters(), "
             "float(\"inf\")))\n"
-            f"    if len(self.recent) == self.recent.maxlen and norm > {p['spike_factor']} * "
-            "statistics.median(self.recent):\n"
-            "        for q in self.parameters():\n"
-            "            q.grad = None  # a spike: no update for this step\n"
-            "    else:\n"
-            "        self.recent.append(norm)")
+            + _skip_or_keep(p, "self.parameters()", "    "))
 
 
 def _pl_anomaly(p: Params, fw: Facts) -> tuple[str, str]:
@@ -253,13 +258,8 @@ def _hf_skip(p: Params, fw: Facts) -> tuple[str, str]:
             "    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):\n"
             "        norm = float(torch.stack(list(self.raw.values())).norm())\n"
             "        self.raw.clear()\n"
-            f"        if len(self.recent) == self.recent.maxlen and norm > {p['spike_factor']} "
-            "* statistics.median(self.recent):\n"
-            "            for q in model.parameters():\n"
-            "                q.grad = None  # a spike: no update for this step\n"
-            "        else:\n"
-            "            self.recent.append(norm)\n"
-            "trainer = Trainer(..., callbacks=[SkipSpikingSteps()])")
+            + _skip_or_keep(p, "model.parameters()", "        ")
+            + "\ntrainer = Trainer(..., callbacks=[SkipSpikingSteps()])")
 
 
 def _hf_anomaly(p: Params, fw: Facts) -> tuple[str, str]:
