@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,16 @@ def ran_until_settled(verified: dict, budget: int) -> bool:
     if verified["steps"] == budget:
         return True
     return 0 < verified["steps"] < budget and "stopped after" in (verified.get("note") or "")
+
+
+def run_plain(script: Path | str, *args: str) -> None:
+    """The script in this process without gradwatch, as ``python script args`` runs it."""
+    saved = sys.argv[:]
+    sys.argv = [str(script), *args]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv[:] = saved
 
 
 def seed_data() -> tuple[torch.Tensor, torch.Tensor]:

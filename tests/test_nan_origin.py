@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import runpy
 import subprocess
 import sys
 from collections.abc import Callable
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import linear_stack, only
+from conftest import linear_stack, only, run_plain
 from torch import nn
 
 import gradwatch
@@ -348,19 +347,10 @@ def test_backward_nan_then_nan_weights_blame_no_forward_op() -> None:
 
 
 # --------------------------------------------------------------------------- gradwatch run
-def plain(script: Path, *args: str) -> None:
-    saved = sys.argv[:]
-    sys.argv = [str(script), *args]
-    try:
-        runpy.run_path(str(script), run_name="__main__")
-    finally:
-        sys.argv[:] = saved
-
-
 def test_gradwatch_run_finds_the_attention_and_leaves_the_run_unchanged(
         tmp_path: Path) -> None:
     torch.manual_seed(123)  # the script seeds itself; the RNG after it is compared
-    plain(ATTENTION_SCRIPT, str(tmp_path / "plain.pt"))
+    run_plain(ATTENTION_SCRIPT, str(tmp_path / "plain.pt"))
     result = run_script(ATTENTION_SCRIPT, [str(tmp_path / "watched.pt")])
     assert result.exit_code == 0
     a = torch.load(tmp_path / "plain.pt")

@@ -8,13 +8,12 @@ small CPU); the Inductor case runs as two subprocesses in ``test_processes.py``.
 
 from __future__ import annotations
 
-import runpy
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from conftest import run_plain
 from torch import nn
 
 import gradwatch
@@ -35,16 +34,6 @@ def assert_same_run(a: dict[str, Any], b: dict[str, Any]) -> None:
             assert torch.equal(sa[name], sb[name]), (k, name)
     assert torch.equal(a["rng"], b["rng"]), "the RNG state differs"
     assert torch.equal(a["loss"], b["loss"])
-
-
-def plain(script: Path, *args: str) -> None:
-    """The script in this process without gradwatch, as ``python script args`` runs it."""
-    saved = sys.argv[:]
-    sys.argv = [str(script), *args]
-    try:
-        runpy.run_path(str(script), run_name="__main__")
-    finally:
-        sys.argv[:] = saved
 
 
 def graph_breaks() -> int:
@@ -83,7 +72,7 @@ def test_watch_leaves_an_eager_run_bit_identical(tmp_path: Path) -> None:
                          ids=["eager", "torch.compile(model)", "model.compile()"])
 def test_run_leaves_the_script_bit_identical(tmp_path: Path, compiled: list[str]) -> None:
     torch._dynamo.reset()
-    plain(BN_DROPOUT, str(tmp_path / "plain.pt"), *compiled)
+    run_plain(BN_DROPOUT, str(tmp_path / "plain.pt"), *compiled)
     breaks = graph_breaks()
     torch._dynamo.reset()
     result = run_script(BN_DROPOUT, [str(tmp_path / "run.pt"), *compiled])
