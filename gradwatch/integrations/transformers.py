@@ -133,7 +133,13 @@ class GradwatchCallback(transformers.TrainerCallback):  # type: ignore[misc, nam
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._session.active and getattr(control, "should_training_stop", False):
-            self._finish("completed", None, frameworks.hf_trainer(sys._getframe(1)))
+            # Trainer.log resets control.should_log (and its callbacks may set flags): put
+            # every flag back, so that the Trainer still logs, saves and evaluates this step.
+            flags = dict(vars(control))
+            try:
+                self._finish("completed", None, frameworks.hf_trainer(sys._getframe(1)))
+            finally:
+                vars(control).update(flags)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._finish("completed", None, None)
