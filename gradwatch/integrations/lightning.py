@@ -48,10 +48,10 @@ class GradwatchCallback(pl.Callback):  # type: ignore[misc, name-defined]
 
     **When.** Watching starts at ``on_train_start``, once ``configure_optimizers`` has made
     the optimizers and after the sanity check: every optimizer of ``trainer.optimizers``
-    is watched (several, and manual optimization, alike). It ends at ``on_train_end`` (or
-    ``on_fit_end`` when the fit loop never started): every hook is removed and the report
-    written. When ``fit`` raises, ``on_exception`` writes it with ``run.status``
-    ``"failed"`` (``"interrupted"`` on Ctrl-C) and the error.
+    is watched (several, and manual optimization, alike). It ends at ``on_train_end``
+    (``on_fit_end`` closes a watch still open, should a trainer skip it): every hook is
+    removed and the report written. When ``fit`` raises, ``on_exception`` writes it with
+    ``run.status`` ``"failed"`` (``"interrupted"`` on Ctrl-C) and the error.
 
     **What the logger gets.** At the end, every logger of the trainer gets
     ``log_metrics`` at ``trainer.global_step``: ``gradwatch/findings``,
@@ -102,6 +102,7 @@ class GradwatchCallback(pl.Callback):  # type: ignore[misc, name-defined]
         self._finish(trainer, "completed", None)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        # Lightning ends the fit loop with on_train_end; this only closes what it missed.
         self._finish(trainer, "completed", None)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
