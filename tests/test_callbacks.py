@@ -20,6 +20,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import pytest
+import pytorch_lightning as ptl
 import torch
 import torch.nn.functional as F
 import transformers
@@ -219,6 +220,30 @@ def test_lightning_findings_reach_tensorboard(tmp_path: Path) -> None:
     for f in report.findings:
         assert f"{f.severity}: {f.kind}" in written
     assert "gradwatch-report.json" in written
+
+
+def test_pytorch_lightning_trainer_takes_the_callback(tmp_path: Path) -> None:
+    """The ``pytorch_lightning`` package (which ``lightning`` installs) runs the callback too,
+    and the facts name it."""
+    class Small(ptl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Linear(10, 4)
+
+        def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    callback = LightningCallback(verbose=False)
+    trainer = ptl.Trainer(max_steps=10, logger=False, default_root_dir=str(tmp_path),
+                          enable_progress_bar=False, enable_checkpointing=False,
+                          enable_model_summary=False, callbacks=[callback])
+    trainer.fit(Small(), loader())
+    report = Report.load(tmp_path / "gradwatch-report.json")
+    assert report.run["steps"] == 10 and report.run["status"] == "completed"
+    assert report.to_dict()["facts"]["framework"]["package"] == "pytorch_lightning"
 
 
 # ----------------------------------------------------------------------------- Hugging Face

@@ -7,7 +7,8 @@ trained by ``Trainer.fit``, for code that cannot be wrapped in a ``with`` block 
     trainer.fit(model, data)   # report: <log dir>/gradwatch-report.json and .html
 
 Importing this module imports ``lightning.pytorch`` (or, without it, ``pytorch_lightning``)
-through :mod:`gradwatch.integrations.optional`; ``import gradwatch`` imports neither.
+through :mod:`gradwatch.integrations.optional`; ``import gradwatch`` imports neither. A
+``pytorch_lightning.Trainer`` takes the callback as well (its hooks are called by name).
 """
 
 from __future__ import annotations
@@ -117,9 +118,9 @@ class GradwatchCallback(pl.Callback):  # type: ignore[misc, name-defined]
         if report is None:
             return
         lines = finding_lines(report, self._session.paths)
-        step = int(getattr(trainer, "global_step", 0) or 0)
-        for logger in list(getattr(trainer, "loggers", None) or []):
+        for logger in _loggers(trainer):
             try:
+                step = int(trainer.global_step)
                 logger.log_metrics(finding_counts(report), step=step)
                 experiment = getattr(logger, "experiment", None)
                 if callable(getattr(experiment, "add_text", None)):
@@ -140,7 +141,7 @@ def _facts(pl_module: Any) -> dict[str, Any] | None:
 def _folder(trainer: Any) -> str:
     """The run's folder, read without ``trainer.log_dir`` (which broadcasts: a collective
     call only rank 0 would make)."""
-    for logger in list(getattr(trainer, "loggers", None) or [])[:1]:
+    for logger in _loggers(trainer)[:1]:
         for attribute in ("log_dir", "save_dir"):
             try:
                 value = getattr(logger, attribute, None)
@@ -149,3 +150,10 @@ def _folder(trainer: Any) -> str:
             if value:
                 return str(value)
     return str(getattr(trainer, "default_root_dir", None) or os.getcwd())
+
+
+def _loggers(trainer: Any) -> list[Any]:
+    try:
+        return list(trainer.loggers or [])
+    except Exception:  # a trainer without loggers: the console only
+        return []
