@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from gradwatch import KINDS, Report
 from gradwatch.integrations.lightning import GradwatchCallback as LightningCallback
+from gradwatch.integrations.session import Session
 from gradwatch.integrations.transformers import GradwatchCallback as HFCallback
 from gradwatch.measure.probes import INTERCEPTOR
 
@@ -417,3 +418,29 @@ def test_unknown_option_is_refused_at_creation() -> None:
         LightningCallback(sync_evry=8)
     with pytest.raises(TypeError, match="sync_evry"):
         HFCallback(sync_evry=8)
+
+
+def test_session_never_breaks_the_run(tmp_path: Path) -> None:
+    """What gradwatch cannot do (watch a frozen model, write where a folder is) is a
+    RuntimeWarning, and the training goes on; strict=True raises it."""
+    frozen = nn.Linear(2, 2).requires_grad_(False)
+    with pytest.warns(RuntimeWarning, match="could not start watching"):
+        assert not Session({}, None, True, False).start(frozen, [], None)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        Session({"strict": True}, None, True, False).start(frozen, [], None)
+
+    model = nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    (tmp_path / "taken.json").mkdir()  # a folder where the report should go
+    session = Session({}, tmp_path / "taken.json", True, False)
+    assert session.start(model, [opt], {"name": "lightning"})
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(4, 2)).pow(2).mean().backward()
+        opt.step()
+    with pytest.warns(RuntimeWarning, match="could not write the report"):
+        report = session.finish("completed", None, tmp_path)
+    assert report is not None and report.run["steps"] == 3
+    assert report.to_dict()["facts"]["framework"] == {"name": "lightning"}
+    assert session.paths == [tmp_path / "taken.html"]  # the HTML page beside it was written
+    assert hooks_gone(model) and session.finish("completed", None, tmp_path) is None

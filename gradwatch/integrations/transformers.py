@@ -137,7 +137,7 @@ class GradwatchCallback(transformers.TrainerCallback):  # type: ignore[misc, nam
             # every flag back, so that the Trainer still logs, saves and evaluates this step.
             flags = dict(vars(control))
             try:
-                self._finish("completed", None, frameworks.hf_trainer(sys._getframe(1)))
+                self._finish("completed", None, _trainer(sys._getframe(1)))
             finally:
                 vars(control).update(flags)
 
@@ -149,20 +149,28 @@ class GradwatchCallback(transformers.TrainerCallback):  # type: ignore[misc, nam
         if not self._session.active:
             return None
         report = self._session.finish(status, error, self._folder)
+        state, self._state = self._state, None
         if report is None:
             return None
         counts = finding_counts(report)
         try:
             if trainer is not None and callable(getattr(trainer, "log", None)):
                 trainer.log(dict(counts))  # log_history and every report_to integration
-            elif self._state is not None:
-                self._state.log_history.append(
-                    {**counts, "step": int(getattr(self._state, "global_step", 0) or 0)})
+            elif state is not None:
+                state.log_history.append(
+                    {**counts, "step": int(getattr(state, "global_step", 0) or 0)})
         except Exception as exc:
             self._session.warn("could not log the findings", exc)
-        self._state = None
         self._session.say(finding_lines(report, self._session.paths))
         return report
+
+
+def _trainer(frame: Any) -> Any | None:
+    """The Trainer whose loop calls the callback (it is not among a callback's arguments)."""
+    try:
+        return frameworks.hf_trainer(frame)
+    except Exception:  # a stack that cannot be read: the findings go to log_history then
+        return None
 
 
 def _facts(frame: Any) -> dict[str, Any] | None:
