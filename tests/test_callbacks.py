@@ -223,6 +223,37 @@ def test_lightning_findings_reach_tensorboard(tmp_path: Path) -> None:
     assert "gradwatch-report.json" in written
 
 
+class Accumulating(LitModel):
+    """Records the total gradient norm the optimizer is about to use (Lightning calls
+    on_before_optimizer_step after the step's last backward, before any clipping)."""
+
+    def __init__(self) -> None:
+        super().__init__(lr=1e-2)
+        self.norms: list[float] = []
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.norms.append(float(torch.sqrt(sum((p.grad ** 2).sum()
+                                               for p in self.parameters()))))
+
+
+def test_lightning_accumulation_reports_the_accumulated_gradient(tmp_path: Path) -> None:
+    """accumulate_grad_batches=2: the first backward runs outside optimizer.step(), the
+    second inside its closure; a step's norms are those of the summed gradient, as the
+    optimizer gets it, not the first micro-batch's."""
+    callback = LightningCallback(verbose=False)
+    module = Accumulating()
+    torch.manual_seed(0)
+    trainer = pl.Trainer(max_steps=12, accelerator="cpu", devices=1, logger=False,
+                         default_root_dir=str(tmp_path), enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False,
+                         accumulate_grad_batches=2, callbacks=[callback])
+    trainer.fit(module, loader())
+    report = callback.report
+    assert report is not None and report.run["steps"] == 12
+    norms = total_norms(report.to_dict())
+    assert [norms[step] for step in range(12)] == pytest.approx(module.norms, rel=1e-5)
+
+
 def test_pytorch_lightning_trainer_takes_the_callback(tmp_path: Path) -> None:
     """The ``pytorch_lightning`` package (which ``lightning`` installs) runs the callback too,
     and the facts name it."""
