@@ -23,7 +23,8 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["detect", "lightning_owner", "note"]
+__all__ = ["detect", "hf_trainer", "lightning_facts", "lightning_owner", "note",
+           "transformers_facts"]
 
 _LIGHTNING = ("lightning.pytorch", "pytorch_lightning")
 _TRANSFORMERS = ("transformers",)
@@ -90,10 +91,19 @@ def detect(frame: FrameType | None = None) -> dict[str, Any] | None:
         return None
     for obj in _selves(frame or sys._getframe(1)):
         if is_lightning_module(obj):
-            return _lightning_facts(obj)
+            return lightning_facts(obj)
         if _is_hf_trainer(obj):
-            return _transformers_facts(obj)
+            return transformers_facts(obj)
     return None
+
+
+def hf_trainer(frame: FrameType | None = None) -> Any | None:
+    """The Hugging Face ``Trainer`` whose method runs up the stack (a callback's caller),
+    or None."""
+    if not _loaded(_TRANSFORMERS):
+        return None
+    return next((obj for obj in _selves(frame or sys._getframe(1)) if _is_hf_trainer(obj)),
+                None)
 
 
 def note(facts: dict[str, Any], frame: FrameType | None = None) -> None:
@@ -114,7 +124,8 @@ def _number(value: Any) -> float | int | None:
     return value
 
 
-def _lightning_facts(module: Any) -> dict[str, Any]:
+def lightning_facts(module: Any) -> dict[str, Any]:
+    """``facts["framework"]`` of a LightningModule and the Trainer attached to it."""
     cls = type(module)
     package = next((p for p in _LIGHTNING for c in cls.__mro__
                     if c.__name__ == "LightningModule" and c.__module__.startswith(p)),
@@ -177,7 +188,8 @@ def _text(value: Any) -> str | None:
     return str(value)
 
 
-def _transformers_facts(trainer: Any) -> dict[str, Any]:
+def transformers_facts(trainer: Any) -> dict[str, Any]:
+    """``facts["framework"]`` of a Hugging Face Trainer: its ``TrainingArguments`` values."""
     args = getattr(trainer, "args", None)
     facts: dict[str, Any] = {"name": "transformers", "trainer_class": type(trainer).__name__,
                              "model_class": type(getattr(trainer, "model", None)).__name__}

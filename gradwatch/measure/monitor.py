@@ -216,9 +216,9 @@ class Monitor:
     def on_backward_end(self, loss: torch.Tensor) -> None:
         """After autograd filled ``.grad``: raw (pre-clipping) gradient norms and the loss."""
         if self._in_step:
-            # Closure inside optimizer.step() (LBFGS and friends): the first evaluation
-            # is the loss and gradient at the step's starting point.
-            if not self._grads_taken:
+            # Closure inside optimizer.step() (LBFGS, Lightning): its first evaluation is the
+            # step's last backward, accumulated onto any before it, at its starting point.
+            if not self._step_losses:
                 self._step_losses.append(self.measures.unscaled(loss))
                 if self._is_sampled(self.step):
                     self.measures.gradients(self._row(), "grad")
@@ -369,7 +369,7 @@ class Monitor:
     def _commit(self) -> None:
         """Close the current step: its loss, then weights/updates on sampled steps."""
         row = self._row()
-        self.measures.loss(row, self._losses or self._step_losses)
+        self.measures.loss(row, self._losses + self._step_losses)
         # Which optimizer made this step: separates models trained in one run (GANs,
         # scripts that train one model after another). A host number, written on device.
         self.buffers.optimizer[row] = self._stepping
