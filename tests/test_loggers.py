@@ -9,6 +9,7 @@ import json
 import os
 import struct
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +157,11 @@ def test_wandb_offline_run_folder_holds_the_report_scalars_findings_and_report(
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
     (data,) = run_dir.glob("run-*.wandb")
     records = wandb_records(data)
+    for _ in range(300):  # wandb-core may still be writing the file when finish() returns
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            break
+        time.sleep(0.1)
+        records = wandb_records(data)
     logged: Logged = {}
     texts: dict[str, str] = {}
     artifacts = []
