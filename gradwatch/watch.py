@@ -201,6 +201,8 @@ def watch(model: nn.Module,
         raise ValueError(f"the {type(model).__name__} model has no trainable parameters "
                          f"(none with requires_grad=True): there are no gradients to watch")
     opts, thresholds = _options(options)
+    if isinstance(loggers, Extension):
+        loggers = [loggers]
     for logger in loggers:
         if not isinstance(logger, Extension):
             raise TypeError(f"loggers takes gradwatch loggers (gradwatch.integrations: "

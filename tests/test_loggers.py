@@ -350,3 +350,38 @@ def test_watch_refuses_what_is_not_a_logger_and_a_logger_used_twice():
     gradwatch.watch(model, loggers=[logger]).close()
     with pytest.raises(ValueError, match="one logger per watch"):
         gradwatch.watch(model, loggers=[logger])
+
+
+# ---------------------------------------------------------------------------- the caller's own
+def test_loggers_log_into_the_callers_writer_and_runs_and_leave_them_open(tmp_path, monkeypatch):
+    """``TensorBoard(writer=...)``, ``WandB(run=...)``, ``MLflow(run_id=...)``: gradwatch's
+    scalars and report go into what the caller opened, which gradwatch does not close."""
+    from mlflow.tracking import MlflowClient
+    from torch.utils.tensorboard import SummaryWriter
+
+    for var, value in (("WANDB_MODE", "offline"), ("WANDB_SILENT", "true"),
+                       ("WANDB_DIR", tmp_path), ("WANDB_CACHE_DIR", tmp_path / "cache"),
+                       ("WANDB_DATA_DIR", tmp_path / "data"),
+                       ("WANDB_CONFIG_DIR", tmp_path / "config"),
+                       ("MLFLOW_DISABLE_TELEMETRY", "true"), ("DO_NOT_TRACK", "true"),
+                       ("XDG_CONFIG_HOME", tmp_path / "config"),
+                       ("MLFLOW_ALLOW_FILE_STORE", "true")):
+        monkeypatch.setenv(var, str(value))
+    import wandb
+
+    writer = SummaryWriter(str(tmp_path / "tb"))
+    user_run = wandb.init(project="mine", reinit="create_new")
+    client = MlflowClient((tmp_path / "mlruns").as_uri())
+    run_id = client.create_run(client.create_experiment("mine")).info.run_id
+    loggers = [TensorBoard(writer=writer), WandB(run=user_run),
+               MLflow(tmp_path / "mlruns", run_id=run_id)]
+    train(loggers)
+    writer.add_scalar("mine", 1.0, 0)  # still open
+    writer.close()
+    assert (tmp_path / "tb" / REPORT_NAME).is_file()
+    user_run.log({"mine": 1.0})  # still open (wandb refuses to log to a finished run)
+    assert (Path(user_run.dir) / REPORT_NAME).is_file()
+    user_run.finish()
+    run = client.get_run(run_id)
+    assert run.info.status == "RUNNING" and metric_name("loss") in run.data.metrics
+    assert REPORT_NAME in {a.path for a in client.list_artifacts(run_id)}

@@ -37,9 +37,7 @@ class MLflow(Logger):
 
     A local folder is a file store: MLflow 3 refuses those unless
     ``MLFLOW_ALLOW_FILE_STORE=true``, which gradwatch then sets for the process, since the
-    caller named that store.
-
-    >>> gw = gradwatch.watch(model, opt, loggers=[MLflow("file:./mlruns")])  # doctest: +SKIP
+    caller named that store: ``gradwatch.watch(model, opt, loggers=[MLflow("mlruns")])``.
     """
 
     title = "MLflow"

@@ -22,9 +22,7 @@ __all__ = ["TensorBoard"]
 class TensorBoard(Logger):
     """Log to TensorBoard event files in ``log_dir`` (``SummaryWriter``'s default
     ``runs/<date>_<host>`` when None), or through a ``writer`` the caller already has (left
-    open at the end).
-
-    >>> gw = gradwatch.watch(model, opt, loggers=[TensorBoard("runs/exp1")])  # doctest: +SKIP
+    open at the end): ``gradwatch.watch(model, opt, loggers=[TensorBoard("runs/exp1")])``.
     """
 
     title = "TensorBoard"

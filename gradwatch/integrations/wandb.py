@@ -30,9 +30,8 @@ class WandB(Logger):
     """Log to a W&B run of its own, in ``project`` (``WANDB_PROJECT``, else ``gradwatch``),
     created with ``wandb.init(**init)`` at the first flush and finished at the end of the
     run; or into the caller's ``run`` (left open). The user's own ``wandb.run`` is never
-    replaced (``reinit="create_new"``).
-
-    >>> gw = gradwatch.watch(model, opt, loggers=[WandB("my-project")])  # doctest: +SKIP
+    replaced (``reinit="create_new"``):
+    ``gradwatch.watch(model, opt, loggers=[WandB("my-project")])``.
     """
 
     title = "W&B"
