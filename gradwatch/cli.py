@@ -62,6 +62,8 @@ def _split_run_args(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
             break
         if name in _RUN_FLAGS or (script is None and a.startswith("-")):
             n = 0 if "=" in a else _RUN_FLAGS.get(name, _CHILD_FLAGS.get(name, 0))
+            if name == "--wandb" and n == 0 and _is_project(argv[i + 1: i + 2]):
+                n = 1  # --wandb PROJECT, as --wandb=PROJECT
             ours.extend(argv[i: i + 1 + n])
             i += 1 + n
             continue
@@ -71,6 +73,13 @@ def _split_run_args(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
             rest.append(a)
         i += 1
     return ours, script, rest
+
+
+def _is_project(following: list[str]) -> bool:
+    """Whether the argument after ``--wandb`` is its project name: a word that is not an
+    option, nor a path that exists, nor a ``.py`` file (the script, or a script's argument)."""
+    return bool(following) and not following[0].startswith("-") and \
+        not following[0].endswith(".py") and not Path(following[0]).exists()
 
 
 def _parse_thresholds(items: list[str]) -> dict[str, float]:
@@ -125,8 +134,9 @@ def cmd_run(argv: list[str]) -> int:
     parser.add_argument("--tensorboard", metavar="DIR",
                         help="also log the run to TensorBoard event files in DIR")
     parser.add_argument("--wandb", nargs="?", const="", default=None, metavar="PROJECT",
-                        help="also log the run to a Weights & Biases run (--wandb=PROJECT "
-                        "names the project; WANDB_MODE=offline keeps it on this machine)")
+                        help="also log the run to a Weights & Biases run in PROJECT (default: "
+                        "WANDB_PROJECT, else gradwatch); WANDB_MODE=offline keeps it on this "
+                        "machine")
     parser.add_argument("--mlflow", metavar="URI",
                         help="also log the run to MLflow at this tracking URI (a folder is "
                         "a local file store)")

@@ -251,6 +251,22 @@ def test_gradwatch_run_tensorboard_logs_an_unmodified_script(tmp_path, capsys):
     assert (out / REPORT_NAME).read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
 
 
+def test_wandb_takes_its_project_with_or_without_an_equals_sign(tmp_path):
+    from gradwatch.cli import _split_run_args
+
+    script = str(SCRIPTS / "train_dead_bias.py")
+    assert _split_run_args(["--wandb", "proj", script, "--epochs", "2"]) == \
+        (["--wandb", "proj"], script, ["--epochs", "2"])
+    assert _split_run_args(["--wandb=proj", script]) == (["--wandb=proj"], script, [])
+    # no project: the next word is the script, an option, or one of the script's files
+    assert _split_run_args(["--wandb", script, "--epochs", "2"]) == \
+        (["--wandb"], script, ["--epochs", "2"])
+    assert _split_run_args([script, "--wandb", "--epochs", "2"]) == \
+        (["--wandb"], script, ["--epochs", "2"])
+    assert _split_run_args([script, "--wandb", str(tmp_path)]) == \
+        (["--wandb"], script, [str(tmp_path)])
+
+
 def test_cli_names_the_extra_that_is_missing(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb now fails
     code = cli_main(["run", "--wandb", str(SCRIPTS / "train_dead_bias.py")])
