@@ -15,17 +15,18 @@ backend one set of scalars per measured step:
 Names are the report's (``series`` of the JSON report), with every character other than
 letters, digits, ``_``, ``-`` and ``.`` made ``_`` (MLflow allows no ``@``: site ``Net.relu@2``
 is logged as ``Net.relu_2``); steps are gradwatch's 0-based step numbers, the report's too,
-and the values are the report's series at those steps. Non-finite values are not logged.
+and the values are those of the report's series at those steps (where a long run's
+downsampled series still has them). Non-finite values are not logged.
 
 Findings as they appear: at a flush, when the time since the last judging is at least
 ``1 / findings_budget`` times what that judging cost (so judging takes about
 ``findings_budget`` of the wall time, 1% by default), the extensions write their facts as they
 stand (as ``gw.report()`` inside the block does: which units are dead, a small host read),
 the detectors run on the history so far, and each finding kind not logged yet is logged once
-as text, ``gradwatch/findings/<kind>``. At
-the end of the run (:meth:`Logger.on_report`) the kinds the final report adds are logged the
-same way, then every finding of the report as ``gradwatch/findings``, then the HTML report as
-an artifact (``gradwatch-report.html``), and a run the logger opened is closed.
+as text, ``gradwatch/findings/<kind>``. At the end of the run (:meth:`Logger.on_report`) the
+kinds the final report adds are logged the same way, then every finding of the report as
+``gradwatch/findings``, then the HTML report as an artifact (``gradwatch-report.html``), and
+a run the logger opened is closed.
 
 Writing happens in one background thread per logger, so a slow backend never slows the
 training loop (what it cannot take is dropped and counted in :attr:`Logger.dropped`). A
