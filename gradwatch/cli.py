@@ -12,6 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
+from .integrations.loggers import Logger
+from .integrations.mlflow import MLflow
+from .integrations.tensorboard import TensorBoard
+from .integrations.wandb import WandB
 from .lab.main import main as lab_main
 from .measure.monitor import Options
 from .preflight import load_factory, preflight, resolve_factory_result
@@ -31,7 +35,7 @@ __all__ = ["main"]
 _RUN_FLAGS = {"--json": 1, "--html": 1, "--text": 1, "--quiet": 0, "--strict": 0,
               "--sync-every": 1, "--detail-every": 1, "--threshold": 1, "--verify": 0,
               "--budget": 1, "--verify-time": 1, "--repeats": 1, "--verify-remedies": 1,
-              "--fix": 0}
+              "--fix": 0, "--tensorboard": 1, "--wandb": 0, "--mlflow": 1}
 # Hidden options of a `--verify` re-run; gradwatch passes them before the script only.
 _CHILD_FLAGS = {"--apply-remedy": 1, "--apply-params": 1, "--max-steps": 1, "--settle": 1}
 
@@ -58,6 +62,8 @@ def _split_run_args(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
             break
         if name in _RUN_FLAGS or (script is None and a.startswith("-")):
             n = 0 if "=" in a else _RUN_FLAGS.get(name, _CHILD_FLAGS.get(name, 0))
+            if name == "--wandb" and n == 0 and _is_project(argv[i + 1: i + 2]):
+                n = 1  # --wandb PROJECT, as --wandb=PROJECT
             ours.extend(argv[i: i + 1 + n])
             i += 1 + n
             continue
@@ -67,6 +73,13 @@ def _split_run_args(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
             rest.append(a)
         i += 1
     return ours, script, rest
+
+
+def _is_project(following: list[str]) -> bool:
+    """Whether the argument after ``--wandb`` is its project name: a word that is not an
+    option, nor a path that exists, nor a ``.py`` file (the script, or a script's argument)."""
+    return bool(following) and not following[0].startswith("-") and \
+        not following[0].endswith(".py") and not Path(following[0]).exists()
 
 
 def _parse_thresholds(items: list[str]) -> dict[str, float]:
@@ -118,6 +131,15 @@ def cmd_run(argv: list[str]) -> int:
                         "(default 3)")
     parser.add_argument("--verify-remedies", metavar="ID,ID", default=None,
                         help="verify only these remedy ids (default: every remedy offered)")
+    parser.add_argument("--tensorboard", metavar="DIR",
+                        help="also log the run to TensorBoard event files in DIR")
+    parser.add_argument("--wandb", nargs="?", const="", default=None, metavar="PROJECT",
+                        help="also log the run to a Weights & Biases run in PROJECT (default: "
+                        "WANDB_PROJECT, else gradwatch); WANDB_MODE=offline keeps it on this "
+                        "machine")
+    parser.add_argument("--mlflow", metavar="URI",
+                        help="also log the run to MLflow at this tracking URI (a folder is "
+                        "a local file store)")
     parser.add_argument("--apply-remedy", help=argparse.SUPPRESS)
     parser.add_argument("--apply-params", default="{}", help=argparse.SUPPRESS)
     parser.add_argument("--max-steps", type=int, default=None, help=argparse.SUPPRESS)
@@ -157,11 +179,18 @@ def cmd_run(argv: list[str]) -> int:
             parser.error("--apply-params takes one JSON object per remedy of --apply-remedy")
         settle = Settle.from_json(json.loads(ns.settle)) if ns.settle else None
         control = ChildControl(list(zip(ids, params, strict=True)), ns.max_steps, settle)
+    try:
+        loggers = _loggers(ns)
+    except Exception as exc:  # a missing extra, a tracking URI MLflow cannot use
+        print(printable(f"gradwatch: {exc}"), file=sys.stderr)
+        return 2
     if ns.verify or ns.fix:
         start_server()  # forked before the script runs; it imports the rest meanwhile
     try:
-        result = run_script(script, rest, options, thresholds, control)
+        result = run_script(script, rest, options, thresholds, control, loggers)
     except FileNotFoundError as exc:
+        for logger in loggers:
+            logger.on_report(None)
         print(printable(f"gradwatch: {exc}"), file=sys.stderr)
         return 2
     if result.report is None:
@@ -170,8 +199,23 @@ def cmd_run(argv: list[str]) -> int:
         result.report = verify_report(result.report, script, rest, settings, say)
     if ns.fix:
         result = _fixed(result, control, script, rest, settings)
+    for logger in loggers:
+        logger.on_report(result.report)  # the final report: after --verify and --fix
     _write_outputs(result.report, (ns.json, ns.html, ns.text), ns.quiet, "gradwatch")
     return result.exit_code
+
+
+def _loggers(ns: argparse.Namespace) -> list[Logger]:
+    """The loggers that ``--tensorboard``, ``--wandb`` and ``--mlflow`` ask for; a missing
+    package raises ``MissingExtra`` naming the extra that installs it."""
+    loggers: list[Logger] = []
+    if ns.tensorboard:
+        loggers.append(TensorBoard(ns.tensorboard))
+    if ns.wandb is not None:
+        loggers.append(WandB(ns.wandb or None))
+    if ns.mlflow:
+        loggers.append(MLflow(ns.mlflow))
+    return loggers
 
 
 def _passed_on(ns: argparse.Namespace) -> list[str]:

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from torch import nn
 
+from .measure.extension import Extension
 from .measure.monitor import Monitor, Options
 from .measure.probes import INTERCEPTOR, GlobalProbes, Handles, unwrap_compiled
 from .report import Report, build_report
@@ -109,13 +110,16 @@ def _main_models(untracked: set[int]) -> list[tuple[str, nn.Module]]:
 def run_script(script: str | os.PathLike[str], args: Sequence[str] = (),
                options: Options | None = None,
                thresholds: Thresholds | None = None,
-               control: Control | None = None) -> RunResult:
+               control: Control | None = None,
+               extensions: Sequence[Extension] = ()) -> RunResult:
     """Run ``script`` with ``args`` as ``__main__``, watching every model and optimizer.
 
     Returns the script's own exit status (0, its ``sys.exit`` code, 1 when it raised,
     130 on KeyboardInterrupt) and the report, which exists in every case. ``control``
     (a ``--verify`` re-run) applies a remedy and may stop the script early: that run
     counts as completed, and its report says what was applied under ``"applied"``.
+    ``extensions`` are measured besides the default ones (the loggers of ``--tensorboard``
+    and co.; the caller hands them the final report).
     """
     path = Path(script)
     if path.is_dir() and not (path / "__main__.py").is_file():
@@ -124,7 +128,8 @@ def run_script(script: str | os.PathLike[str], args: Sequence[str] = (),
     if not path.exists():
         raise FileNotFoundError(f"no such training script: {path}")
     started_in = os.getpid()
-    monitor = Monitor(options, thresholds, discover=True, extensions=default_extensions())
+    monitor = Monitor(options, thresholds, discover=True,
+                      extensions=[*default_extensions(), *extensions])
     monitor.watched.namer = _main_namer()
     monitor.models_of = _main_models
     handles = Handles()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -73,8 +73,12 @@ class Watch:
     """
 
     def __init__(self, model: nn.Module, optimizers: list[torch.optim.Optimizer],
-                 options: Options, thresholds: Thresholds) -> None:
-        self.monitor = Monitor(options, thresholds, extensions=default_extensions())
+                 options: Options, thresholds: Thresholds,
+                 loggers: Sequence[Extension] = ()) -> None:
+        self._loggers = list(loggers)
+        self._final: Report | None = None  # the report the loggers got at close
+        self.monitor = Monitor(options, thresholds,
+                               extensions=[*default_extensions(), *self._loggers])
         self._handles = Handles()
         # torch.compile(model) returns a wrapper; its layers are those of the original,
         # whose own forward hooks never run: its losses cannot be told by output flags.
@@ -146,6 +150,10 @@ class Watch:
             # through its submodules, and its forward-side measurements are missing.
             self.monitor.history.facts["forward_unseen"] = list(self.monitor.history.roots)
         self.monitor.close(status, error)
+        if self._loggers:
+            self._final = build_report(self.monitor)
+            for logger in self._loggers:
+                logger.on_report(self._final)
 
     @property
     def hooks(self) -> int:
@@ -160,7 +168,7 @@ class Watch:
         """Diagnose what was measured so far (the whole run once the block has exited)."""
         if not self._closed:
             self.monitor.snapshot()
-        return build_report(self.monitor)
+        return self._final or build_report(self.monitor)
 
 
 def _exit_status(exc: BaseException | None) -> int:
@@ -174,14 +182,17 @@ def _exit_status(exc: BaseException | None) -> int:
 
 def watch(model: nn.Module,
           optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer]
-          | tuple[torch.optim.Optimizer, ...] | None = None, **options: Any) -> Watch:
+          | tuple[torch.optim.Optimizer, ...] | None = None, *,
+          loggers: Sequence[Extension] = (), **options: Any) -> Watch:
     """Watch ``model`` (and the optimizer(s) that train it) until the ``with`` block ends.
 
     Options (all keyword): ``sync_every`` (steps per host copy, default 64),
     ``detail_every`` (weights/updates/activations every this many steps, default 16),
     ``every`` (gradient norms every this many steps, default 1), ``capacity`` (rows kept
     per series), ``strict`` (raise gradwatch's own errors), ``thresholds`` (dict or
-    :class:`~gradwatch.Thresholds` overriding the documented defaults).
+    :class:`~gradwatch.Thresholds` overriding the documented defaults). ``loggers``: where
+    the run is also logged while it trains (``gradwatch.integrations``: ``TensorBoard``,
+    ``WandB``, ``MLflow``); each gets the report when the block ends.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"gradwatch.watch expects a torch.nn.Module as its first argument, "
@@ -190,4 +201,10 @@ def watch(model: nn.Module,
         raise ValueError(f"the {type(model).__name__} model has no trainable parameters "
                          f"(none with requires_grad=True): there are no gradients to watch")
     opts, thresholds = _options(options)
-    return Watch(model, _optimizers(optimizer), opts, thresholds)
+    if isinstance(loggers, Extension):
+        loggers = [loggers]
+    for logger in loggers:
+        if not isinstance(logger, Extension):
+            raise TypeError(f"loggers takes gradwatch loggers (gradwatch.integrations: "
+                            f"TensorBoard, WandB, MLflow), got {type(logger).__name__}")
+    return Watch(model, _optimizers(optimizer), opts, thresholds, loggers)

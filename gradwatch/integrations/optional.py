@@ -11,6 +11,9 @@ __all__ = ["EXTRAS", "MissingExtra", "require"]
 EXTRAS: dict[str, str] = {
     "lightning": "lightning",
     "transformers": "transformers",
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+    "mlflow": "mlflow",
 }
 """Importable package -> the gradwatch extra that installs it."""
 

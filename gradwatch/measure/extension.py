@@ -67,3 +67,8 @@ class Extension:
 
     def finish(self) -> None:
         """The watch closes, after :meth:`on_root_gone` of every live root."""
+
+    def on_report(self, report: Any) -> None:
+        """The run is over and reported on (``report``, a ``Report``; None when the script
+        never ran): called by ``watch`` when its block ends and by ``gradwatch run`` once its
+        report is final, for the extensions passed as loggers (which publish it)."""
