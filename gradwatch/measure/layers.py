@@ -26,6 +26,7 @@ from torch import nn
 
 from ..history import History, LayerInfo
 from . import structure
+from .distributed import local
 
 __all__ = ["ModelFinder", "Watched"]
 
@@ -117,7 +118,7 @@ class Watched:
                 self.note_root(module, "compiled_roots" if compiled else "forward_unseen")
         for t in tensors:
             if not t.requires_grad or id(t) in self._slot_of or id(t) in skip or \
-                    nn.parameter.is_lazy(t):
+                    nn.parameter.is_lazy(t) or _freed(t):
                 continue
             name = self.namer(t) or f"tensor{len(self._slots)}"
             self._add_layer(name, "Tensor", -1, [("", t)])
@@ -132,8 +133,9 @@ class Watched:
             info.fan_in, info.fan_out = nn.init._calculate_fan_in_and_fan_out(weight)
             # One host read per layer, when it is first seen.
             with torch.no_grad():
-                info.init_weight_std = float(weight.detach().float().std()) \
-                    if weight.numel() > 1 else None
+                part = local(weight)  # a shard's std (FSDP2), read without communication
+                info.init_weight_std = float(part.detach().float().std()) \
+                    if part.numel() > 1 else None
         layer = self.history.add_layer(info)
         for (_, p), param_name in zip(params, names, strict=True):
             slot = len(self._slots)
@@ -328,6 +330,15 @@ class Watched:
             layer.init_scale = {"std": layer.init_weight_std, "recommended_std": target,
                                 "ratio": layer.init_weight_std / target, "family": family,
                                 "activation": act or "unknown"}
+
+
+def _freed(t: torch.Tensor) -> bool:
+    """A tensor whose storage was released (FSDP2's unsharded parameters between forwards):
+    reading it would crash; it is the sharded parameter the layer already tracks."""
+    try:
+        return t.numel() > 0 and t.untyped_storage().nbytes() == 0
+    except Exception:  # no storage at all (a DTensor or tensor subclass): read its parts
+        return False
 
 
 def _drop(index: dict[int, int], key: int, value: int) -> None:

@@ -1,0 +1,58 @@
+"""A DDP (or FSDP2) training script on gloo/CPU for gradwatch's distributed tests.
+
+Environment knobs (all optional): STEPS (default 60), NAN_RANK/NAN_STEP (put a NaN into
+that rank's batch at that step), EXPLODE=1 (a learning rate that blows up on every rank),
+RAISE_RANK/RAISE_STEP (that rank raises at that step), WRAP=ddp|fsdp, SAVE (where rank 0
+saves the final weights), LATE_INIT=1 (init_process_group after the model is built),
+NO_DIST=1 (no process group at all: the single-process reference of one rank's data).
+"""
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+env = os.environ.get
+steps = int(env("STEPS", "60"))
+nan_rank, nan_step = int(env("NAN_RANK", "-1")), int(env("NAN_STEP", "-1"))
+raise_rank, raise_step = int(env("RAISE_RANK", "-1")), int(env("RAISE_STEP", "-1"))
+explode = env("EXPLODE") == "1"
+wrap = env("WRAP", "ddp")
+
+if env("LATE_INIT") != "1":
+    dist.init_process_group("gloo")
+torch.manual_seed(0)
+net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1))
+if env("LATE_INIT") == "1":
+    dist.init_process_group("gloo")
+rank = dist.get_rank()
+if wrap == "fsdp":
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in net:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    model = fully_shard(net)
+else:
+    model = nn.parallel.DistributedDataParallel(net)
+opt = torch.optim.SGD(model.parameters(), lr=3.0 if explode else 0.05)
+gen = torch.Generator().manual_seed(1 + rank)
+w_true = torch.randn(8, 1, generator=torch.Generator().manual_seed(7))
+for step in range(steps):
+    x = torch.randn(16, 8, generator=gen) * (4.0 if explode else 1.0)
+    y = x @ w_true
+    if rank == nan_rank and step == nan_step:
+        x[0, 0] = float("nan")
+    if rank == raise_rank and step == raise_step:
+        raise RuntimeError(f"rank {rank} fails at step {step}")
+    loss = nn.functional.mse_loss(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+if env("SAVE") and rank == 0:
+    state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).clone()
+             for k, v in net.state_dict().items()}
+    torch.save(state, env("SAVE"))
+dist.barrier()
+dist.destroy_process_group()
