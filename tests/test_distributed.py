@@ -188,6 +188,20 @@ def test_fsdp2_shards_give_the_same_layer_norms_as_ddp(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_fsdp2_nan_in_rank_1_batch_names_rank_1_without_replaying_the_forward(
+        tmp_path: Path) -> None:
+    done = ranks(gradwatch_run("--json", "r.json", "--sync-every", "5", "--per-rank"),
+                 tmp_path, STEPS=10, WRAP="fsdp", NAN_RANK=1, NAN_STEP=7)
+    assert [p.returncode for p in done] == [0, 0], done[0].stderr[-3000:]
+    for name, this in (("r.json", 0), ("r.rank1.json", 1)):
+        [f] = [f for f in report(tmp_path / name)["findings"] if f["kind"] == "nonfinite"]
+        assert f["first_step"] == 7 and f["evidence"]["rank"] == 1
+        assert f["evidence"]["this_rank"] == this
+    # rank 1 did not replay its FSDP forward alone (the others would never join it)
+    assert f["evidence"]["producer_status"] == "skipped"
+
+
+@pytest.mark.slow
 def test_watch_a_ddp_model_with_the_group_started_after_the_watch(tmp_path: Path) -> None:
     done = ranks([sys.executable, str(HERE / "watch_ddp.py"), str(tmp_path / "w.json")],
                  tmp_path)

@@ -23,6 +23,7 @@ import itertools
 import json
 import math
 import os
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -101,7 +102,7 @@ class Distributed(Extension):
         self.group: Any = None
         self.store: Any = None
         self.local_only: str | None = None  # why the ranks stopped combining
-        self.exchanges, self.until = 0, None
+        self.exchanges, self.until, self.exchange_s = 0, None, 0.0
         self.first: dict[str, int | None] = {"loss": None, "grad": None}  # this rank's
         self.ranks: dict[int, dict[str, Any]] = {}
         self.spread: dict[str, Any] = {"max_relative": 0.0, "step": None}
@@ -167,6 +168,7 @@ class Distributed(Extension):
             norms[k][pos[inside]] = arrays[key][inside][:, sharded]
         header = [self.rank, m.step - 1, _code(self.first["loss"]), _code(self.first["grad"])]
         row = torch.from_numpy(np.concatenate([header, losses, norms.ravel()]))
+        started = time.perf_counter()
         try:
             rows = [torch.empty_like(row) for _ in range(self.world)]
             dist.all_gather(rows, row, group=self.group)  # the one collective of the flush
@@ -175,6 +177,7 @@ class Distributed(Extension):
                                f"alone from there: {type(exc).__name__}: {exc}")[:400]
             self._write_facts()
             return
+        self.exchange_s += time.perf_counter() - started
         table = torch.stack(rows).numpy()
         self._combine(table, start, every)
         if len(sharded):
@@ -282,6 +285,7 @@ class Distributed(Extension):
         self.monitor.history.facts["distributed"] = {
             "world_size": self.world, "rank": self.rank, "backend": self.backend,
             "exchanges": self.exchanges, "combined_until_step": self.until,
+            "exchange_s": round(self.exchange_s, 6),
             "every": self.monitor.options.sync_every, "local_only": self.local_only,
             "final": final, "ranks": ranks, "first_nonfinite": first,
             "ranks_missing": getattr(self, "ranks_missing", []),
