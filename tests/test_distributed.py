@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -212,6 +213,19 @@ def test_watch_a_ddp_model_with_the_group_started_after_the_watch(tmp_path: Path
     assert [i["status"] for i in d["ranks"]] == ["completed", "completed"]
     wrapped = report(tmp_path / "w.ddp.json")  # watch(DistributedDataParallel(net))
     assert [layer["name"] for layer in wrapped["layers"]] == ["0", "2"]
+
+
+@pytest.mark.slow
+def test_a_watch_on_rank_0_only_does_not_wait_for_the_others(tmp_path: Path) -> None:
+    started = time.monotonic()
+    done = ranks([sys.executable, str(HERE / "watch_rank0.py"), str(tmp_path / "w.json")],
+                 tmp_path)
+    assert [p.returncode for p in done] == [0, 0], done[0].stderr[-2000:] + done[1].stderr[-2000:]
+    # rank 1 never announced itself: one short wait (5 s at most), no group, no end wait
+    assert time.monotonic() - started < 40
+    d = report(tmp_path / "w.json")["facts"]["distributed"]
+    assert d["exchanges"] == 0 and "rank(s) 1 run no gradwatch" in d["local_only"]
+    assert d["ranks_missing"] == [1]
 
 
 # ------------------------------------------------------------------ no process group

@@ -77,6 +77,21 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return to_local() if callable(to_local) and hasattr(t, "placements") else t
 
 
+def _poll(store: Any, key: str, wait_s: float) -> bool:
+    """Whether ``key`` is in the store within ``wait_s`` seconds. Polled with ``check``,
+    never ``wait``: a timed-out ``wait`` leaves a waiter behind in the store's server, which
+    has made another rank's process abort at its exit."""
+    deadline = time.monotonic() + wait_s
+    try:
+        while not store.check([key]):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+        return True
+    except Exception:
+        return False
+
+
 def _first(mask: np.ndarray, steps: np.ndarray) -> int | None:
     hits = np.nonzero(mask)[0]
     return int(steps[hits[0]]) if hits.size else None
@@ -121,16 +136,32 @@ class Distributed(Extension):
         self.backend, self.run_id = str(dist.get_backend()), next(_RUNS)
         try:  # kept: the end summaries go through it, also after destroy_process_group
             self.store = dist.distributed_c10d._get_default_store()
+            self.store.set(self._key("here", self.rank), "1")  # this rank is watched
         except Exception:
             self.store = None
         self._write_facts()
         return True
+
+    def _key(self, what: str, rank: int) -> str:
+        return f"gradwatch/{self.run_id}/{what}/{rank}"
+
+    def _watched(self, rank: int, wait_s: float) -> bool:
+        """Whether ``rank`` runs gradwatch too (a script may watch on rank 0 only)."""
+        return _poll(self.store, self._key("here", rank), wait_s)
 
     def _group(self) -> Any:
         """gradwatch's own gloo group, created at the first cadence flush (all ranks reach
         it together): a missing peer costs TIMEOUT_S, not a hang, and the user's groups are
         never used."""
         if self.group is None and self.local_only is None:
+            # Every rank's first forward came before the first all-reduce of its gradients,
+            # so in a DDP/FSDP loop all have announced themselves by now: the wait is short.
+            absent = [r for r in range(self.world) if self.store is None or
+                      not self._watched(r, min(5.0, TIMEOUT_S))]
+            if absent:
+                self.local_only = (f"rank(s) {', '.join(map(str, absent))} run no gradwatch "
+                                   f"(or no store): the ranks are not combined")
+                return None
             try:
                 self.group = dist.new_group(backend="gloo",
                                             timeout=timedelta(seconds=TIMEOUT_S))
@@ -255,8 +286,12 @@ class Distributed(Extension):
     def _read_ends(self, store: Any, prefix: str) -> None:
         missing = []
         for r in range(1, self.world):
+            if not self._watched(r, 0.0):
+                missing.append(r)  # never watched: no summary will come
+                continue
             try:
-                store.wait([prefix + str(r)], timedelta(seconds=END_WAIT_S))
+                if not _poll(store, prefix + str(r), END_WAIT_S):
+                    raise TimeoutError(prefix + str(r))
                 got = json.loads(store.get(prefix + str(r)).decode())
                 self.ranks[r] = {**self.ranks.get(r, {}), **got}
             except Exception:
