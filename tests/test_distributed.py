@@ -27,7 +27,7 @@ import gradwatch
 from gradwatch.cli import _ranked
 from gradwatch.measure.distributed import Distributed, process_rank, unwrap_parallel
 
-HERE = Path(__file__).parent / "distributed"
+HERE = Path(__file__).parent / "scripts" / "distributed"
 SCRIPT = str(HERE / "ddp_train.py")
 ROOT = str(Path(__file__).resolve().parent.parent)
 TIMEOUT = 90

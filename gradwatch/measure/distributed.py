@@ -57,8 +57,9 @@ def process_rank() -> int:
 
 
 def unwrap_parallel(module: nn.Module) -> nn.Module:
-    """The module a ``DistributedDataParallel`` (or ``DataParallel``) wrapper trains."""
-    if type(module).__name__ in ("DistributedDataParallel", "DataParallel"):
+    """The module a ``DistributedDataParallel`` wrapper trains (``DataParallel`` is left as
+    it is: on several GPUs its forward runs replicas, never the module itself)."""
+    if type(module).__name__ == "DistributedDataParallel":
         inner = getattr(module, "module", None)
         if isinstance(inner, nn.Module):
             return inner
