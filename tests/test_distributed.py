@@ -109,6 +109,10 @@ def test_healthy_ddp_one_report_no_finding_and_bit_identical_weights(tmp_path: P
     d = r["facts"]["distributed"]
     assert d["exchanges"] == 4 and d["combined_until_step"] == 39 and d["local_only"] is None
     assert [i["status"] for i in d["ranks"]] == ["completed", "completed"]
+    # each rank's own layer output RMS (its own batches), and where they differ most
+    assert all(len(i["act_rms"]) == 3 and i["act_rms_window_end"] == 39 for i in d["ranks"])
+    assert d["ranks"][0]["act_rms"] != d["ranks"][1]["act_rms"]
+    assert d["act_rms_spread"]["layer"] in ("0", "2", "4")
     assert not r["run"]["internal_errors"]
     # The same run without gradwatch: the same weights, bit for bit.
     plain = ranks([sys.executable, SCRIPT], tmp_path, STEPS=40, SAVE=tmp_path / "plain.pt")

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import time
+import warnings
 from datetime import timedelta
 from typing import Any
 
@@ -122,6 +123,7 @@ class Distributed(Extension):
         self.first: dict[str, int | None] = {"loss": None, "grad": None}  # this rank's
         self.ranks: dict[int, dict[str, Any]] = {}
         self.spread: dict[str, Any] = {"max_relative": 0.0, "step": None}
+        self.act_spread: dict[str, Any] = {"max_relative": 0.0, "layer": None}
         self.run_id: int | None = None
 
     # ------------------------------------------------------------------ detection
@@ -198,8 +200,13 @@ class Distributed(Extension):
         norms = np.full((len(_NORMS), every, len(sharded)), -1.0)
         for k, key in enumerate(_NORMS):
             norms[k][pos[inside]] = arrays[key][inside][:, sharded]
+        act = arrays["act"][inside]  # layer output RMS on detail steps (-1: not measured)
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a layer never measured: NaN
+            act_mean = np.nanmean(np.where(act == -1.0, np.nan, act), axis=0) if len(act) \
+                else np.full(act.shape[1], np.nan)
         header = [self.rank, m.step - 1, _code(self.first["loss"]), _code(self.first["grad"])]
-        row = torch.from_numpy(np.concatenate([header, losses, norms.ravel()]))
+        row = torch.from_numpy(np.concatenate([header, losses, act_mean, norms.ravel()]))
         started = time.perf_counter()
         try:
             rows = [torch.empty_like(row) for _ in range(self.world)]
@@ -211,9 +218,10 @@ class Distributed(Extension):
             return
         self.exchange_s += time.perf_counter() - started
         table = torch.stack(rows).numpy()
-        self._combine(table, start, every)
+        self._combine(table, start, every, len(act_mean))
         if len(sharded):
-            every_rank = table[:, _HEADER + every:].reshape(self.world, len(_NORMS), every, -1)
+            every_rank = table[:, _HEADER + every + len(act_mean):].reshape(
+                self.world, len(_NORMS), every, -1)
             rows_in = np.nonzero(inside)[0]
             for k, key in enumerate(_NORMS):
                 arrays[key][np.ix_(rows_in, sharded)] = self._global(every_rank[:, k])[
@@ -239,18 +247,33 @@ class Distributed(Extension):
         total[unmeasured] = -1.0
         return total
 
-    def _combine(self, table: np.ndarray, start: int, every: int) -> None:
+    def _combine(self, table: np.ndarray, start: int, every: int, layers: int) -> None:
         losses = table[:, _HEADER:_HEADER + every]
+        act = table[:, _HEADER + every:_HEADER + every + layers]
         steps = np.arange(start, start + every)
         for r in range(self.world):
             rank = int(table[r, 0])
             info = self.ranks.setdefault(rank, {"rank": rank})
             info["first_nonfinite_loss"] = _step(table[r, 2])
             info["first_nonfinite_grad"] = _step(table[r, 3])
+            if np.isfinite(act[r]).any():  # this window's mean layer output RMS, per layer
+                info["act_rms"] = [None if not math.isfinite(v) else round(float(v), 6)
+                                   for v in act[r]]
+                info["act_rms_window_end"] = start + every - 1
             ok = np.isfinite(losses[r])
             if ok.any():
                 info["last_loss"] = float(losses[r][ok][-1])
                 info["last_loss_step"] = int(steps[ok][-1])
+        both = np.isfinite(act).all(axis=0) & (np.abs(act).mean(axis=0) > 0)
+        if both.any():  # the layer whose output scale differs most between the ranks
+            rel = np.ptp(act[:, both], axis=0) / np.abs(act[:, both]).mean(axis=0)
+            i = int(np.argmax(rel))
+            if float(rel[i]) > self.act_spread["max_relative"]:
+                layer = int(np.nonzero(both)[0][i])
+                names = self.monitor.history.layers
+                self.act_spread = {"max_relative": float(rel[i]), "window_end":
+                                   start + every - 1, "layer": names[layer].name
+                                   if layer < len(names) else layer}
         all_ok = np.isfinite(losses).all(axis=0)
         if all_ok.any():
             mean = np.abs(losses[:, all_ok].mean(axis=0))
@@ -326,4 +349,4 @@ class Distributed(Extension):
             "final": final, "ranks": ranks, "first_nonfinite": first,
             "ranks_missing": getattr(self, "ranks_missing", []),
             "failed_ranks": [i["rank"] for i in ranks if i.get("status") == "failed"],
-            "loss_spread": self.spread}
+            "loss_spread": self.spread, "act_rms_spread": self.act_spread}
