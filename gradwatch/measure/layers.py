@@ -108,6 +108,7 @@ class Watched:
         finds (the script's global models, under ``gradwatch run``) with their model, the
         rest as bare tensors; ``skip`` holds ids of tensors gradwatch made itself."""
         tensors = list(tensors)
+        skip = skip | self._fsdp_views() if tensors else skip
         untracked = {id(t) for t in tensors if t.requires_grad and
                      id(t) not in self._slot_of and id(t) not in skip}
         for name, module in models_of(untracked) if untracked else ():
@@ -122,6 +123,17 @@ class Watched:
                 continue
             name = self.namer(t) or f"tensor{len(self._slots)}"
             self._add_layer(name, "Tensor", -1, [("", t)])
+
+    def _fsdp_views(self) -> set[int]:
+        """Ids of the parameters FSDP2 modules of the watched roots hold right now: between
+        forward and backward those are unsharded copies of the sharded parameters the layers
+        track (their storage is freed later: reading them then would crash)."""
+        ids: set[int] = set()
+        for _, root in self.live_roots():
+            for mod in root.modules():
+                if any(c.__name__ == "FSDPModule" for c in type(mod).__mro__):
+                    ids.update(id(p) for p in mod.parameters())
+        return ids
 
     def _add_layer(self, name: str, type_name: str, root: int,
                    params: list[tuple[str, torch.Tensor]]) -> int:

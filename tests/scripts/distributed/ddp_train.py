@@ -4,7 +4,8 @@ Environment knobs (all optional): STEPS (default 60), NAN_RANK/NAN_STEP (put a N
 that rank's batch at that step), EXPLODE=1 (unscaled inputs ~1e3 on one Linear, with LR
 past the stability limit it explodes on every rank, as in test_exploding.py), LR and SCALE
 (learning rate, input scale), RAISE_RANK/RAISE_STEP (that rank raises at that step),
-WRAP=ddp|fsdp, SAVE (where rank 0 saves the final weights), LATE_INIT=1
+WRAP=ddp|fsdp, ROOT_PARAM=1 (the root owns a parameter too: under FSDP2 its unsharded copy
+sits in the autograd graph), SAVE (where rank 0 saves the final weights), LATE_INIT=1
 (init_process_group after the model is built).
 """
 
@@ -26,6 +27,19 @@ torch.manual_seed(0)
 explode = env("EXPLODE") == "1"
 net = nn.Linear(8, 1) if explode else \
     nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1))
+
+
+class Scaled(nn.Module):
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body, self.gain = body, nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) * self.gain
+
+
+if env("ROOT_PARAM") == "1":
+    net = Scaled(net)
 if env("LATE_INIT") == "1":
     dist.init_process_group("gloo")
 rank = dist.get_rank()
