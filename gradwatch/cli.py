@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -17,6 +18,7 @@ from .integrations.mlflow import MLflow
 from .integrations.tensorboard import TensorBoard
 from .integrations.wandb import WandB
 from .lab.main import main as lab_main
+from .measure.distributed import process_rank
 from .measure.monitor import Options
 from .preflight import load_factory, preflight, resolve_factory_result
 from .report import Report
@@ -35,7 +37,8 @@ __all__ = ["main"]
 _RUN_FLAGS = {"--json": 1, "--html": 1, "--text": 1, "--quiet": 0, "--strict": 0,
               "--sync-every": 1, "--detail-every": 1, "--threshold": 1, "--verify": 0,
               "--budget": 1, "--verify-time": 1, "--repeats": 1, "--verify-remedies": 1,
-              "--fix": 0, "--tensorboard": 1, "--wandb": 0, "--mlflow": 1}
+              "--fix": 0, "--tensorboard": 1, "--wandb": 0, "--mlflow": 1,
+              "--per-rank": 0}
 # Hidden options of a `--verify` re-run; gradwatch passes them before the script only.
 _CHILD_FLAGS = {"--apply-remedy": 1, "--apply-params": 1, "--max-steps": 1, "--settle": 1}
 
@@ -106,6 +109,10 @@ def cmd_run(argv: list[str]) -> int:
     parser.add_argument("--html", metavar="PATH", help="write the HTML report here")
     parser.add_argument("--text", metavar="PATH", help="write the text summary here")
     parser.add_argument("--quiet", action="store_true", help="no summary on stderr")
+    parser.add_argument("--per-rank", action="store_true",
+                        help="under torchrun, ranks other than 0 write their own reports too "
+                        "(r.rank1.json...) and print their summaries; by default only rank 0 "
+                        "writes the one report")
     parser.add_argument("--strict", action="store_true",
                         help="raise gradwatch's own errors instead of reporting them")
     parser.add_argument("--sync-every", type=int, default=None, metavar="N")
@@ -152,6 +159,9 @@ def cmd_run(argv: list[str]) -> int:
                      "positive number of seconds")
     if ns.fix and ns.verify:
         parser.error("--fix verifies the remedies itself: give --fix or --verify, not both")
+    if (ns.fix or ns.verify) and os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+        parser.error("--verify and --fix re-run the script in one process: run them without "
+                     "torchrun")
     kwargs = {k: v for k, v in (("sync_every", ns.sync_every),
                                 ("detail_every", ns.detail_every)) if v is not None}
     try:
@@ -201,8 +211,21 @@ def cmd_run(argv: list[str]) -> int:
         result = _fixed(result, control, script, rest, settings)
     for logger in loggers:
         logger.on_report(result.report)  # the final report: after --verify and --fix
-    _write_outputs(result.report, (ns.json, ns.html, ns.text), ns.quiet, "gradwatch")
+    rank = process_rank()
+    if rank and not ns.per_rank:
+        return result.exit_code  # rank 0 writes the one report of a distributed run
+    outputs = (ns.json, ns.html, ns.text) if not rank else \
+        tuple(_ranked(out, rank) for out in (ns.json, ns.html, ns.text))
+    _write_outputs(result.report, outputs, ns.quiet, "gradwatch")
     return result.exit_code
+
+
+def _ranked(path: str | None, rank: int) -> str | None:
+    """``r.json`` -> ``r.rank1.json``: the report of rank ``rank`` under ``--per-rank``."""
+    if not path:
+        return path
+    p = Path(path)
+    return str(p.with_name(f"{p.stem}.rank{rank}{p.suffix}"))
 
 
 def _loggers(ns: argparse.Namespace) -> list[Logger]:

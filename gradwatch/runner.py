@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from torch import nn
 
+from .measure.distributed import unwrap_parallel
 from .measure.extension import Extension
 from .measure.monitor import Monitor, Options
 from .measure.probes import INTERCEPTOR, GlobalProbes, Handles, unwrap_compiled
@@ -93,7 +94,7 @@ def _main_models(untracked: set[int]) -> list[tuple[str, nn.Module]]:
     for key, value in list(namespace.items()):
         if key.startswith("_") or not isinstance(value, nn.Module):
             continue
-        module = unwrap_compiled(value)
+        module = unwrap_compiled(unwrap_parallel(value))
         hits = sum(id(p) in untracked for p in module.parameters())
         if hits:
             found.append((hits, key, module))

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .measure.distributed import Distributed, unwrap_parallel
 from .measure.extension import Extension
 from .measure.extensions.activations import ActivationSites
 from .measure.extensions.evalmode import EvalModeCheck
@@ -27,8 +28,10 @@ OPTION_NAMES = (*tuple(f.name for f in dataclasses.fields(Options)), "thresholds
 
 def default_extensions() -> list[Extension]:
     """The forward-side measurements every monitor gets: activation sites (dead and
-    saturated units), the eval-mode check, gradients through time, where a NaN is born."""
-    return [ActivationSites(), EvalModeCheck(), RecurrentGradients(), NanOrigin()]
+    saturated units), the eval-mode check, gradients through time, where a NaN is born,
+    and what the ranks of a distributed run combine."""
+    return [ActivationSites(), EvalModeCheck(), RecurrentGradients(), NanOrigin(),
+            Distributed()]
 
 
 def _options(options: Mapping[str, Any]) -> tuple[Options, Thresholds]:
@@ -82,6 +85,7 @@ class Watch:
         self._handles = Handles()
         # torch.compile(model) returns a wrapper; its layers are those of the original,
         # whose own forward hooks never run: its losses cannot be told by output flags.
+        model = unwrap_parallel(model)  # DistributedDataParallel: the module it trains
         compiled = model is not unwrap_compiled(model)
         model = unwrap_compiled(model)
         self.monitor.add_root(model, type(model).__name__)

@@ -53,6 +53,10 @@ class Extension:
         """A layer's forward starts; may return replacement positional arguments."""
         return None
 
+    def on_rows(self, steps: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
+        """The rows of a flush before ``History`` gets them (norms in device encoding: -1 =
+        not measured); may change them in place (sharded norms made global)."""
+
     def on_flush(self, steps: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
         """Committed rows of every buffer, on the host (extension buffers included)."""
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..history import History, LayerInfo
 from . import structure
+from .distributed import local
 
 __all__ = ["ModelFinder", "Watched"]
 
@@ -107,6 +108,7 @@ class Watched:
         finds (the script's global models, under ``gradwatch run``) with their model, the
         rest as bare tensors; ``skip`` holds ids of tensors gradwatch made itself."""
         tensors = list(tensors)
+        skip = skip | self._fsdp_views() if tensors else skip
         untracked = {id(t) for t in tensors if t.requires_grad and
                      id(t) not in self._slot_of and id(t) not in skip}
         for name, module in models_of(untracked) if untracked else ():
@@ -117,10 +119,21 @@ class Watched:
                 self.note_root(module, "compiled_roots" if compiled else "forward_unseen")
         for t in tensors:
             if not t.requires_grad or id(t) in self._slot_of or id(t) in skip or \
-                    nn.parameter.is_lazy(t):
+                    nn.parameter.is_lazy(t) or _freed(t):
                 continue
             name = self.namer(t) or f"tensor{len(self._slots)}"
             self._add_layer(name, "Tensor", -1, [("", t)])
+
+    def _fsdp_views(self) -> set[int]:
+        """Ids of the parameters FSDP2 modules of the watched roots hold right now: between
+        forward and backward those are unsharded copies of the sharded parameters the layers
+        track (their storage is freed later: reading them then would crash)."""
+        ids: set[int] = set()
+        for _, root in self.live_roots():
+            for mod in root.modules():
+                if any(c.__name__ == "FSDPModule" for c in type(mod).__mro__):
+                    ids.update(id(p) for p in mod.parameters())
+        return ids
 
     def _add_layer(self, name: str, type_name: str, root: int,
                    params: list[tuple[str, torch.Tensor]]) -> int:
@@ -132,8 +145,9 @@ class Watched:
             info.fan_in, info.fan_out = nn.init._calculate_fan_in_and_fan_out(weight)
             # One host read per layer, when it is first seen.
             with torch.no_grad():
-                info.init_weight_std = float(weight.detach().float().std()) \
-                    if weight.numel() > 1 else None
+                part = local(weight)  # a shard's std (FSDP2), read without communication
+                info.init_weight_std = float(part.detach().float().std()) \
+                    if part.numel() > 1 else None
         layer = self.history.add_layer(info)
         for (_, p), param_name in zip(params, names, strict=True):
             slot = len(self._slots)
@@ -328,6 +342,15 @@ class Watched:
             layer.init_scale = {"std": layer.init_weight_std, "recommended_std": target,
                                 "ratio": layer.init_weight_std / target, "family": family,
                                 "activation": act or "unknown"}
+
+
+def _freed(t: torch.Tensor) -> bool:
+    """A tensor whose storage was released (FSDP2's unsharded parameters between forwards):
+    reading it would crash; it is the sharded parameter the layer already tracks."""
+    try:
+        return t.numel() > 0 and t.untyped_storage().nbytes() == 0
+    except Exception:  # no storage at all (a DTensor or tensor subclass): read its parts
+        return False
 
 
 def _drop(index: dict[int, int], key: int, value: int) -> None:

@@ -55,6 +55,7 @@ class Monitor:
         self.started = time.perf_counter()
         self.finished: float | None = None
         self.status = "running"
+        self.ending: tuple[str, str | None] | None = None  # close()'s (status, error)
         self.error: str | None = None
         self.mode = "unknown"  # "optimizer" | "explicit" | "backward"
         self.step = 0  # the step being accumulated, not yet committed
@@ -159,9 +160,7 @@ class Monitor:
         return self.buffers.row(self.step, self.watched.slots, len(self.history.layers),
                                 self.device, self.flush)
 
-    def row(self) -> int:
-        """This step's row in every device buffer."""
-        return self._row()
+    row = _row  # this step's row in every device buffer (extensions call it)
 
     def buffer(self, key: str) -> torch.Tensor:
         """A device buffer by key (look it up each time: buffers are re-allocated)."""
@@ -382,7 +381,7 @@ class Monitor:
         self._grads_taken = False
         self.own_tensors.clear()
         self.step += 1
-        if self.step - self.buffers.start >= self.options.sync_every:
+        if self.step % self.options.sync_every == 0:  # the same steps on every rank
             self.flush()
             if self.watched.compact() is not None:
                 # Models died (a sweep): their parameters' columns are dropped. The rows
@@ -399,6 +398,7 @@ class Monitor:
         if copied is None:
             return
         steps, arrays = copied
+        self._each_extension(lambda ext: ext.on_rows(steps, arrays))  # (distributed.py)
         record_rows(self.history, self.buffers, steps, arrays, self.watched.slot_layer,
                     self.watched.slot_name, self._is_detail)
         for ext in self.extensions:
@@ -419,6 +419,7 @@ class Monitor:
         """Commit the last partial step, flush, and drop every reference to the model."""
         if self.finished is not None:
             return
+        self.ending = (status, error)  # no flush from here on is a cadence flush
         try:
             if self.enabled and (self._losses or self._grads_taken) and self.mode != \
                     "optimizer":

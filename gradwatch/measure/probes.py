@@ -24,6 +24,7 @@ from torch.nn.modules import module as module_hooks
 from torch.optim import optimizer as optimizer_hooks
 
 from . import frameworks
+from .distributed import unwrap_parallel
 from .monitor import Monitor
 
 __all__ = ["INTERCEPTOR", "GlobalProbes", "Handles", "attach_model", "attach_optimizer",
@@ -240,8 +241,8 @@ class GlobalProbes:
         handles.add(optimizer_hooks.register_optimizer_step_post_hook(self._step_post))
 
     def _pre(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        if compiling():
-            return None
+        if compiling() or module is not unwrap_parallel(module):
+            return None  # a DDP wrapper is transparent: the module it trains is the root
         monitor = self.monitor
         monitor.reap()
         if self._depth == 0 and monitor.enabled:
@@ -264,7 +265,7 @@ class GlobalProbes:
         return None
 
     def _post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if compiling():
+        if compiling() or module is not unwrap_parallel(module):
             return
         self._depth = max(0, self._depth - 1)
         monitor = self.monitor

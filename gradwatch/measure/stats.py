@@ -23,6 +23,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .distributed import local
+
 __all__ = ["copy", "norms", "output_spread", "rms", "subtract_"]
 
 _NORM_DTYPE = torch.float64
@@ -51,7 +53,7 @@ def norms(tensors: Sequence[torch.Tensor], out_device: torch.device) -> torch.Te
     Dense tensors are grouped by device and reduced with one fused kernel per group;
     sparse tensors (``nn.Embedding(sparse=True)`` gradients) use their stored values.
     """
-    tensors = list(tensors)
+    tensors = [local(t) for t in tensors]  # a DTensor shard's norm: no communication
     if not tensors:
         return torch.zeros(0, dtype=_NORM_DTYPE, device=out_device)
     device = tensors[0].device
@@ -96,10 +98,10 @@ def output_spread(t: torch.Tensor) -> torch.Tensor:
 
 def copy(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """A fused copy of the tensors (the weights before an update)."""
-    return list(torch._foreach_mul(tensors, 1.0))
+    return list(torch._foreach_mul([local(t) for t in tensors], 1.0))
 
 
 def subtract_(into: list[torch.Tensor], other: list[torch.Tensor]) -> list[torch.Tensor]:
     """``into[i] -= other[i]`` in place, fused: an update without a second weight copy."""
-    torch._foreach_sub_(into, other)
+    torch._foreach_sub_(into, [local(t) for t in other])
     return into

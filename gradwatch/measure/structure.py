@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .distributed import local
+
 __all__ = ["GraphFacts", "activation_gain", "init_scale", "module_facts", "walk_graph"]
 
 # autograd node name -> activation name (functional calls and modules alike)
@@ -147,7 +149,10 @@ def init_scale(weight: torch.Tensor, act: str | None) -> dict[str, float] | None
     fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(weight)
     if fan_in == 0:
         return None
-    std = float(weight.detach().float().std()) if weight.numel() > 1 else 0.0
+    part = local(weight)  # an FSDP2 shard: its own std, no communication
+    if part.numel() == 0:
+        return None  # this rank holds no part of it
+    std = float(part.detach().float().std()) if part.numel() > 1 else 0.0
     gain = activation_gain(act)
     family = recommended_init(act)
     target = gain / math.sqrt(fan_in) if family == "kaiming" else \

@@ -151,7 +151,12 @@ def build_report(monitor: Any) -> Report:
 def _run_facts(monitor: Any, detector_errors: list[str]) -> dict[str, Any]:
     # A report taken inside the with-block is a snapshot of a run that has not ended:
     # the contract knows no "running", so it says "interrupted" and in_progress true.
-    return {"steps": int(monitor.step),
+    d = monitor.history.facts.get("distributed") or {}
+    ranks = {"world_size": d.get("world_size"), "rank": d.get("rank"),
+             "failed_ranks": d.get("failed_ranks", []),
+             "rank_errors": {str(i["rank"]): i["error"] for i in d.get("ranks", [])
+                             if i.get("error") and i["rank"] != d.get("rank")}} if d else {}
+    return {**ranks, "steps": int(monitor.step),
             "status": "interrupted" if monitor.status == "running" else monitor.status,
             "in_progress": monitor.status == "running", "error": monitor.error,
             "duration_s": round(monitor.duration, 3), "mode": monitor.mode,

@@ -123,9 +123,15 @@ def render_text(data: dict[str, Any], width: int = 100) -> str:
                  f"parameters ({model}); optimizer: {opts}")
     if data.get("fix"):
         lines += _fix_lines(data["fix"], width)
+    if run.get("world_size"):
+        lines.append(f"processes: {run['world_size']} ranks; this report is rank "
+                     f"{run['rank']}'s")
     if run.get("error"):
         error = " ".join(str(run["error"]).split())
         lines += _wrap(f"the run ended with {_shorten(error, 300)}", width, "")
+    for rank, error in (run.get("rank_errors") or {}).items():
+        lines += _wrap(f"rank {rank} ended with {_shorten(' '.join(str(error).split()), 200)}",
+                       width, "")
     if not problems and not run.get("steps"):
         lines.append("no step was completed: nothing to judge.")
     elif not problems:

@@ -26,11 +26,22 @@ def detect(ctx: Context) -> list[Finding]:
                                 ("gradient", ev.first_nonfinite_grad),
                                 ("weight", ev.first_nonfinite_weight),
                                 ("activation", ev.first_nonfinite_act)) if v is not None}
-    if not firsts:
+    ranks = _first_rank(ctx, min(firsts.values()) if firsts else None)
+    if not firsts and ranks is None:
         return []
-    step = min(firsts.values())
+    step = min(firsts.values()) if firsts else ranks["step"]  # type: ignore[index]
     at_step = [k for k, v in firsts.items() if v == step]
-    if "activation" in at_step:
+    if ranks is not None and ranks["rank"] != ranks["own"] and len(ranks["ranks"]) == 1:
+        # Another rank's data made it: under DDP this rank's gradients turn non-finite at
+        # the same step, through the gradient all-reduce, while its own loss is finite.
+        step, origin = ranks["step"], "forward" if ranks["what"] == "loss" else "backward"
+        got = "got them from the gradient all-reduce" if ev.first_nonfinite_grad == step \
+            else "stayed finite at that step"
+        how = (f"rank {ranks['rank']}'s {ranks['what']} was non-finite first, at step {step}; "
+               f"this process (rank {ranks['own']}) {got}")
+        layers = _layers(ctx, ev.nonfinite_grad_params if ev.first_nonfinite_grad == step
+                         else [])
+    elif "activation" in at_step:
         act_layers = _ordered(ctx, list(ev.nonfinite_act_layers))
         origin = "forward"
         how = (f"the forward pass produced them: {_label(act_layers[0])} output non-finite "
@@ -51,11 +62,17 @@ def detect(ctx: Context) -> list[Finding]:
         how = f"an update made the weights non-finite ({ev.nonfinite_weight_params[0]})"
         layers = _layers(ctx, ev.nonfinite_weight_params)
     born = ev.nonfinite_origin or {}
+    if ranks is not None and ranks["rank"] != ranks["own"] and len(ranks["ranks"]) == 1:
+        born = {}  # this rank's replay saw its own (finite) batch, not the one that did it
     if origin == "forward" and born.get("step") == step:
         how, layers = _born(ctx, born, how, layers)
     elif born.get("status") == "producer":
         how += (f"; the first non-finite loss (step {born.get('step')}) was born in "
                 f"{_producer(born)}")
+    if ranks is not None and len(ranks["ranks"]) > 1:
+        how = f"on ranks {', '.join(map(str, ranks['ranks']))} at the same step, {how}"
+    elif ranks is not None and ranks["rank"] == ranks["own"]:
+        how = f"on rank {ranks['rank']}, {how}"
 
     # A NaN gradient from a finite loss: that loss is the last finite one.
     finite_before = np.isfinite(ctx.loss) & ((ctx.steps < step) if origin != "backward"
@@ -120,10 +137,24 @@ def detect(ctx: Context) -> list[Finding]:
         "last_finite_loss_step": last_step,
         "first_loss": ev.first_loss,
         **_born_evidence(born),
+        **({"rank": ranks["rank"] if len(ranks["ranks"]) == 1 else None,
+            "rank_step": ranks["step"], "this_rank": ranks["own"],
+            "ranks_at_first_step": ranks["ranks"], "world_size": ranks["world_size"]}
+           if ranks is not None else {}),
     }
     summary = f"Non-finite values (NaN/Inf) from step {step} on: {how}.{before}{tail}"
     return [Finding(KIND, "error", step, max(_last_bad_step(ctx), step), layers, summary,
                     evidence, causes, remedies)]
+
+
+def _first_rank(ctx: Context, local: int | None) -> dict[str, Any] | None:
+    """In a distributed run whose ranks combined their facts: the rank (and step) where
+    values turned non-finite first, when that is not later than this rank's own first."""
+    d = ctx.h.facts.get("distributed") or {}
+    first = d.get("first_nonfinite")
+    if not first or (local is not None and first["step"] > local):
+        return None
+    return {**first, "own": d.get("rank"), "world_size": d.get("world_size")}
 
 
 def _last_bad_step(ctx: Context) -> int:

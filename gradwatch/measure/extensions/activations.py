@@ -34,6 +34,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ...history import SITE_STATS, SiteInfo
+from ..distributed import is_sharded
 from ..extension import Extension
 
 __all__ = ["SITE_STATS", "ActivationMode", "ActivationSites", "activation_kind"]
@@ -258,7 +259,7 @@ class ActivationSites(Extension):
         names = m.history.layers[layer].param_names
         for name, p in zip(names, m.watched.layer_params(layer), strict=False):
             if name.endswith("bias") and p.dim() == 1:
-                return p
+                return None if is_sharded(p) else p  # a shard has only some units' biases
         return None
 
     # ------------------------------------------------------------------ statistics

@@ -225,7 +225,8 @@ class NanOrigin(Extension):
                getattr(mod, "_compiled_call_impl", None) is not None for mod in root.modules()):
             return {"status": "skipped", "reason": "the model holds torch.compile'd modules"}
         if any(isinstance(mod, nn.SyncBatchNorm) or "FullyShard" in type(mod).__name__ or
-               type(mod).__name__ == "FSDPModule" for mod in root.modules()):
+               any(c.__name__ == "FSDPModule" for c in type(mod).__mro__)  # FSDP2: FSDPLinear
+               for mod in root.modules()):
             # their forward talks to the other processes, which do not replay: a hang
             return {"status": "skipped", "reason": "the forward synchronises across processes "
                                                    "(SyncBatchNorm, FSDP)"}
