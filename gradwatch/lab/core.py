@@ -170,16 +170,18 @@ def stat(values: Sequence[float]) -> dict[str, float]:
     return out
 
 
-def spread(values: Sequence[float], digits: int = 3) -> str:
-    """``9.76 (9.75-9.77 over 3 seeds)``; non-finite runs are counted, not averaged."""
+def spread(values: Sequence[float], digits: int = 3, unit: str = "") -> str:
+    """``9.76 (9.75-9.77 over 3 seeds)``; non-finite runs are counted, not averaged.
+    ``unit`` follows every number: ``84.4% (81.2-90.6% over 3 seeds)``."""
     s = stat(values)
     n = len(values)
     bad = s.get("nonfinite", 0)
     if bad == n:
         return f"NaN/Inf on all {n} seeds"
-    text = _num(s["median"], digits)
+    text = _num(s["median"], digits) + unit
     if n > 1 and _num(s["min"], digits) != _num(s["max"], digits):
-        text += f" ({_num(s['min'], digits)}-{_num(s['max'], digits)} over {n} seeds)"
+        text += (f" ({_num(s['min'], digits)}{unit}-{_num(s['max'], digits)}{unit} "
+                 f"over {n} seeds)")
     elif n > 1:
         text += f" (all {n} seeds)"
     if bad:
@@ -196,8 +198,8 @@ def _num(x: float, digits: int) -> str:
 
 
 def percent(values: Sequence[float]) -> str:
-    """Fractions as a percentage with their spread: ``84.4 (81.2-90.6 over 3 seeds)%``."""
-    return spread([100 * v for v in values], 3) + "%"
+    """Fractions as a percentage with their spread: ``84.4% (81.2-90.6% over 3 seeds)``."""
+    return spread([100 * v for v in values], 3, "%")
 
 
 def most_seeds(flags: Sequence[bool]) -> bool:

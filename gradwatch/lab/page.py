@@ -16,6 +16,7 @@ from urllib.parse import quote
 
 from ..report import plots
 from ..report.html import CSS
+from .names import first_sentence, metric_label, metric_text, value_text
 
 __all__ = ["render_lab_page"]
 
@@ -32,6 +33,12 @@ grid-template-columns:8em 1fr;gap:.25em 1em;margin:.6em 0}.exp dt{font-weight:60
 padding:0 .3em;border-radius:.2em;margin-right:.3em}
 .tag.error{border-left:3px solid #c0392b}.tag.warning{border-left:3px solid #e67e22}
 .small{font-size:.85em;color:#555}
+body{max-width:1340px}.exp{min-height:0}.exp h2{margin:.3em 0 .1em}
+.exp p.claim,.exp p.what{margin:.3em 0;max-width:70em}
+.gw-row{display:grid;grid-template-columns:repeat(3,minmax(0,1fr));gap:1em;margin:.6em 0}
+.gw-row .gw-figure figcaption{font-size:.75em}
+details{margin:.4em 0 1em}details>summary{cursor:pointer;color:#1f4e8c;font-weight:600}
+table.arms td{overflow-wrap:anywhere}td,th,dd,p,figcaption{overflow-wrap:anywhere}
 """
 
 _VERDICT_CLASS = {"holds": "v-holds", "does not hold": "v-not", "partly": "v-partly"}
@@ -45,30 +52,6 @@ def _e(x: Any) -> str:
 def _finite(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) \
         and math.isfinite(v) else None
-
-
-def _number(v: Any) -> str:
-    """A number in three significant digits; None (non-finite in the JSON) as 'non-finite'."""
-    f = _finite(v)
-    if f is None:
-        return "non-finite" if v is None or isinstance(v, float) else _e(v)
-    if f == 0 or 1e-3 <= abs(f) < 1e5:
-        return f"{f:.3g}"
-    return f"{f:.2e}"
-
-
-def _metric(name: str, value: Any) -> str:
-    """``final loss 9.76 (9.75-9.77)`` from a summary entry {median, min, max}."""
-    label = _e(name.replace("_", " "))
-    if isinstance(value, dict) and "median" in value:
-        spread = ""
-        if "min" in value and "max" in value and value["min"] != value["max"]:
-            spread = f" <span class='small'>({_number(value['min'])} to " \
-                     f"{_number(value['max'])})</span>"
-        return f"{label} {_number(value['median'])}{spread}"
-    if isinstance(value, (int, float)) or value is None:
-        return f"{label} {_number(value)}"
-    return f"{label} {_e(value)}"
 
 
 def _href(path: Any) -> str | None:
@@ -130,65 +113,62 @@ def _loss_figure(exp: dict[str, Any]) -> str:
                             faint=faint, notes=notes)
 
 
-def _log_range(maps: Sequence[dict[str, Any]]) -> tuple[float, float] | None:
-    """log10 of the smallest and largest positive finite norm over several heatmaps."""
-    logs = [math.log10(f) for hm in maps for row in hm.get("grad_norm") or [] for v in row
-            if (f := _finite(v)) is not None and f > 0]
-    return (min(logs), max(logs)) if logs else None
+def _pair(arms: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The two arms whose gradient flow the first screen shows: the first seed arm and the
+    first repair (or the second seed arm when there is no repair)."""
+    seed = [a for a in arms if a.get("role") != "repair"]
+    repair = [a for a in arms if a.get("role") == "repair"]
+    first = (seed or list(arms))[:1]
+    other = (repair or [a for a in arms if a not in first])[:1]
+    return first + other
 
 
-def _heatmaps(exp: dict[str, Any]) -> list[str]:
-    """Seed 0's gradient flow per arm, all on one colour scale so the arms compare."""
-    maps = [(arm, run) for arm in exp.get("arms") or [] for run in
-            [next((r for r in arm.get("runs") or [] if r.get("heatmap")), None)] if run]
-    shared = _log_range([run["heatmap"] for _, run in maps])
-    note = ["One colour scale for every arm of this experiment."] if len(maps) > 1 else []
-    out = []
-    for arm, run in maps:
-        hm = run["heatmap"]
-        layers = [str(n) for n in hm.get("layers") or []]
-        grad = hm.get("grad_norm") or []
-        # The lab measures every layer at every step it keeps, so a null there is a
-        # non-finite norm (drawn red), not a gap, unless the JSON says otherwise.
-        nonfinite = hm.get("nonfinite") or [[1 if v is None else 0 for v in row]
-                                            for row in grad]
-        out.append(plots.heatmap(
-            layers, hm.get("step") or [], grad,
-            f"{arm.get('name')}: gradient flow, seed {run.get('seed')}",
-            nonfinite=nonfinite, log_range=shared, notes=note))
-    return out
+def _heatmap(arm: dict[str, Any], title_extra: str = "") -> str | None:
+    """The gradient flow of an arm's first seed that has one, on its own colour scale."""
+    run = next((r for r in arm.get("runs") or [] if r.get("heatmap")), None)
+    if run is None:
+        return None
+    hm = run["heatmap"]
+    layers = [str(n) for n in hm.get("layers") or []]
+    types = list(hm.get("types") or [])
+    rows = [plots.row_label(n, types[i] if i < len(types) else None)
+            for i, n in enumerate(layers)]
+    grad = hm.get("grad_norm") or []
+    # The lab measures every layer at every step it keeps, so a null there is a
+    # non-finite norm (drawn red), not a gap, unless the JSON says otherwise.
+    nonfinite = hm.get("nonfinite") or [[1 if v is None else 0 for v in row] for row in grad]
+    return plots.heatmap(
+        rows, hm.get("step") or [], grad,
+        f"{arm.get('name')}{title_extra}: gradient flow, seed {run.get('seed')}",
+        nonfinite=nonfinite, notes=["Own colour scale (the bar on the right); rows are layers, "
+                                    "input side at the bottom."])
 
 
-def _claims_table(experiments: Sequence[dict[str, Any]], n_seeds: int) -> list[str]:
-    """One block per experiment: claim, verdict and observed numbers on the first row, the
-    measured reason and the repair that works across the full width below them."""
-    head = ("experiment", "the seed's claim", "verdict",
-            f"observed over {n_seeds} seed{'s' if n_seeds != 1 else ''}")
-    rows = ["<table class='claims'><colgroup><col style='width:14%'><col style='width:29%'>"
-            "<col style='width:11%'><col></colgroup><tr>"
-            + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
+def _summary_table(experiments: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per experiment: its title (a link to its screen) and the verdict."""
+    rows = ["<table class='claims'><colgroup><col style='width:26%'><col style='width:12%'>"
+            "<col></colgroup><tr><th>experiment</th><th>verdict</th><th>the seed's claim</th>"
+            "</tr>"]
     for i, exp in enumerate(experiments):
-        finals = [f"{_e(arm.get('name'))} {_metric('', final).strip()}"
-                  for arm in exp.get("arms") or []
-                  if (final := (arm.get("summary") or {}).get("final_loss")) is not None]
-        finals_text = f"<br><span class='small'>final loss: {' · '.join(finals)}</span>" \
-            if finals else ""
-        rows.append(
-            f"<tr><td rowspan='2'><a href='#exp-{i}'>{_e(exp.get('title') or exp.get('name'))}"
-            f"</a><br><span class='small'>{_e(exp.get('source'))}</span></td>"
-            f"<td>{_e(exp.get('claim'))}</td><td>{_badge(exp.get('verdict'))}</td>"
-            f"<td>{_e(exp.get('observed'))}{finals_text}</td></tr>"
-            f"<tr class='why'><td colspan='3'><b>Measured reason:</b> {_e(exp.get('reason'))}"
-            f"<br><b>Repair that works:</b> {_e(exp.get('repair'))}</td></tr>")
+        rows.append(f"<tr><td><a href='#exp-{i}'>{_e(exp.get('title') or exp.get('name'))}"
+                    f"</a></td><td>{_badge(exp.get('verdict'))}</td>"
+                    f"<td>{_e(exp.get('claim'))}</td></tr>")
     rows.append("</table>")
     return rows
 
 
-def _arms_table(exp: dict[str, Any]) -> list[str]:
-    rows = ["<table><tr><th>arm</th><th>what it is</th><th>over the seeds</th>"
-            "<th>per seed: final loss, findings, reports</th></tr>"]
+def _arms_table(exp: dict[str, Any], n_seeds: int) -> list[str]:
+    """Every arm: what it is, its metrics by their human names with units over the seeds,
+    and per seed its final loss, findings and reports."""
+    rows = ["<table class='arms'><colgroup><col style='width:14%'><col style='width:30%'>"
+            "<col style='width:32%'><col></colgroup><tr><th>arm</th><th>what it is</th>"
+            "<th>measured over the seeds</th><th>per seed: final loss, findings, reports</th>"
+            "</tr>"]
     for arm in exp.get("arms") or []:
-        summary = "<br>".join(_metric(k, v) for k, v in (arm.get("summary") or {}).items())
+        n = len(arm.get("runs") or []) or n_seeds
+        summary = "<br>".join(
+            f"{_e(metric_label(k))}: <b>{_e(metric_text(k, v, n))}</b>"
+            for k, v in (arm.get("summary") or {}).items())
         per_seed = []
         for run in arm.get("runs") or []:
             tags = "".join(f"<span class='tag {_e(f.get('severity'))}' "
@@ -198,7 +178,8 @@ def _arms_table(exp: dict[str, Any]) -> list[str]:
             links = " ".join(f"<a href='{href}'>{label}</a>" for label, href in (
                 ("report", _href(run.get("report_html"))),
                 ("json", _href(run.get("report_json")))) if href)
-            per_seed.append(f"seed {_e(run.get('seed'))}: {_number(run.get('final_loss'))} "
+            per_seed.append(f"seed {_e(run.get('seed'))}: "
+                            f"{_e(value_text(run.get('final_loss'), 'loss'))} "
                             f"{tags or '<span class=small>no problem found</span>'} {links}")
         role = f" <span class='small'>({_e(arm.get('role'))})</span>" if arm.get("role") else ""
         claim = f"<br><span class='small'>claim: {_e(arm.get('claim'))}</span>" \
@@ -210,16 +191,28 @@ def _arms_table(exp: dict[str, Any]) -> list[str]:
     return rows
 
 
-def _section(i: int, exp: dict[str, Any]) -> list[str]:
-    fields = [("Claim", exp.get("claim")), ("Setup", exp.get("setup")),
-              ("Observed", exp.get("observed")), ("Reason", exp.get("reason")),
-              ("Repair", exp.get("repair"))]
+def _section(i: int, exp: dict[str, Any], n_seeds: int) -> list[str]:
+    """One screen per experiment: the claim, the verdict, one measured sentence and one row
+    of figures; the full texts, the other arms' gradient flow and the tables folded below."""
+    arms = list(exp.get("arms") or [])
+    shown = _pair(arms)
+    first = [h for a in shown if (h := _heatmap(a, f" ({a.get('role')})"
+                                                 if a.get("role") else ""))]
+    rest = [h for a in arms if a not in shown and (h := _heatmap(a))]
+    fields = [("Setup", exp.get("setup")), ("Observed", exp.get("observed")),
+              ("Reason", exp.get("reason")), ("Repair", exp.get("repair"))]
     return [f"<section class='exp' id='exp-{i}'>",
             f"<h2>{_e(exp.get('title') or exp.get('name'))} {_badge(exp.get('verdict'))}</h2>",
             f"<p class='meta'>{_e(exp.get('source'))} · <code>{_e(exp.get('name'))}</code></p>",
+            f"<p class='claim'><b>The seed claims:</b> {_e(exp.get('claim'))}</p>",
+            f"<p class='what'><b>What happened:</b> {_e(first_sentence(exp.get('observed')))}"
+            "</p>",
+            "<div class='gw-row'>", _loss_figure(exp), *first, "</div>",
+            "<details><summary>Details: setup, the full measured text, the repair, every "
+            "arm's numbers and reports</summary>",
             "<dl>", *(f"<dt>{k}</dt><dd>{_e(v)}</dd>" for k, v in fields if v), "</dl>",
-            "<div class='gw-figs'>", _loss_figure(exp), *_heatmaps(exp), "</div>",
-            "<h3>Arms</h3>", *_arms_table(exp), "</section>"]
+            *(["<div class='gw-figs'>", *rest, "</div>"] if rest else []),
+            *_arms_table(exp, n_seeds), "</details></section>"]
 
 
 def render_lab_page(lab: dict[str, Any]) -> str:
@@ -235,19 +228,19 @@ def render_lab_page(lab: dict[str, Any]) -> str:
         "<meta name='viewport' content='width=device-width, initial-scale=1'>",
         f"<title>gradwatch lab</title><style>{_PAGE_CSS}</style></head><body>",
         "<h1>gradwatch lab: what the seed documents claim, and what really happens</h1>",
-        "<p class='lead'>Each experiment below is run exactly as the seed document writes it "
+        "<p class='lead'>Each experiment is run exactly as the seed document writes it "
         "(data, layers, initialisation, optimiser, learning rate, epochs), under gradwatch and "
         f"over {len(seeds) or 'several'} random seeds, next to the repair that really works. "
-        "The table compares each claim with what was measured; the verdict says whether the "
-        "claim holds. Further down, every experiment shows the loss curves of all its arms, "
-        "where the gradient flows (layer by step, input side at the bottom) and links to every "
-        "run's full report.</p>",
+        "Each one gets a screen: the claim, the verdict, what was measured, the loss of every "
+        "arm and where the gradient flows in the seed's arm and in its repair (layer by step, "
+        "input side at the bottom). Open <i>Details</i> for the full text, every arm's "
+        "numbers and each run's report.</p>",
         f"<p class='meta'>{' · '.join(m for m in meta if m)}</p>",
-        "<h2>Claim vs observed</h2>",
-        *_claims_table(experiments, len(seeds)),
+        "<h2>The experiments</h2>",
+        *_summary_table(experiments),
     ]
     for i, exp in enumerate(experiments):
-        parts += _section(i, exp)
+        parts += _section(i, exp, len(seeds))
     if not experiments:
         parts.append("<p>No experiment in this lab run.</p>")
     parts.append("</body></html>")

@@ -90,7 +90,9 @@ def _heatmap(data: dict[str, Any]) -> dict[str, Any] | None:
         return None
     idx = _downsample(len(steps), HEATMAP_STEPS)
     bad = series.get("nonfinite", {})
-    return {"layers": list(grads), "step": [steps[i] for i in idx],
+    types = {layer["name"]: layer.get("type") for layer in data.get("layers") or []}
+    return {"layers": list(grads), "types": [types.get(name) for name in grads],
+            "step": [steps[i] for i in idx],
             "grad_norm": [[values[i] for i in idx] for values in grads.values()],
             "nonfinite": [[(bad.get(name) or [0] * len(steps))[i] or 0 for i in idx]
                           for name in grads]}

@@ -27,7 +27,7 @@ pre{background:#f0f0f0;padding:.6em;overflow-x:auto}
 .gw-figs{display:grid;grid-template-columns:repeat(auto-fit,minmax(460px,1fr));gap:1.2em 1.6em}
 .gw-figure{margin:0;min-width:0}
 .gw-figure figcaption{font-size:.82em;color:#555;margin-top:.3em}
-.gw-figure svg{width:100%;height:auto;border:1px solid #eee}
+.gw-figure svg{width:100%;height:auto;border:1px solid #eee;box-sizing:border-box}
 .glance li{margin:.2em 0}
 """
 
@@ -98,20 +98,26 @@ def _gradient_figures(data: dict[str, Any]) -> list[str]:
     grad = series.get("grad_norm") or {}
     layers = _layer_order(data, list(grad))
     nonfinite = series.get("nonfinite") or {}
+    types = {layer["name"]: layer.get("type") for layer in data.get("layers") or []}
     out = [plots.heatmap(
-        layers, steps, [grad[n] for n in layers],
+        [plots.row_label(n, types.get(n)) for n in layers], steps, [grad[n] for n in layers],
         nonfinite=[nonfinite.get(n) or [] for n in layers], notes=[
             "Each row is a layer, input side at the bottom; each column a step. Dark rows at "
             "the bottom mean the first layers get little gradient (vanishing); bright or red "
             "cells spreading down mean exploding or non-finite gradients."])]
     picks = _profile_steps(steps, grad)
     if picks:
+        which = (["first", "middle", "last"] if len(picks) == 3 else
+                 ["first", "last"] if len(picks) == 2 else ["only measured"])
+        names = [f"step {steps[i]} ({w})" for w, i in zip(which, picks, strict=True)]
+        short = "" if len(picks) == 3 else " (too few steps with a finite norm for three)"
         out.append(plots.profile_chart(
-            layers, {f"step {steps[i]}": [grad[n][i] if i < len(grad[n]) else None
-                                          for n in layers] for i in picks},
+            layers, {name: [grad[n][i] if i < len(grad[n]) else None for n in layers]
+                     for name, i in zip(names, picks, strict=True)},
             "Gradient norm per layer at chosen steps", notes=[
-                "First, middle and last measured steps. Input side left: a line that falls "
-                "towards the left means the gradient shrinks on its way back to the input."]))
+                f"One line per step: {', '.join(names)}{short}. "
+                "Input side left: a line that falls towards the left means the gradient "
+                "shrinks on its way back to the input."]))
     return out
 
 

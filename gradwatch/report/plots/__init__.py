@@ -12,9 +12,9 @@ True
 
 from __future__ import annotations
 
-from .heatmap import _color, heatmap
+from .heatmap import _color, heatmap, row_label
 from .lines import line_chart, profile_chart
 from .svg import HEIGHT, NONFINITE, PALETTE, WIDTH, ZERO
 
 __all__ = ["HEIGHT", "NONFINITE", "PALETTE", "WIDTH", "ZERO", "_color", "heatmap", "line_chart",
-           "profile_chart"]
+           "profile_chart", "row_label"]

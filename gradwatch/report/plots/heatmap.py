@@ -29,7 +29,15 @@ from .svg import (
     _text,
 )
 
-__all__ = ["heatmap"]
+__all__ = ["heatmap", "row_label"]
+
+
+def row_label(name: str, layer_type: str | None = None) -> str:
+    """A heatmap row's label: ``layer 4 (Linear)`` for a Sequential's index, ``fc1
+    (Linear)`` for a named layer; the bare name when its type is unknown."""
+    name = str(name)
+    head = f"layer {name}" if name.replace(".", "").isdigit() else name
+    return f"{head} ({layer_type})" if layer_type else head
 
 
 def _color(t: float) -> str:
@@ -85,6 +93,8 @@ def heatmap(rows: Sequence[str], xs: Sequence[Any], values: Sequence[Sequence[An
         body = [f'<rect x="{left}" y="{top}" width="{right - left}" height="{bottom - top}" '
                 f'fill="#fafafa" stroke="{_AXIS}"/>',
                 _text((left + right) / 2, (top + bottom) / 2, what, 13, "middle")]
+        body.append(_text((left + right) / 2, height - 8, x_label, 11, "middle",
+                          ' class="gw-xlabel"'))
         return _svg(kind, title, body, [*caption, _e(what.capitalize() + ".")], height=height)
 
     per_bin = max(1, math.ceil(n_cols / max(1, max_columns)))
@@ -145,7 +155,8 @@ def heatmap(rows: Sequence[str], xs: Sequence[Any], values: Sequence[Sequence[An
         body.append(f'<line x1="{px:.1f}" x2="{px:.1f}" y1="{bottom:.1f}" y2="{bottom + 4:.1f}" '
                     f'stroke="{_AXIS}"/>')
         body.append(_text(px, bottom + 15, label, 10, "middle"))
-    body.append(_text((left + right) / 2, height - 8, x_label, 11, "middle"))
+    body.append(_text((left + right) / 2, height - 8, x_label, 11, "middle",
+                      ' class="gw-xlabel"'))
     body += _colour_bar(right + 14, top, bottom, lo, hi, value_label, cells)
 
     states = {s for row in cells for s, _ in row}
@@ -194,7 +205,7 @@ def _colour_bar(x: float, top: float, bottom: float, lo: float, hi: float, label
     bar_bottom = bottom - 16 * len(swatches)
     cy = (top + bar_bottom) / 2
     out = [_text(WIDTH - 6, cy, label + " (log scale)", 9, "middle",
-                 f' transform="rotate(-90 {WIDTH - 6} {cy:.1f})"')]
+                 f' class="gw-clabel" transform="rotate(-90 {WIDTH - 6} {cy:.1f})"')]
     n = _LEVELS
     h = (bar_bottom - top) / n
     for i in range(n):

@@ -80,7 +80,7 @@ def line_chart(series: Mapping[str, tuple[Sequence[Any], Sequence[Any]]], title:
     plottable = [v for _, y in every if (v := _num(y)) is not None and (not log_y or v > 0)]
     all_x = [x for x, _ in every]
     caption = [_e(n) for n in notes]
-    legend_w = 150 if len(names) > 1 else 0
+    legend_w = 150 if names else 0
     rotate = x_ticks is not None and len(x_ticks) > 6
     # rotated tick labels (layer names) need room below the axis, as much as the longest
     room = math.ceil(3.6 * min(16, max(len(lab) for _, lab in x_ticks))) if rotate else 0
@@ -94,6 +94,8 @@ def line_chart(series: Mapping[str, tuple[Sequence[Any], Sequence[Any]]], title:
                 f'fill="#fafafa" stroke="{_AXIS}"/>',
                 _text((left + right) / 2, (top + bottom) / 2, what, 13, "middle",
                       ' fill-opacity="0.8"')]
+        body += _axes(_Frame(left, top, right, bottom, (0, 1), (0, 1), False), [], [],
+                      x_label, y_label, height)
         return _svg(kind, title, body, [*caption, _e(what.capitalize() + ".")], height=height)
 
     if y_range is not None:
@@ -122,35 +124,53 @@ def line_chart(series: Mapping[str, tuple[Sequence[Any], Sequence[Any]]], title:
         body += _lines_body(f, xs, ys, colors[name], 2.0, dashes[name], 1.0,
                             markers or len(xs) <= 2)
 
-    gaps, low = [], 0
+    gaps, low, row = [], 0, 0
     for name, (xs, ys) in data.items():
-        bad = [_num(y) is None for y in ys]
-        if ys and all(bad):
+        vals = [_num(y) for y in ys]
+        # a lone finite point (one step, then NaN) is drawn again on top of every line, so
+        # that another arm's line cannot hide it
+        for a, b in _runs([v is not None and (not log_y or v > 0) for v in vals]):
+            if a == b:
+                body.append(f'<circle cx="{f.x(xs[a]):.1f}" cy="{f.y(vals[a]):.1f}" r="3.8" '
+                            f'fill="{colors[name]}" stroke="#fff" stroke-width="1"/>')
+        bad = [v is None for v in vals]
+        if not any(bad):
+            pass
+        elif all(bad):
             gaps.append(f"{_e(name)}: no finite value at all")
-            continue
-        for a, b in _runs(bad):
-            xa, xb = f.x(xs[a]), f.x(xs[b])
-            body.append(f'<rect x="{xa - 1:.1f}" y="{top + 1:.1f}" width="{xb - xa + 2:.1f}" '
-                        f'height="4" fill="{NONFINITE}" fill-opacity="0.45"/>')
-            body.append(f'<path d="M{xa:.1f} {top + 1:.1f}l-4 -7h8z" fill="{NONFINITE}"/>')
-            span = (f"from step {_step_text(xs[a])} on" if b == len(xs) - 1 else
-                    f"at step {_step_text(xs[a])}" if a == b else
-                    f"at steps {_step_text(xs[a])}-{_step_text(xs[b])}")
-            gaps.append(f"{_e(name)}: no finite value {span}")
+        else:
+            # each non-finite step is a marker on the x axis, one row per series, in the
+            # series' colour edged red: never a band or a line that reads as a value
+            y = bottom - 5 - 8 * row
+            row += 1
+            seen: set[int] = set()
+            for i, is_bad in enumerate(bad):
+                px = f.x(xs[i])
+                if is_bad and round(px / 3) not in seen:
+                    seen.add(round(px / 3))
+                    body.append(f'<path d="M{px:.1f} {y + 3:.1f}l-3.5 -6h7z" '
+                                f'fill="{colors[name]}" stroke="{NONFINITE}" '
+                                f'stroke-width="0.8"/>')
+            for a, b in _runs(bad):
+                span = (f"from step {_step_text(xs[a])} on" if b == len(xs) - 1 else
+                        f"at step {_step_text(xs[a])}" if a == b else
+                        f"at steps {_step_text(xs[a])}-{_step_text(xs[b])}")
+                gaps.append(f"{_e(name)}: NaN/Inf {span}")
         if log_y:
             for i, y in enumerate(ys):
                 v = _num(y)
                 if v is not None and v <= 0:
                     low += 1
                     px = f.x(xs[i])
-                    body.append(f'<path d="M{px:.1f} {bottom - 1:.1f}l-4 -7h8z" '
+                    body.append(f'<path d="M{px:.1f} {top + 1:.1f}l-4 7h8z" '
                                 f'fill="{colors[name]}"/>')
     if gaps:
         shown = gaps[:6] + ([f"and {len(gaps) - 6} more gaps"] if len(gaps) > 6 else [])
-        caption.append("<b style='color:" + NONFINITE + "'>▼ red marks</b>: steps without a "
-                       "finite value (NaN/inf, or not recorded): " + "; ".join(shown) + ".")
+        caption.append("<b style='color:" + NONFINITE + "'>▼ red-edged marks on the x "
+                       "axis</b>: steps whose value is not finite (NaN/inf) or not recorded, "
+                       "not drawn as values: " + "; ".join(shown) + ".")
     if low:
-        caption.append(f"▼ at the bottom edge: {low} value{'s' if low > 1 else ''} ≤ 0, "
+        caption.append(f"▲ at the top edge: {low} value{'s' if low > 1 else ''} ≤ 0, "
                        f"which a log scale cannot show.")
 
     if legend_w:

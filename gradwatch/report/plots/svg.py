@@ -169,10 +169,12 @@ def _axes(f: _Frame, y_ticks: list[float], x_ticks: list[tuple[float, str]], x_l
         else:
             out.append(_text(px, f.bottom + 15, label, 10, "middle"))
     if x_label:
-        out.append(_text((f.left + f.right) / 2, height - 7, x_label, 11, "middle"))
+        out.append(_text((f.left + f.right) / 2, height - 7, x_label, 11, "middle",
+                         ' class="gw-xlabel"'))
     if y_label:
         cy = (f.top + f.bottom) / 2
-        out.append(_text(13, cy, y_label, 11, "middle", f' transform="rotate(-90 13 {cy:.1f})"'))
+        out.append(_text(13, cy, y_label, 11, "middle",
+                         f' class="gw-ylabel" transform="rotate(-90 13 {cy:.1f})"'))
     return out
 
 
