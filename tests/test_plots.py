@@ -72,7 +72,16 @@ def test_gaps_break_the_line_and_non_finite_values_are_marked_in_red() -> None:
                      "step", "loss")
     lines = _polylines(fig)
     assert [len(line) for line in lines] == [2, 2]  # steps 0-1 and 4-5; nothing through 2-3
-    assert fig.count(f'fill="{NONFINITE}"') == 2 * 2  # a band and a marker per gap
+    # one marker on the x axis per non-finite step (2, 3 and 6), edged red; no band, no
+    # flat line that could read as a value
+    assert fig.count('class="gw-nonfinite"') == 3
+    assert fig.count(f'stroke="{NONFINITE}"') == 3 and f'fill="{NONFINITE}"' not in fig
+    # a lone finite point before the NaNs is drawn again on top, where no line can hide it
+    lone = line_chart({"no_clip": ([0, 1, 2], [5e26, None, None]),
+                       "clip10": ([0, 1, 2], [5e26, 5e26, 5e26])}, "Loss", "step", "loss")
+    assert lone.rindex('r="3.8"') > lone.rindex("<polyline")
+    # every line has a legend entry, a single one too
+    assert ">loss</text>" in fig
     assert "loss: no finite value at steps 2-3" in fig
     assert "loss: no finite value from step 6 on" in fig
     # a series with nothing finite says so instead of drawing an empty frame silently

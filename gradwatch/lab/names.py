@@ -10,7 +10,6 @@ every seed of an arm does not apply to it (the dead fraction of an ELU net) and 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 __all__ = ["METRICS", "first_sentence", "metric_label", "metric_text", "value_text"]

@@ -108,7 +108,7 @@ def _gradient_figures(data: dict[str, Any]) -> list[str]:
     picks = _profile_steps(steps, grad)
     if picks:
         which = (["first", "middle", "last"] if len(picks) == 3 else
-                 ["first", "last"] if len(picks) == 2 else ["only measured"])
+                 ["first", "last"] if len(picks) == 2 else ["only one"])
         names = [f"step {steps[i]} ({w})" for w, i in zip(which, picks, strict=True)]
         short = "" if len(picks) == 3 else " (too few steps with a finite norm for three)"
         out.append(plots.profile_chart(

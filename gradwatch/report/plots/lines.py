@@ -148,14 +148,15 @@ def line_chart(series: Mapping[str, tuple[Sequence[Any], Sequence[Any]]], title:
                 px = f.x(xs[i])
                 if is_bad and round(px / 3) not in seen:
                     seen.add(round(px / 3))
-                    body.append(f'<path d="M{px:.1f} {y + 3:.1f}l-3.5 -6h7z" '
+                    body.append(f'<path class="gw-nonfinite" '
+                                f'd="M{px:.1f} {y + 3:.1f}l-3.5 -6h7z" '
                                 f'fill="{colors[name]}" stroke="{NONFINITE}" '
                                 f'stroke-width="0.8"/>')
             for a, b in _runs(bad):
                 span = (f"from step {_step_text(xs[a])} on" if b == len(xs) - 1 else
                         f"at step {_step_text(xs[a])}" if a == b else
                         f"at steps {_step_text(xs[a])}-{_step_text(xs[b])}")
-                gaps.append(f"{_e(name)}: NaN/Inf {span}")
+                gaps.append(f"{_e(name)}: no finite value {span}")
         if log_y:
             for i, y in enumerate(ys):
                 v = _num(y)
