@@ -224,6 +224,24 @@ def _init_ratio(result: RunResult) -> float:
     return float(np.median(ratios)) if ratios else math.nan
 
 
+def _dead_at_end(result: RunResult) -> list[float]:
+    """The last measured dead fraction of each ReLU site, in forward order (the report's
+    series; sites never measured finite are left out)."""
+    sites = result.report.to_dict()["series"].get("dead_fraction") or {}
+    out = []
+    for values in sites.values():
+        finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+        if finite:
+            out.append(float(finite[-1]))
+    return out
+
+
+def _pct_range(values: list[float]) -> str:
+    """``0-80%`` (or ``80%`` when they are all equal) of fractions."""
+    lo, hi = round(100 * min(values)), round(100 * max(values))
+    return f"{lo}%" if lo == hi else f"{lo}-{hi}%"
+
+
 def _judge_sigmoid_vs_relu(r: ArmResults) -> Verdict:
     sig, relu, fix = r.losses("sigmoid"), r.losses("relu"), r.losses("relu_kaiming")
     sig_stalls, relu_stalls = all(_stalled(sig)), all(_stalled(relu))
@@ -233,10 +251,13 @@ def _judge_sigmoid_vs_relu(r: ArmResults) -> Verdict:
     dead = r.finding("relu", "dying_relu")
     since = [s.get("dead_since_step", math.nan) for s in
              (dead.evidence.get("sites") or [dead.evidence] if dead is not None else [])]
-    dead_text = (f"; {dead.evidence['dead_fraction_min'] * 100:.0f}-"
-                 f"{dead.evidence['dead_fraction_max'] * 100:.0f}% of the units of each ReLU "
-                 f"layer are dead from {at_steps(since)}" if dead is not None and
-                 "dead_fraction_min" in dead.evidence else "")
+    ends = [_dead_at_end(run) for run in r["relu"]]
+    every = [v for e in ends for v in e]
+    first = [e[0] for e in ends if e]
+    dead_text = (f"; at the end {_pct_range(every)} of a ReLU layer's units are dead (first "
+                 f"layer {_pct_range(first)}, over every seed), and the layers gradwatch "
+                 f"flags are dead from {at_steps(since)}" if dead is not None and every
+                 else "")
     return Verdict(
         verdict,
         f"sigmoid ends at loss {spread(sig)}, ReLU at {spread(relu)}; "
