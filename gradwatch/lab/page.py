@@ -35,8 +35,9 @@ padding:0 .3em;border-radius:.2em;margin-right:.3em}
 .small{font-size:.85em;color:#555}
 body{max-width:1340px}.exp{min-height:0}.exp h2{margin:.3em 0 .1em}
 .exp p.claim,.exp p.what{margin:.3em 0;max-width:70em}
-.gw-row{display:grid;grid-template-columns:repeat(3,minmax(0,1fr));gap:1em;margin:.6em 0}
-.gw-row .gw-figure figcaption{font-size:.75em}
+.gw-row{display:grid;grid-template-columns:repeat(2,minmax(0,1fr));gap:.8em 1.4em;
+margin:.6em 0;align-items:start}.gw-row>.gw-figure:first-child{grid-row:span 2}
+.gw-row .gw-figure figcaption{font-size:.78em}
 details{margin:.4em 0 1em}details>summary{cursor:pointer;color:#1f4e8c;font-weight:600}
 table.arms td{overflow-wrap:anywhere}td,th,dd,p,figcaption{overflow-wrap:anywhere}
 """
