@@ -172,7 +172,7 @@ def stat(values: Sequence[float]) -> dict[str, float]:
 
 def spread(values: Sequence[float], digits: int = 3, unit: str = "") -> str:
     """``9.76 (9.75-9.77 over 3 seeds)``; non-finite runs are counted, not averaged.
-    ``unit`` follows every number: ``84.4% (81.2-90.6% over 3 seeds)``."""
+    ``unit`` follows the median and the range: ``84.4% (81.2-90.6% over 3 seeds)``."""
     s = stat(values)
     n = len(values)
     bad = s.get("nonfinite", 0)
@@ -180,8 +180,7 @@ def spread(values: Sequence[float], digits: int = 3, unit: str = "") -> str:
         return f"NaN/Inf on all {n} seeds"
     text = _num(s["median"], digits) + unit
     if n > 1 and _num(s["min"], digits) != _num(s["max"], digits):
-        text += (f" ({_num(s['min'], digits)}{unit}-{_num(s['max'], digits)}{unit} "
-                 f"over {n} seeds)")
+        text += f" ({_num(s['min'], digits)}-{_num(s['max'], digits)}{unit} over {n} seeds)"
     elif n > 1:
         text += f" (all {n} seeds)"
     if bad:

@@ -10,6 +10,7 @@ every seed of an arm does not apply to it (the dead fraction of an ELU net) and 
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 __all__ = ["METRICS", "first_sentence", "metric_label", "metric_text", "value_text"]
@@ -53,6 +54,15 @@ METRICS: dict[str, tuple[str, str]] = {
     "grad_ratio_at_step0": ("gradient at the first / last layer at step 0", "ratio"),
     "vanishing_reported": ("gradwatch reported vanishing gradient", "flag"),
     "factor_per_layer": ("gradient factor per layer", "ratio"),
+    "grad_ratio_first_to_last_timestep": ("gradient at the first / last timestep (median)",
+                                          "ratio"),
+    "gradwatch_eval_mode": ("gradwatch reported eval_mode", "flag"),
+    "gradwatch_output_rel_diff": ("output change gradwatch measured (relative)", "pct"),
+    "val_loss": ("held-out loss", "num"),
+    "head_weight_growth": ("growth of the output layer's weight norm", "ratio"),
+    "rnn_weight_growth": ("growth of the recurrent weights' norm", "ratio"),
+    "clipped_steps": ("steps where clipping was active", "count"),
+    "clip_threshold": ("clip threshold gradwatch suggests", "num"),
 }
 
 
@@ -103,6 +113,9 @@ def metric_text(key: str, summary: Any, n_seeds: int) -> str:
     lo, hi = value_text(summary.get("min"), unit), value_text(summary.get("max"), unit)
     seeds = f" over {n_seeds} seeds" if n_seeds > 1 else ""
     if lo != hi:
+        unit_of = re.search(r"[^\d.]*$", hi).group()  # type: ignore[union-attr]
+        if unit_of and lo.endswith(unit_of) and not unit_of.startswith("e"):
+            lo = lo[:-len(unit_of)]  # 81.2-90.6%, not 81.2%-90.6%
         text += f" ({lo}-{hi}{seeds})"
     if bad:
         text += f"; {'NaN/Inf' if unit == 'loss' else 'n/a'} on {bad} of {n_seeds or '?'}"
