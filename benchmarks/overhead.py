@@ -278,7 +278,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "model warm in cache as a lone run would)")
     p.add_argument("--quick", action="store_true",
                    help="2 repeats, the two MLPs, default options only")
-    p.add_argument("--models", nargs="+", default=None,
+    p.add_argument("--models", nargs="*", default=None,
                    help=f"models to run: {', '.join(CASES)} (default: all; --quick: the two "
                         f"MLPs); with --gpu: {', '.join(GPU_CASES)}")
     p.add_argument("--variants", nargs="*", choices=sorted(VARIANTS), default=None,
@@ -305,14 +305,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"unknown model {name!r} (choose from {', '.join(cases)})")
     if args.quick:
         args.repeats = 2
-        args.models = args.models or ["mlp-1m", "mlp-10m"]
+        args.models = ["mlp-1m", "mlp-10m"] if args.models is None else args.models
         args.variants = [] if args.variants is None else args.variants
         args.peers = [] if args.peers is None else args.peers
     if args.gpu:
         args.variants = [] if args.variants is None else args.variants
         args.peers = ([p for p in PEERS if p != "wandb-all-1"] if args.peers is None
                       else args.peers)
-    args.models = args.models or list(cases)
+    args.models = list(cases) if args.models is None else args.models
     args.variants = list(VARIANTS)[1:] if args.variants is None else args.variants
     args.peers = list(PEERS) if args.peers is None else args.peers
     args.peer_models = args.peer_models or ["gpt-124m" if args.gpu else "mlp-1m"]
