@@ -150,7 +150,8 @@ def interleave(steps: dict[str, Callable[[int], None]], phase: dict[str, Callabl
             spans = [n] if cuda else [1] * n
             for span in spans:
                 ks = range(done[kind], done[kind] + span)
-                phases = [phase[kind](k) % period for k in ks]
+                first = phase[kind](ks.start)  # before the span runs: consecutive steps
+                phases = [(first + i) % period for i in range(span)]
                 if cuda:
                     torch.cuda.synchronize()
                 w, c = time.perf_counter(), time.process_time()
