@@ -25,6 +25,7 @@ while a watch is open gradwatch wraps that function for every model in the proce
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import math
@@ -36,26 +37,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from models import CASES, GPU_CASES, Case
+from peers import PEERS, Batch, describe, loss_of, scratch, unavailable
 from torch import nn
 
 import gradwatch
 from gradwatch.measure.monitor import Options
 
-Batch = tuple[torch.Tensor, torch.Tensor]
 WARMUP_STEPS = 8  # a fresh watch measures everything on steps 0-7; keep them out of timing
 BARE_BACKWARD = torch.autograd.backward  # captured before any watch wraps it
 
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    """One model to benchmark: how to build it and what its batches look like."""
-
-    name: str
-    build: Callable[[], nn.Module]
-    input_shape: tuple[int, ...]
-    batch: int
-    classes: int = 10
 
 
 @dataclasses.dataclass
@@ -89,60 +80,6 @@ class Row:
         return (self.watched_wall.sum(axis=1) / self.bare_wall.sum(axis=1)).tolist()
 
 
-def mlp(in_features: int, width: int, hidden_layers: int, classes: int = 10) -> nn.Sequential:
-    """A plain ReLU MLP with Kaiming-uniform (PyTorch default) init."""
-    layers: list[nn.Module] = [nn.Linear(in_features, width), nn.ReLU()]
-    for _ in range(hidden_layers - 1):
-        layers += [nn.Linear(width, width), nn.ReLU()]
-    layers.append(nn.Linear(width, classes))
-    return nn.Sequential(*layers)
-
-
-def small_cnn(classes: int = 10) -> nn.Sequential:
-    """Three conv + BatchNorm + ReLU blocks and a linear head, for 3x32x32 inputs."""
-    def block(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
-        return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
-                nn.BatchNorm2d(c_out), nn.ReLU()]
-
-    return nn.Sequential(*block(3, 16, 1), *block(16, 32, 2), *block(32, 64, 2),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, classes))
-
-
-class SequenceClassifier(nn.Module):
-    """A 2-layer LSTM read at its last step: exercises the per-timestep gradient probe."""
-
-    def __init__(self, features: int = 32, hidden: int = 128, classes: int = 10) -> None:
-        super().__init__()
-        self.lstm = nn.LSTM(features, hidden, num_layers=2, batch_first=True)
-        self.head = nn.Linear(hidden, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.lstm(x)[0][:, -1])
-
-
-class TokenEncoder(nn.Module):
-    """A 2-layer Transformer encoder (functional ReLU and dropout inside), mean-pooled."""
-
-    def __init__(self, features: int = 32, dim: int = 64, classes: int = 10) -> None:
-        super().__init__()
-        self.proj = nn.Linear(features, dim)
-        layer = nn.TransformerEncoderLayer(dim, nhead=4, dim_feedforward=128, dropout=0.1,
-                                           batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
-        self.head = nn.Linear(dim, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(self.proj(x)).mean(1))
-
-
-CASES = {
-    "mlp-1m": Case("mlp-1m", lambda: mlp(256, 512, 4), (256,), 256),
-    "mlp-10m": Case("mlp-10m", lambda: mlp(1024, 1664, 4), (1024,), 256),
-    "cnn": Case("cnn", small_cnn, (3, 32, 32), 128),
-    "lstm": Case("lstm", SequenceClassifier, (50, 32), 64),
-    "transformer": Case("transformer", TokenEncoder, (32, 32), 64),
-}
-
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "every=4": {"every": 4},
@@ -162,19 +99,25 @@ def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
 
 
-def make_batches(case: Case, n: int = 4) -> list[Batch]:
+def make_batches(case: Case, device: torch.device, n: int = 4) -> list[Batch]:
     """A few fixed batches, cycled: no data loading in the timed loop."""
     g = torch.Generator().manual_seed(0)
-    return [(torch.randn((case.batch, *case.input_shape), generator=g),
-             torch.randint(0, case.classes, (case.batch,), generator=g)) for _ in range(n)]
+
+    def one() -> Batch:
+        if case.tokens:  # next-token prediction: targets are the inputs shifted by one
+            ids = torch.randint(0, case.classes, (case.batch, case.input_shape[0] + 1),
+                                generator=g)
+            return ids[:, :-1], ids[:, 1:]
+        return (torch.randn((case.batch, *case.input_shape), generator=g),
+                torch.randint(0, case.classes, (case.batch,), generator=g))
+    return [(x.to(device), y.to(device)) for x, y in (one() for _ in range(n))]
 
 
 def one_step(model: nn.Module, opt: torch.optim.Optimizer, batch: Batch,
              backward: Callable[[torch.Tensor], None]) -> None:
-    """The loop under test: forward, loss, backward, step, zero_grad."""
-    x, y = batch
-    loss = F.cross_entropy(model(x), y)
-    backward(loss)
+    """The loop under test: forward and loss (bf16 autocast on CUDA), backward, step,
+    zero_grad."""
+    backward(loss_of(model, batch))
     opt.step()
     opt.zero_grad(set_to_none=True)
 
@@ -184,98 +127,138 @@ def watched_backward(loss: torch.Tensor) -> None:
     loss.backward()
 
 
-def timed(step: Callable[[int], None], k: int) -> tuple[float, float]:
-    """Wall and process-CPU seconds of step ``k`` (on CPU every op has finished on return)."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    step(k)
-    return time.perf_counter() - wall, time.process_time() - cpu
-
-
 def cadence(options: dict[str, Any]) -> int:
     """Steps after which a watched loop's cost pattern repeats."""
     o = Options(**options)
     return math.lcm(o.sync_every, o.detail_every, o.every)
 
 
+def interleave(steps: dict[str, Callable[[int], None]], phase: dict[str, Callable[[int], int]],
+               shape: tuple[int, int], block: int, cuda: bool
+               ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Wall and CPU seconds of every step of the two loops ("bare" and "watched"), by
+    (cadence, position): turns of ``block`` steps, in alternating order, so that whatever
+    else the machine does slows both alike. On CUDA a turn is timed as a whole between two
+    synchronisations (``block`` is then one cadence) and each of its steps gets the mean."""
+    wall = {kind: np.empty(shape) for kind in steps}
+    cpu = {kind: np.empty(shape) for kind in steps}
+    total, period = shape[0] * shape[1], shape[1]
+    done = dict.fromkeys(steps, 0)
+    for turn in range(-(-total // block)):
+        for kind in ("bare", "watched") if turn % 2 == 0 else ("watched", "bare"):
+            n = min(block, total - done[kind])
+            spans = [n] if cuda else [1] * n
+            for span in spans:
+                ks = range(done[kind], done[kind] + span)
+                first = phase[kind](ks.start)  # before the span runs: consecutive steps
+                phases = [(first + i) % period for i in range(span)]
+                if cuda:
+                    torch.cuda.synchronize()
+                w, c = time.perf_counter(), time.process_time()
+                for k in ks:
+                    steps[kind](k)
+                if cuda:
+                    torch.cuda.synchronize()
+                w, c = (time.perf_counter() - w) / span, (time.process_time() - c) / span
+                for k, p in zip(ks, phases, strict=True):
+                    wall[kind][k // period, p], cpu[kind][k // period, p] = w, c
+                done[kind] += span
+    return wall, cpu
+
+
 def run_case(case: Case, variant: str, options: dict[str, Any], steps: int, repeats: int,
-             optimizer: str, block: int = 1) -> Row:
-    """Train a bare and a watched copy of ``case``'s model, taking turns of ``block`` steps."""
+             optimizer: str, block: int = 1, device: str = "cpu") -> Row:
+    """Train a bare copy of ``case``'s model and a watched one (``gradwatch.watch`` with
+    ``options``, or the peer named ``variant``), taking turns of ``block`` steps."""
     torch.manual_seed(0)
-    bare = case.build()
+    dev = torch.device(device)
+    bare = case.build().to(dev)
     watched = copy.deepcopy(bare)
     bare_opt, watched_opt = make_optimizer(optimizer, bare), make_optimizer(optimizer, watched)
-    batches = make_batches(case)
+    batches = make_batches(case, dev)
+    peer = PEERS.get(variant)
     options = dict(options)
     forward_side = options.pop("forward_side", True)
-    period = cadence(options)
+    # A peer that costs the same every step is still timed in cadences of 64 steps, so that
+    # the median is over repeats at each position and a rare slow step (a flush) counts.
+    period = (peer.period if peer.period > 1 else 64) if peer else cadence(options)
     cycles = -(-steps // period)  # whole cadences per repeat: every position sampled alike
     shape = (repeats * cycles, period)  # row: one cadence; column: position in the cadence
-    wall = {"bare": np.empty(shape), "watched": np.empty(shape)}
-    cpu = {"bare": np.empty(shape), "watched": np.empty(shape)}
+    cuda = dev.type == "cuda"
+    block = period if cuda else block
 
     def bare_step(k: int) -> None:
         one_step(bare, bare_opt, batches[k % len(batches)], BARE_BACKWARD)
 
-    def watched_step(k: int) -> None:
+    def plain_step(k: int) -> None:
         one_step(watched, watched_opt, batches[k % len(batches)], watched_backward)
 
     for k in range(2 * WARMUP_STEPS):  # allocator, optimizer state, first-call paths
         bare_step(k)
-        watched_step(k)
-    started = time.perf_counter()
-    with gradwatch.watch(watched, watched_opt, **options) as gw:
-        if not forward_side:
-            gw.monitor.extensions.clear()
+        plain_step(k)
+    history_bytes = device_bytes = -1
+    with contextlib.ExitStack() as stack:
+        started = time.perf_counter()
+        if peer is not None:
+            peer_step, close = peer.start(watched, watched_opt, stack.enter_context(scratch()))
+            stack.callback(close)
+
+            def watched_step(k: int) -> None:
+                peer_step(batches[k % len(batches)], k)
+
+            def position(k: int) -> int:
+                return k
+        else:
+            gw = stack.enter_context(gradwatch.watch(watched, watched_opt, **options))
+            if not forward_side:
+                gw.monitor.extensions.clear()
+            watched_step = plain_step
+
+            def position(k: int) -> int:
+                return gw.monitor.step
         attach = time.perf_counter() - started
         for k in range(WARMUP_STEPS):
             bare_step(k)
             watched_step(k)
-        total = repeats * cycles * period
-        done = {"bare": 0, "watched": 0}
-        for turn in range(-(-total // block)):
-            # Take turns of ``block`` steps, in alternating order, so that whatever else
-            # the machine is doing slows both loops alike.
-            for kind in ("bare", "watched") if turn % 2 == 0 else ("watched", "bare"):
-                step = bare_step if kind == "bare" else watched_step
-                for _ in range(min(block, total - done[kind])):
-                    k = done[kind]
-                    phase = (gw.monitor.step if kind == "watched" else k) % period
-                    wall[kind][k // period, phase], cpu[kind][k // period, phase] = \
-                        timed(step, k)
-                    done[kind] += 1
-        # Device buffers (sync_every rows of statistics) live on the monitor until close.
-        buffers = gw.monitor.buffers.buf
-        device_bytes = sum(b.element_size() * b.numel() for b in buffers.values())
+        wall, cpu = interleave({"bare": bare_step, "watched": watched_step},
+                               {"bare": lambda k: k, "watched": position}, shape, block, cuda)
+        if peer is None:
+            # Device buffers (sync_every rows of statistics) live on the monitor until close.
+            buffers = gw.monitor.buffers.buf
+            device_bytes = sum(b.element_size() * b.numel() for b in buffers.values())
+            history_bytes = gw.monitor.history.nbytes()
         closing = time.perf_counter()
     attach += time.perf_counter() - closing
-    if gw.monitor.errors:
+    if peer is None and gw.monitor.errors:
         raise RuntimeError(f"gradwatch reported internal errors: {gw.monitor.errors}")
     return Row(case.name, sum(p.numel() for p in bare.parameters()), variant, period,
                wall["bare"], wall["watched"], cpu["bare"], cpu["watched"], attach,
-               gw.monitor.history.nbytes(), device_bytes)
+               history_bytes, device_bytes)
 
 
 def format_table(rows: list[Row]) -> str:
-    """One line per model and option set."""
-    head = (f"{'model':<8} {'params':>10} {'options':<16} {'bare ms':>8} {'watched ms':>10} "
-            f"{'ratio':>6} {'cpu ratio':>9} {'plain (range)':>20} {'attach+close':>12} "
-            f"{'history':>9} {'dev buf':>7}")
+    """One line per model and watch options or peer."""
+    head = (f"{'model':<11} {'params':>11} {'watch / peer':<19} {'bare ms':>8} "
+            f"{'watched ms':>10} {'ratio':>6} {'cpu ratio':>9} {'plain (range)':>20} "
+            f"{'attach+close':>12} {'history':>9} {'dev buf':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
         plain = r.plain()
         plain_text = f"{statistics.median(plain):.3f} ({min(plain):.2f}-{max(plain):.2f})"
+        memory = (f"{'-':>9} {'-':>7}" if r.history_bytes < 0 else
+                  f"{r.history_bytes / 2**20:>6.2f} MB {r.device_bytes / 2**10:>4.0f} KB")
         lines.append(
-            f"{r.case:<8} {r.params:>10,} {r.variant:<16} "
+            f"{r.case:<11} {r.params:>11,} {r.variant:<19} "
             f"{1e3 * r.per_step(r.bare_wall):>8.2f} {1e3 * r.per_step(r.watched_wall):>10.2f} "
             f"{r.ratio('wall'):>5.3f}x {r.ratio('cpu'):>8.3f}x {plain_text:>20} "
-            f"{1e3 * r.attach_close_s:>9.1f} ms "
-            f"{r.history_bytes / 2**20:>6.2f} MB {r.device_bytes / 2**10:>4.0f} KB")
+            f"{1e3 * r.attach_close_s:>9.1f} ms {memory}")
     return "\n".join(lines)
 
 
 LEGEND = """\
 ratio         watched / bare per-step wall time (robust mean: median over repeats at each
-              step of the cadence, then the mean over the cadence); target <= 1.10x
+              step of the cadence, then the mean over the cadence); target <= 1.03x.
+              A peer's row: the same copy under that tool instead of gradwatch
 cpu ratio     the same on process CPU time
 plain         watched / bare total time, median and range over cadences: a wide range means
               a busy machine (more --repeats help)
@@ -298,46 +281,100 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "model warm in cache as a lone run would)")
     p.add_argument("--quick", action="store_true",
                    help="2 repeats, the two MLPs, default options only")
-    p.add_argument("--models", nargs="+", choices=sorted(CASES), default=None,
-                   help="models to run (default: all; --quick: the two MLPs)")
+    p.add_argument("--models", nargs="*", default=None,
+                   help=f"models to run: {', '.join(CASES)} (default: all; --quick: the two "
+                        f"MLPs); with --gpu: {', '.join(GPU_CASES)}")
     p.add_argument("--variants", nargs="*", choices=sorted(VARIANTS), default=None,
                    help="extra option sets, run on mlp-1m (default: all; --quick: none)")
+    p.add_argument("--peers", nargs="*", choices=sorted(PEERS), default=None,
+                   help="other tools, each on its own copy, as ratios to the same bare loop "
+                        "(default: all; --quick: none; --gpu: all but wandb-all-1)")
+    p.add_argument("--peer-models", nargs="+", default=None,
+                   help="models the peers run on (default: mlp-1m; --gpu: gpt-124m)")
     p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
                    help="SGD with momentum 0.9 (default) or Adam")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: leave torch's default)")
+    p.add_argument("--gpu", action="store_true",
+                   help="on CUDA: the GPT-style models (8192 tokens a step, bf16 autocast), "
+                        "each turn one cadence timed between two synchronisations")
+    p.add_argument("--list", action="store_true",
+                   help="print the models, option sets and peers (and why a peer cannot "
+                        "run here), then exit")
     args = p.parse_args(argv)
+    cases = GPU_CASES if args.gpu else CASES
+    for name in (args.models or []) + (args.peer_models or []):
+        if name not in cases:
+            p.error(f"unknown model {name!r} (choose from {', '.join(cases)})")
     if args.quick:
         args.repeats = 2
-        args.models = args.models or ["mlp-1m", "mlp-10m"]
+        args.models = ["mlp-1m", "mlp-10m"] if args.models is None else args.models
         args.variants = [] if args.variants is None else args.variants
-    args.models = args.models or list(CASES)
+        args.peers = [] if args.peers is None else args.peers
+    if args.gpu:
+        args.variants = [] if args.variants is None else args.variants
+        args.peers = ([p for p in PEERS if p != "wandb-all-1"] if args.peers is None
+                      else args.peers)
+    args.models = list(cases) if args.models is None else args.models
     args.variants = list(VARIANTS)[1:] if args.variants is None else args.variants
+    args.peers = list(PEERS) if args.peers is None else args.peers
+    args.peer_models = args.peer_models or ["gpt-124m" if args.gpu else "mlp-1m"]
     if min(args.steps, args.repeats, args.block) < 1:
         p.error("--steps, --repeats and --block must be >= 1")
     return args
 
 
+def print_list() -> None:
+    """The models, option sets and peers (``--list``)."""
+    for title, cases in (("models", CASES), ("--gpu models", GPU_CASES)):
+        print(f"{title}: " + ", ".join(f"{c.name} (batch {c.batch}, input {c.input_shape})"
+                                       for c in cases.values()))
+    print("option sets: " + ", ".join(VARIANTS))
+    print("peers:")
+    for peer in describe():
+        status = peer["unavailable"] or "available"
+        print(f"  {peer['name']:<20} every {peer['period']:>3} steps: {status}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print one table; exit 0."""
     args = parse_args(argv)
+    if args.list:
+        print_list()
+        return 0
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    print(f"gradwatch {gradwatch.__version__}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} thread(s)"
-          f"{'' if args.threads else ' (torch default)'}, optimizer {args.optimizer}, "
-          f"{args.steps} timed steps x {args.repeats} repeats, warm-up excluded", flush=True)
+    device = "cuda" if args.gpu else "cpu"
+    if args.gpu and not torch.cuda.is_available():
+        print("--gpu: no CUDA device here", file=sys.stderr)
+        return 2
+    cases = GPU_CASES if args.gpu else CASES
+    where = (torch.cuda.get_device_name() + ", bf16 autocast") if args.gpu else \
+        f"{torch.get_num_threads()} thread(s){'' if args.threads else ' (torch default)'}"
+    print(f"gradwatch {gradwatch.__version__}, torch {torch.__version__}, {where}, "
+          f"optimizer {args.optimizer}, {args.steps} timed steps x {args.repeats} repeats, "
+          f"warm-up excluded", flush=True)
     rows: list[Row] = []
-    jobs = [(CASES[m], "default", VARIANTS["default"]) for m in args.models]
+    skipped: list[str] = []
+    jobs = [(cases[m], "default", VARIANTS["default"]) for m in args.models]
     jobs += [(CASES["mlp-1m"], v, VARIANTS[v]) for v in args.variants if v != "default"]
+    for m in args.peer_models:
+        for name in args.peers:
+            why = unavailable(PEERS[name], cases[m].build(), device)
+            if why:
+                skipped.append(f"{name} on {m}: {why}")
+            else:
+                jobs.append((cases[m], name, {}))
     for case, variant, options in jobs:
         started = time.perf_counter()
         rows.append(run_case(case, variant, options, args.steps, args.repeats, args.optimizer,
-                             args.block))
+                             args.block, device))
         print(f"  {case.name} [{variant}] done in {time.perf_counter() - started:.0f} s",
               file=sys.stderr, flush=True)
     print(flush=True)
     print(format_table(rows))
+    for line in skipped:
+        print(f"not run: {line}")
     print()
     print(LEGEND)
     return 0

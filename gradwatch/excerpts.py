@@ -168,3 +168,12 @@ class Excerpts:
             blocks[name] = np.concatenate(parts)
         order = np.argsort(steps, kind="stable")
         return steps[order], {k: v[order] for k, v in blocks.items()}
+
+    def nbytes(self) -> int:
+        """Host memory of the kept rows and of the recent rows remembered for the next
+        outlier (bounded: ``MAX_ROWS`` kept rows, ``BEFORE`` recent ones, the windows)."""
+        def size(steps: np.ndarray, blocks: dict[str, np.ndarray]) -> int:
+            return steps.nbytes + sum(v.nbytes for v in blocks.values())
+        windows = sum(v.nbytes for d in (self._loss, self._grad) for v in d.values())
+        return (sum(size(s, b) for s, b in self.kept) + windows
+                + sum(size(s, b) + k.nbytes for s, b, k in self._recent))
