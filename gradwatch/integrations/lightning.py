@@ -14,13 +14,11 @@ through :mod:`gradwatch.integrations.optional`; ``import gradwatch`` imports nei
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 from ..measure import frameworks
-from ..report import Report
 from .optional import MissingExtra, require
-from .session import Session, check_options, finding_counts, finding_lines
+from .session import Session, SessionReport, check_options, finding_counts, finding_lines
 
 __all__ = ["GradwatchCallback"]
 
@@ -33,7 +31,7 @@ except MissingExtra as missing:
         raise missing from None
 
 
-class GradwatchCallback(pl.Callback):  # type: ignore[misc, name-defined]
+class GradwatchCallback(SessionReport, pl.Callback):  # type: ignore[misc, name-defined]
     """Watch the LightningModule from the first training step to the end of ``fit``.
 
     ``GradwatchCallback(**watch_options)`` takes the options of ``gradwatch.watch``
@@ -79,16 +77,6 @@ class GradwatchCallback(pl.Callback):  # type: ignore[misc, name-defined]
         super().__init__()
         check_options(watch_options)
         self._session = Session(watch_options, report_path, html, verbose)
-
-    @property
-    def report(self) -> Report | None:
-        """The report of the last run watched (None before one ended)."""
-        return self._session.report
-
-    @property
-    def report_paths(self) -> list[Path]:
-        """The files the last report was written to."""
-        return list(self._session.paths)
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:

@@ -152,6 +152,23 @@ class Session:
                       f"affected", RuntimeWarning, stacklevel=3)
 
 
+class SessionReport:
+    """What a callback built on a :class:`Session` offers its user: the last report and
+    the files it went to (the Lightning and the Hugging Face callback alike)."""
+
+    _session: Session
+
+    @property
+    def report(self) -> Report | None:
+        """The report of the last run watched (None before one ended)."""
+        return self._session.report
+
+    @property
+    def report_paths(self) -> list[Path]:
+        """The files the last report was written to."""
+        return list(self._session.paths)
+
+
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
     """The torch optimizer inside a framework's wrapper (Lightning's ``LightningOptimizer``,
     accelerate's ``AcceleratedOptimizer``: ``.optimizer``), whose ``step`` the wrapper

@@ -14,21 +14,20 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from ..measure import frameworks
 from ..report import Report
 from .optional import require
-from .session import Session, check_options, finding_counts, finding_lines
+from .session import Session, SessionReport, check_options, finding_counts, finding_lines
 
 __all__ = ["GradwatchCallback"]
 
 transformers = require("transformers", "gradwatch.integrations.transformers")
 
 
-class GradwatchCallback(transformers.TrainerCallback):  # type: ignore[misc, name-defined]
+class GradwatchCallback(SessionReport, transformers.TrainerCallback):  # type: ignore[misc, name-defined]
     """Watch the model a Hugging Face ``Trainer`` trains, from ``on_train_begin`` to the end
     of training.
 
@@ -87,16 +86,6 @@ class GradwatchCallback(transformers.TrainerCallback):  # type: ignore[misc, nam
         self._session = Session(watch_options, report_path, html, verbose)
         self._folder = "."
         self._state: Any = None  # the TrainerState of the run being watched
-
-    @property
-    def report(self) -> Report | None:
-        """The report of the last run watched (None before one ended)."""
-        return self._session.report
-
-    @property
-    def report_paths(self) -> list[Path]:
-        """The files the last report was written to."""
-        return list(self._session.paths)
 
     def close(self, status: str = "failed", error: str | None = None) -> Report | None:
         """End a watch that ``train()`` left open (it raised): every hook removed, the
