@@ -4,10 +4,10 @@ A tiny MLP (32-32-32-10, batch 32) trains inside one ``gradwatch.watch`` for ``-
 steps; after 1k, 10k and 100k steps (the checkpoints up to ``--steps``) it prints
 ``history.nbytes()`` (the downsampled per-step and detail series), the excerpts' kept and
 recent rows, the device buffers (``sync_every`` rows of statistics) and the process's resident
-memory (and after 50k). The history is bounded: each series grows to ``capacity`` (2048) rows,
-then halves its resolution when full. The per-step series is full after 2048 steps, the
-detail series (one row every ``detail_every`` = 16 steps) only after 32,768: the host state is
-flat from there on (50k -> 100k), not yet at 10k.
+memory (and after 50k). The history is bounded: each series grows to its capacity, then
+halves its resolution when full. The per-step series (``capacity`` = 2048 rows) is full after
+2048 steps, the detail-step series (a quarter of it, one row every ``detail_every`` = 16
+steps) after 8192: the host state is flat from there on (10k -> 100k).
 
     python benchmarks/memory.py                 # 1k, 10k, 100k steps (~2 min on 2 cores)
     python benchmarks/memory.py --steps 10000   # 1k and 10k only

@@ -215,6 +215,17 @@ class Events:
     finite_loss_steps: int = 0
 
 
+def detail_capacity(capacity: int) -> int:
+    """Rows of the series measured on detail steps: a quarter of the per-step ``capacity``.
+
+    Detail steps come every ``detail_every`` (16) steps; with the full capacity their series
+    would fill (and stop growing) only after 16 x 2048 = 32k steps, so memory would still
+    grow between 10k and 100k steps. A quarter fills by ~8k steps, and still keeps 512 rows,
+    far more than the detectors' persistence fractions need.
+    """
+    return max(4, capacity // 4 + capacity // 4 % 2)
+
+
 class History:
     """Per-step and per-sampled-step series for every layer, and the run's exact events."""
 
@@ -229,7 +240,8 @@ class History:
         self.steps = Series({"loss": 1, "grad_norm": 0, "nonfinite": 0, "optimizer": 1,
                              "lr": 1}, capacity)
         self.detail = Series({"weight_norm": 0, "update_norm": 0, "grad_norm_applied": 0,
-                              "act_rms": 0, "model_io": len(self.MODEL_IO)}, capacity)
+                              "act_rms": 0, "model_io": len(self.MODEL_IO)},
+                             detail_capacity(capacity))
         self.events = Events()
         self.excerpts = Excerpts()  # exact rows around loss and gradient outliers
         self.initial: dict[str, np.ndarray] = {}  # first sampled weight/act row, kept exactly
@@ -242,7 +254,7 @@ class History:
         """An extension's own series (created on first use), widened to ``widths``."""
         series = self.extra.get(name)
         if series is None:
-            series = self.extra[name] = Series(widths, self.steps.capacity)
+            series = self.extra[name] = Series(widths, self.detail.capacity)
         for block, width in widths.items():
             series.widen(block, width)
         return series
