@@ -218,3 +218,13 @@ def test_watched_run_memory_and_series_are_bounded() -> None:
         for column in report.series["grad_norm"].values():
             assert len(column) == len(steps)
         assert len(report.series["detail_step"]) <= 16 + 1
+
+
+def test_activation_rms_in_float32_on_cpu_redone_exactly_when_it_overflows() -> None:
+    x = torch.randn(64, 16, 32, 32, generator=torch.Generator().manual_seed(0))
+    reference = float(x.double().pow(2).mean().sqrt())
+    assert float(stats.rms(x)) == pytest.approx(reference, rel=1e-3)
+    huge = torch.full((1000,), 3e30)  # its square overflows float32
+    assert float(stats.rms(huge)) == pytest.approx(3e30, rel=1e-6)
+    assert math.isnan(float(stats.rms(torch.tensor([float("nan"), 1.0]))))
+    assert stats.rms(x).dtype == torch.float64
