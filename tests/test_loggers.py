@@ -10,6 +10,7 @@ import os
 import struct
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +120,7 @@ def test_tensorboard_event_files_hold_the_report_scalars_findings_and_report(tmp
 def wandb_records(path: Path) -> list[Any]:
     """The records of an offline run's ``.wandb`` file (LevelDB's log format: 32 KiB
     blocks of chunks, each a 7-byte header crc32/length/type; wandb no longer ships a
-    reader)."""
+    reader). Stops at a chunk not yet complete on disk."""
     from wandb.proto import wandb_internal_pb2
 
     raw = path.read_bytes()
@@ -130,12 +131,15 @@ def wandb_records(path: Path) -> list[Any]:
         if left < 7:  # a block's tail too short for a header is padding
             pos += left
             continue
-        _crc, length, kind = struct.unpack("<IHB", raw[pos: pos + 7])
+        crc, length, kind = struct.unpack("<IHB", raw[pos: pos + 7])
         pos += 7
         if kind == 0:
             pos += left - 7
             continue
-        chunk += raw[pos: pos + length]
+        data = raw[pos: pos + length]
+        if len(data) < length or zlib.crc32(data, zlib.crc32(bytes([kind]))) != crc:
+            break  # the tail wandb-core is still writing: the caller reads again
+        chunk += data
         pos += length
         if kind in (1, 4):  # FULL or LAST
             record = wandb_internal_pb2.Record()
