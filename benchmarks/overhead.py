@@ -167,9 +167,10 @@ def interleave(steps: dict[str, Callable[[int], None]], phase: dict[str, Callabl
 
 
 def run_case(case: Case, variant: str, options: dict[str, Any], steps: int, repeats: int,
-             optimizer: str, block: int = 1, device: str = "cpu") -> Row:
+             optimizer: str, block: int = 1, device: str = "cpu", settle: int = 0) -> Row:
     """Train a bare copy of ``case``'s model and a watched one (``gradwatch.watch`` with
-    ``options``, or the peer named ``variant``), taking turns of ``block`` steps."""
+    ``options``, or the peer named ``variant``), taking turns of ``block`` steps; ``settle``
+    untimed steps first, so that a long run's cadence (the overhead budget) is timed."""
     torch.manual_seed(0)
     dev = torch.device(device)
     bare = case.build().to(dev)
@@ -182,10 +183,7 @@ def run_case(case: Case, variant: str, options: dict[str, Any], steps: int, repe
     # A peer that costs the same every step is still timed in cadences of 64 steps, so that
     # the median is over repeats at each position and a rare slow step (a flush) counts.
     period = (peer.period if peer.period > 1 else 64) if peer else cadence(options)
-    cycles = -(-steps // period)  # whole cadences per repeat: every position sampled alike
-    shape = (repeats * cycles, period)  # row: one cadence; column: position in the cadence
     cuda = dev.type == "cuda"
-    block = period if cuda else block
 
     def bare_step(k: int) -> None:
         one_step(bare, bare_opt, batches[k % len(batches)], BARE_BACKWARD)
@@ -217,9 +215,14 @@ def run_case(case: Case, variant: str, options: dict[str, Any], steps: int, repe
             def position(k: int) -> int:
                 return gw.monitor.step
         attach = time.perf_counter() - started
-        for k in range(WARMUP_STEPS):
+        for k in range(WARMUP_STEPS + settle):
             bare_step(k)
             watched_step(k)
+        if peer is None:  # the cadence reached after settling (the budget may stretch it)
+            period = math.lcm(period, gw.monitor.cadence.interval)
+        cycles = -(-steps // period)  # whole cadences per repeat: every position sampled alike
+        shape = (repeats * cycles, period)  # row: one cadence; column: position in cadence
+        block = period if cuda else block
         wall, cpu = interleave({"bare": bare_step, "watched": watched_step},
                                {"bare": lambda k: k, "watched": position}, shape, block, cuda)
         if peer is None:
@@ -298,6 +301,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gpu", action="store_true",
                    help="on CUDA: the GPT-style models (8192 tokens a step, bf16 autocast), "
                         "each turn one cadence timed between two synchronisations")
+    p.add_argument("--settle", type=int, default=None,
+                   help="untimed steps inside the watch before timing (default 0; --gpu: "
+                        "2048): a long run's steady state, where the overhead budget has "
+                        "stretched the detail cadence (it may from step 1024 on)")
     p.add_argument("--list", action="store_true",
                    help="print the models, option sets and peers (and why a peer cannot "
                         "run here), then exit")
@@ -315,12 +322,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.variants = [] if args.variants is None else args.variants
         args.peers = ([p for p in PEERS if p != "wandb-all-1"] if args.peers is None
                       else args.peers)
+    args.settle = (2048 if args.gpu else 0) if args.settle is None else args.settle
     args.models = list(cases) if args.models is None else args.models
     args.variants = list(VARIANTS)[1:] if args.variants is None else args.variants
     args.peers = list(PEERS) if args.peers is None else args.peers
     args.peer_models = args.peer_models or ["gpt-124m" if args.gpu else "mlp-1m"]
-    if min(args.steps, args.repeats, args.block) < 1:
-        p.error("--steps, --repeats and --block must be >= 1")
+    if min(args.steps, args.repeats, args.block) < 1 or args.settle < 0:
+        p.error("--steps, --repeats and --block must be >= 1, --settle >= 0")
     return args
 
 
@@ -368,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     for case, variant, options in jobs:
         started = time.perf_counter()
         rows.append(run_case(case, variant, options, args.steps, args.repeats, args.optimizer,
-                             args.block, device))
+                             args.block, device, args.settle))
         print(f"  {case.name} [{variant}] done in {time.perf_counter() - started:.0f} s",
               file=sys.stderr, flush=True)
     print(flush=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -35,10 +36,10 @@ __all__ = ["main"]
 
 # Options of `gradwatch run` that may also follow the script path (before any `--`).
 _RUN_FLAGS = {"--json": 1, "--html": 1, "--text": 1, "--quiet": 0, "--strict": 0,
-              "--sync-every": 1, "--detail-every": 1, "--threshold": 1, "--verify": 0,
-              "--budget": 1, "--verify-time": 1, "--repeats": 1, "--verify-remedies": 1,
-              "--fix": 0, "--tensorboard": 1, "--wandb": 0, "--mlflow": 1,
-              "--per-rank": 0}
+              "--sync-every": 1, "--detail-every": 1, "--overhead": 1, "--threshold": 1,
+              "--verify": 0, "--budget": 1, "--verify-time": 1, "--repeats": 1,
+              "--verify-remedies": 1, "--fix": 0, "--tensorboard": 1, "--wandb": 0,
+              "--mlflow": 1, "--per-rank": 0}
 # Hidden options of a `--verify` re-run; gradwatch passes them before the script only.
 _CHILD_FLAGS = {"--apply-remedy": 1, "--apply-params": 1, "--max-steps": 1, "--settle": 1}
 
@@ -116,7 +117,12 @@ def cmd_run(argv: list[str]) -> int:
     parser.add_argument("--strict", action="store_true",
                         help="raise gradwatch's own errors instead of reporting them")
     parser.add_argument("--sync-every", type=int, default=None, metavar="N")
-    parser.add_argument("--detail-every", type=int, default=None, metavar="N")
+    parser.add_argument("--detail-every", type=int, default=None, metavar="N",
+                        help="weights, updates and activations on steps 0-7 and every N-th "
+                        "step (default 16; long runs stretch it to keep --overhead)")
+    parser.add_argument("--overhead", type=_overhead, default=None, metavar="FRACTION",
+                        help="gradwatch's share of the step to keep to (default 0.01 = 1%%), "
+                        "or 'off' for a fixed --detail-every")
     parser.add_argument("--threshold", action="append", default=[], metavar="NAME=VALUE",
                         help="override a threshold (see docs/thresholds.md); repeatable")
     parser.add_argument("--verify", action="store_true",
@@ -162,8 +168,11 @@ def cmd_run(argv: list[str]) -> int:
     if (ns.fix or ns.verify) and os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
         parser.error("--verify and --fix re-run the script in one process: run them without "
                      "torchrun")
-    kwargs = {k: v for k, v in (("sync_every", ns.sync_every),
-                                ("detail_every", ns.detail_every)) if v is not None}
+    kwargs: dict[str, Any] = {k: v for k, v in (("sync_every", ns.sync_every),
+                                                ("detail_every", ns.detail_every))
+                              if v is not None}
+    if ns.overhead is not None:
+        kwargs["overhead"] = None if ns.overhead == "off" else ns.overhead
     try:
         options = Options(strict=ns.strict, **kwargs)
         thresholds = resolve_thresholds(None, _parse_thresholds(ns.threshold))
@@ -241,12 +250,27 @@ def _loggers(ns: argparse.Namespace) -> list[Logger]:
     return loggers
 
 
+def _overhead(value: str) -> float | str:
+    """``--overhead``: a fraction of the step in (0, 1], or ``off``."""
+    if value.strip().lower() == "off":
+        return "off"
+    try:
+        fraction = float(value)
+    except ValueError:
+        fraction = math.nan
+    if not 0 < fraction <= 1:
+        raise argparse.ArgumentTypeError(f"takes a fraction of the step in (0, 1] (0.01 = "
+                                         f"1%) or 'off', got {value!r}")
+    return fraction
+
+
 def _passed_on(ns: argparse.Namespace) -> list[str]:
     """The options of this ``gradwatch run`` that a restarted run must have too."""
     out = [f"--threshold={t}" for t in ns.threshold]
     out += ["--strict"] if ns.strict else []
     out += [f"--sync-every={ns.sync_every}"] if ns.sync_every is not None else []
     out += [f"--detail-every={ns.detail_every}"] if ns.detail_every is not None else []
+    out += [f"--overhead={ns.overhead}"] if ns.overhead is not None else []
     return out
 
 

@@ -192,6 +192,8 @@ def watch(model: nn.Module,
 
     Options (all keyword): ``sync_every`` (steps per host copy, default 64),
     ``detail_every`` (weights/updates/activations every this many steps, default 16),
+    ``overhead`` (gradwatch's share of the step it keeps to by stretching ``detail_every``
+    on long runs, default 0.01; None: fixed),
     ``every`` (gradient norms every this many steps, default 1), ``capacity`` (rows kept
     per series), ``strict`` (raise gradwatch's own errors), ``thresholds`` (dict or
     :class:`~gradwatch.Thresholds` overriding the documented defaults). ``loggers``: where

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +49,13 @@ def environment(**extra: Any) -> dict[str, str]:
     return env
 
 
-def ranks(cmd: list[str], cwd: Path, world: int = 2, **extra: Any
-          ) -> list[subprocess.CompletedProcess[str]]:
-    """One process per rank, as torchrun would start them; each one's exit status kept."""
+def ranks(cmd: list[str] | Callable[[int], list[str]], cwd: Path, world: int = 2,
+          **extra: Any) -> list[subprocess.CompletedProcess[str]]:
+    """One process per rank, as torchrun would start them (``cmd``, or ``cmd(rank)``: a
+    rank's own command line); each one's exit status kept."""
     port = free_port()
-    procs = [subprocess.Popen(cmd, cwd=cwd, text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE,
+    procs = [subprocess.Popen(cmd(r) if callable(cmd) else cmd, cwd=cwd, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               env=environment(RANK=r, LOCAL_RANK=r, WORLD_SIZE=world,
                                               MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
                                               **extra))
@@ -120,6 +122,23 @@ def test_healthy_ddp_one_report_no_finding_and_bit_identical_weights(tmp_path: P
     watched, ref = torch.load(tmp_path / "watched.pt"), torch.load(tmp_path / "plain.pt")
     assert watched.keys() == ref.keys()
     assert all(torch.equal(watched[k], ref[k]) for k in ref)
+
+
+@pytest.mark.slow
+def test_the_ranks_agree_on_one_detail_cadence(tmp_path: Path) -> None:
+    # Rank 0 is within a 90% budget, rank 1 far over a 1e-6 one: each proposes its own
+    # interval at every host copy, the exchange takes the largest, and both measure the
+    # same detail steps (which a per-layer comparison of the ranks relies on).
+    budgets = ("0.9", "1e-6")
+    done = ranks(lambda r: gradwatch_run("--json", "r.json", "--per-rank", "--overhead",
+                                         budgets[r]), tmp_path, STEPS=1100)
+    assert [p.returncode for p in done] == [0, 0], done[0].stderr[-2000:]
+    both = [report(tmp_path / "r.json"), report(tmp_path / "r.rank1.json")]
+    cadences = [r["run"]["cadence"] for r in both]
+    assert [c["overhead_budget"] for c in cadences] == [0.9, 1e-6]
+    assert cadences[0]["detail_every"] == cadences[1]["detail_every"]
+    assert len(cadences[0]["detail_every"]) >= 2  # stretched: rank 1's proposal won
+    assert both[0]["series"]["detail_step"] == both[1]["series"]["detail_step"]
 
 
 @pytest.mark.slow

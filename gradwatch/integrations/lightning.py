@@ -35,7 +35,7 @@ class GradwatchCallback(SessionReport, pl.Callback):  # type: ignore[misc, name-
     """Watch the LightningModule from the first training step to the end of ``fit``.
 
     ``GradwatchCallback(**watch_options)`` takes the options of ``gradwatch.watch``
-    (``sync_every``, ``detail_every``, ``every``, ``capacity``, ``strict``,
+    (``sync_every``, ``detail_every``, ``overhead``, ``every``, ``capacity``, ``strict``,
     ``probe_backwards``, ``thresholds``) and its own:
 
     - ``report_path``: the report's file (the suffix picks the format: ``.json``,

@@ -32,7 +32,7 @@ class GradwatchCallback(SessionReport, transformers.TrainerCallback):  # type: i
     of training.
 
     ``GradwatchCallback(**watch_options)`` takes the options of ``gradwatch.watch``
-    (``sync_every``, ``detail_every``, ``every``, ``capacity``, ``strict``,
+    (``sync_every``, ``detail_every``, ``overhead``, ``every``, ``capacity``, ``strict``,
     ``probe_backwards``, ``thresholds``) and its own:
 
     - ``report_path``: the report's file (the suffix picks the format: ``.json``,

@@ -41,7 +41,8 @@ __all__ = ["END_WAIT_S", "TIMEOUT_S", "Distributed", "is_sharded", "local", "pro
 TIMEOUT_S = float(os.environ.get("GRADWATCH_DIST_TIMEOUT", "120"))
 END_WAIT_S = float(os.environ.get("GRADWATCH_DIST_END_WAIT", "15"))
 _NORMS = ("grad", "grad_applied", "weight", "update")
-_HEADER = 4  # rank, last step of the window, first non-finite loss step, gradient step
+_HEADER = 5  # rank, last step of the window, first non-finite loss step, gradient step,
+# the detail interval the rank proposes for the next window (cadence.py)
 _RUNS = itertools.count()  # distributed monitors of this process, in the same order on all
 
 
@@ -205,7 +206,8 @@ class Distributed(Extension):
             warnings.simplefilter("ignore", RuntimeWarning)  # a layer never measured: NaN
             act_mean = np.nanmean(np.where(act == -1.0, np.nan, act), axis=0) if len(act) \
                 else np.full(act.shape[1], np.nan)
-        header = [self.rank, m.step - 1, _code(self.first["loss"]), _code(self.first["grad"])]
+        header = [self.rank, m.step - 1, _code(self.first["loss"]), _code(self.first["grad"]),
+                  m.cadence.proposed]
         row = torch.from_numpy(np.concatenate([header, losses, act_mean, norms.ravel()]))
         started = time.perf_counter()
         try:
@@ -218,6 +220,7 @@ class Distributed(Extension):
             return
         self.exchange_s += time.perf_counter() - started
         table = torch.stack(rows).numpy()
+        m.cadence.proposed = int(table[:, 4].max())  # every rank measures the same steps
         self._combine(table, start, every, len(act_mean))
         if len(sharded):
             every_rank = table[:, _HEADER + every + len(act_mean):].reshape(

@@ -24,6 +24,7 @@ from torch import nn
 from ..history import History
 from ..thresholds import Thresholds
 from .buffers import StepBuffers
+from .cadence import Cadence
 from .extension import Extension
 from .graph import GraphReader
 from .guard import guarded
@@ -41,6 +42,8 @@ class Monitor:
                  thresholds: Thresholds | None = None, discover: bool = False,
                  extensions: Sequence[Extension] = ()) -> None:
         self.options = options or Options()
+        o = self.options
+        self.cadence = Cadence(o.detail_every, o.overhead, o.sync_every)  # detail steps
         self.discover = discover  # adopt bare tensors found in the graph (gradwatch run)
         self.thresholds = thresholds or Thresholds()
         self.history = History(self.options.capacity)
@@ -99,19 +102,6 @@ class Monitor:
         if self.enabled:
             self.stopped_at = self.step
         self.enabled = False
-
-    def count_while_stopped(self, event: str) -> None:
-        """After an internal error: keep counting steps (nothing else) for the report."""
-        if event == "on_step_begin":
-            self._in_step += 1
-        elif event == "on_step_end":
-            self._in_step = max(0, self._in_step - 1)
-            if not self._in_step:
-                self.step += 1
-        elif event == "on_explicit_step" and self.mode != "optimizer":
-            self.step += 1
-        elif event == "on_backward_end" and self.mode == "backward":
-            self.step += 1
 
     def add_root(self, module: nn.Module, name: str, prefix: str = "") -> None:
         """Track a top-level model: its parameter-owning modules become layers."""
@@ -181,7 +171,7 @@ class Monitor:
         return self._is_detail(self.step)
 
     def _is_detail(self, step: int) -> bool:
-        return step < 8 or step % self.options.detail_every == 0
+        return step < 8 or step % self.cadence.interval == 0
 
     def _is_sampled(self, step: int) -> bool:
         return step % self.options.every == 0 or self._is_detail(step)
@@ -380,9 +370,15 @@ class Monitor:
         self._losses, self._step_losses = [], []
         self._grads_taken = False
         self.own_tensors.clear()
+        self.cadence.end_step(self.step, self._is_detail(self.step))
         self.step += 1
         if self.step % self.options.sync_every == 0:  # the same steps on every rank
+            self.cadence.device = self.device
+            self.cadence.propose(self.step)  # (distributed.py: the ranks take the max)
+            started = time.perf_counter()
             self.flush()
+            self.cadence.flushed(time.perf_counter() - started)
+            self.cadence.apply(self.step)
             if self.watched.compact() is not None:
                 # Models died (a sweep): their parameters' columns are dropped. The rows
                 # were just flushed, so the buffers start afresh at their new width.

@@ -23,6 +23,9 @@ class Options:
     """Rows kept per series; longer runs are downsampled evenly."""
     strict: bool = False
     """Re-raise errors inside gradwatch instead of reporting them and going on."""
+    overhead: float | None = 0.01
+    """gradwatch's share of the step it keeps to (0.01: 1%) by measuring in detail less
+    often on long runs (``measure/cadence.py``); None keeps ``detail_every`` fixed."""
     probe_backwards: int = 64
     """Backward calls without any optimizer step and without any change of the weights
     before a run counts as hand-updated (a change of the weights decides at once)."""
@@ -35,5 +38,9 @@ class Options:
         if not isinstance(self.capacity, int) or self.capacity < 16 or self.capacity % 2:
             raise ValueError(f"option 'capacity' must be an even integer >= 16, "
                              f"got {self.capacity!r}")
+        if self.overhead is not None and (isinstance(self.overhead, bool) or not isinstance(
+                self.overhead, (int, float)) or not 0 < self.overhead <= 1):
+            raise ValueError(f"option 'overhead' must be a fraction of the step in (0, 1] "
+                             f"(0.01 = 1%) or None (fixed cadence), got {self.overhead!r}")
         if not isinstance(self.strict, bool):
             raise TypeError(f"option 'strict' must be True or False, got {self.strict!r}")

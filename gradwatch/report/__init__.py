@@ -161,7 +161,8 @@ def _run_facts(monitor: Any, detector_errors: list[str]) -> dict[str, Any]:
             "in_progress": monitor.status == "running", "error": monitor.error,
             "duration_s": round(monitor.duration, 3), "mode": monitor.mode,
             "internal_errors": list(monitor.errors) + detector_errors,
-            "detector_errors": detector_errors, "measured_steps": monitor.stopped_at}
+            "detector_errors": detector_errors, "measured_steps": monitor.stopped_at,
+            "cadence": monitor.cadence.facts(monitor.options.every)}
 
 
 def _minimal(monitor: Any, findings: list[Finding], errors: list[str]) -> Report:

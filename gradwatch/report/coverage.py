@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["coverage_notes"]
+__all__ = ["cadence_sentence", "coverage_notes"]
 
 _FORWARD = ("its forward (activations: dead and saturated units, layer outputs, model input "
             "and output, the eval-mode check) is not measured; losses, gradients, weights and "
@@ -39,3 +39,41 @@ def coverage_notes(data: dict[str, Any]) -> list[str]:
         notes.append(f"{error}; what it would have shown is missing from this report (your "
                      f"run was not affected)")
     return notes
+
+
+def _nth(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+def cadence_sentence(run: dict[str, Any]) -> str | None:
+    """gradwatch's measured share of the step, and the detail cadence it kept to."""
+    c = run.get("cadence")
+    share = c.get("overhead") if c else None
+    if share is None:
+        return None
+    stretch = c["detail_every"]
+    detail = f"detail steps every {_nth(stretch[0]['every'])}"
+    if len(stretch) > 1:
+        detail = (f"detail steps stretched from every {_nth(stretch[0]['every'])} step to "
+                  f"every {_nth(stretch[-1]['every'])} by step {stretch[-1]['from_step']}")
+    cost = c.get("cost_ms") or {}
+    ms = ""
+    if all(isinstance(cost.get(k), (int, float)) for k in ("plain_step", "detail_step",
+                                                           "user_step")):
+        ms = (f" ({cost['plain_step']:.2g} ms a step, {cost['detail_step']:.2g} ms a detail "
+              f"step; the script's own step {cost['user_step']:.3g} ms)")
+    text = f"cost: gradwatch's own work took {share:.1%} of the step{ms}"
+    budget = c.get("overhead_budget")
+    if budget is None:
+        return f"{text}; {detail} (overhead=None: a fixed cadence)."
+    if share <= budget * 1.05:
+        return f"{text}, within its {budget:.0%} budget; {detail}."
+    plain, user = cost.get("plain_step"), cost.get("user_step")
+    if isinstance(plain, (int, float)) and isinstance(user, (int, float)) and user > 0 \
+            and plain / user > budget:
+        why = ("on a step this short the gradient norms measured every step cost more than "
+               "that alone (every=2 halves them)")
+    else:
+        why = (f"a run this short keeps at least one detail step in {c['density']} for the "
+               f"detectors")
+    return f"{text}, over its {budget:.0%} budget: {why}; {detail}."

@@ -9,7 +9,7 @@ from html import escape
 from typing import Any
 
 from . import plots
-from .coverage import coverage_notes
+from .coverage import cadence_sentence, coverage_notes
 
 __all__ = ["CSS", "figures", "render_html"]
 
@@ -244,6 +244,9 @@ def render_html(data: dict[str, Any]) -> str:
         parts.append(f"<p><b>The run ended with:</b> {_e(run['error'])}</p>")
     parts += [f"<p class='coverage'><b>Not measured:</b> {_e(note)}</p>"
               for note in coverage_notes(data)]
+    cadence = cadence_sentence(run)
+    if cadence:
+        parts.append(f"<p class='cadence'>{_e(cadence[0].upper() + cadence[1:])}</p>")
     problems = [f for f in data["findings"] if f["severity"] != "info"]
     parts += _glance(data["findings"])
     figs = drawn_figures(data)

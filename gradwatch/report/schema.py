@@ -121,6 +121,8 @@ def _check_shown(c: _Checker, data: dict[str, Any], run: dict[str, Any]) -> None
             _texts(c, run[key], f"run.{key}")
     if run.get("measured_steps") is not None:
         c.whole(run["measured_steps"], "run.measured_steps")
+    if run.get("cadence") is not None:
+        _check_cadence(c, c.obj(run["cadence"], "run.cadence"))
     for i, layer in enumerate(data["layers"]):
         c.text(layer.get("type"), f"layers[{i}].type")
         c.whole(layer.get("depth"), f"layers[{i}].depth")
@@ -181,3 +183,21 @@ def _check_finding(c: _Checker, f: dict[str, Any], where: str) -> None:
         for key in ("verified", "params"):
             if remedy.get(key) is not None:
                 c.obj(remedy[key], f"{where}.remedies[{j}].{key}")
+
+
+def _check_cadence(c: _Checker, cadence: dict[str, Any]) -> None:
+    """``run.cadence``: what was measured how often, and gradwatch's measured share."""
+    for key in ("every", "density"):
+        c.whole(cadence.get(key), f"run.cadence.{key}")
+    changes = c.items(cadence.get("detail_every"), "run.cadence.detail_every")
+    if not changes:
+        c.fail("run.cadence.detail_every", "must not be empty")
+    for i, change in enumerate(changes):
+        change = c.obj(change, f"run.cadence.detail_every[{i}]")
+        for key in ("from_step", "every"):
+            c.whole(change.get(key), f"run.cadence.detail_every[{i}].{key}")
+    for key in ("overhead_budget", "overhead"):
+        _number(c, cadence.get(key), f"run.cadence.{key}")
+    cost = c.obj(cadence.get("cost_ms", {}), "run.cadence.cost_ms")
+    for key in ("plain_step", "detail_step", "user_step"):
+        _number(c, cost.get(key), f"run.cadence.cost_ms.{key}")

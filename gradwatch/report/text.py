@@ -7,7 +7,7 @@ import textwrap
 from collections import Counter
 from typing import Any
 
-from .coverage import coverage_notes
+from .coverage import cadence_sentence, coverage_notes
 
 __all__ = ["printable", "render_text"]
 
@@ -123,6 +123,9 @@ def render_text(data: dict[str, Any], width: int = 100) -> str:
                  f"parameters ({model}); optimizer: {opts}")
     if data.get("fix"):
         lines += _fix_lines(data["fix"], width)
+    cadence = cadence_sentence(run)
+    if cadence:
+        lines += _wrap(cadence, width, "")
     if run.get("world_size"):
         lines.append(f"processes: {run['world_size']} ranks; this report is rank "
                      f"{run['rank']}'s")
