@@ -261,6 +261,10 @@ def test_the_rnn_gradient_vanishes_through_time_the_gated_nets_learn_to_keep_it(
     for f in _findings(r, "rnn", "vanishing_gradient", "time"):
         assert f is None or f.evidence["sequence_length"] == recurrent.LENGTH
     assert f"median over the run: RNN {spread(rnn, 2)}" in verdict.observed
+    assert "at step 0 the first timestep gets less than 0.001 of the last one's gradient in " \
+        "RNN, LSTM, GRU" in verdict.reason
+    assert f"RNN {spread(r.metric('rnn', 'timestep_ratio_at_step0'), 2)}" in verdict.reason
+    assert "LSTM, GRU and LSTM(forget bias 1) raise the ratio over 100x" in verdict.reason
     assert f"the RNN ends at {spread(r.metric('rnn', 'timestep_ratio_at_end'), 2)}" \
         in verdict.reason
     # the control: the RNN fails even the short lags, and the reason says so with its number
