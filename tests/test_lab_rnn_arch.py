@@ -14,11 +14,14 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import torch
 from conftest import LAB_SEEDS, LabRuns
 
-from gradwatch.lab import EXPERIMENTS, architectures, seed003
-from gradwatch.lab.core import ArmResults, Verdict, n_steps
+from gradwatch.lab import EXPERIMENTS, architectures, recurrent, seed003
+from gradwatch.lab.core import ArmResults, Verdict, n_steps, spread
+from gradwatch.lab.names import metric_label
 from gradwatch.lab.runner import LAB_SCHEMA, experiment_entry, lab_json
 
 SEEDS = LAB_SEEDS
@@ -46,7 +49,7 @@ def depth(lab: LabRuns) -> Run:
 
 
 @pytest.fixture(scope="module")
-def recurrent(lab: LabRuns) -> Run:
+def recurrent_runs(lab: LabRuns) -> Run:
     return _run(lab, "recurrent_architectures")
 
 
@@ -61,7 +64,7 @@ def test_experiments_are_registered_after_seed002() -> None:
     assert names.index("xavier_vs_kaiming") < names.index("rnn_clipping") < \
         names.index("rnn_relu_vs_tanh") < names.index("deep_architectures") < \
         names.index("recurrent_architectures")
-    for exp in (*seed003.EXPERIMENTS, *architectures.EXPERIMENTS):
+    for exp in (*seed003.EXPERIMENTS, *architectures.EXPERIMENTS, *recurrent.EXPERIMENTS):
         assert EXPERIMENTS[exp.name] is exp
         assert any(a.role == "repair" for a in exp.arms)
         assert any(a.role == "seed" and a.claim for a in exp.arms)
@@ -193,33 +196,97 @@ def test_the_three_depth_nets_have_equal_depth() -> None:
 
 
 # --------------------------------------------------------------------- architectures: time
-def test_default_lstm_and_gru_vanish_like_the_rnn_only_forget_bias_1_helps(
-        recurrent: Run) -> None:
-    r, verdict, _ = recurrent
-    metric = "grad_ratio_first_to_last_timestep"
-    rnn = r.metric("rnn", metric)
+GATED = ("lstm", "gru", "lstm_forget1")
+RATIO = "grad_ratio_first_to_last_timestep"
+
+
+def test_the_recall_task_is_judged_on_held_out_long_lags() -> None:
+    """Training sequences have the marker anywhere; the held-out ones are other sequences
+    (generator seeds of their own) with the marker 30-34 or 0-4 steps back."""
+    x, y = recurrent.recall_data()
+    assert x.shape == (recurrent.TRAIN_SEQUENCES, recurrent.LENGTH, 2)
+    lags = recurrent.LENGTH - 1 - x[:, :, 1].argmax(dim=1)
+    assert int(lags.min()) == 0 and int(lags.max()) == recurrent.LENGTH - 1
+    assert (x[:, :, 1].sum(dim=1) == 1).all()
+    assert torch.equal(y, x[torch.arange(len(x)), x[:, :, 1].argmax(dim=1), 0])
+    for window in (recurrent.LONG, recurrent.SHORT):
+        xt, _ = recurrent.held_out(window)
+        lags = recurrent.LENGTH - 1 - xt[:, :, 1].argmax(dim=1)
+        assert window[0] <= int(lags.min()) and int(lags.max()) <= window[1]
+        # none of them is a training sequence
+        assert torch.cdist(xt[:, :, 0], x[:, :, 0]).min() > 1.0
+        assert math.isclose(recurrent.constant_loss(window), 1.0, abs_tol=0.15)
+    for key, window in (("val_loss_long", recurrent.LONG), ("val_loss_short", recurrent.SHORT)):
+        assert f"{window[0]}-{window[1]} steps back" in metric_label(key)
+
+
+def test_gated_nets_learn_the_long_recall_on_held_out_data_the_rnn_does_not(
+        recurrent_runs: Run) -> None:
+    r, verdict, _ = recurrent_runs
+    constant = recurrent.CONSTANT_LOSS
+    for arm in GATED:
+        held_out = r.metric(arm, "val_loss_long")
+        assert all(v < 0.1 * constant for v in held_out), (arm, held_out)
+        # the learning curve: every step's training loss, falling far below its start
+        for run in r[arm]:
+            assert len(run.losses) == recurrent.STEPS
+            assert np.mean(run.losses[-25:]) < 0.1 * np.mean(run.losses[:25]), arm
+    rnn = r.metric("rnn", "val_loss_long")
+    assert all(v > 0.9 * constant for v in rnn), rnn
+    assert all(np.mean(run.losses[-25:]) > 0.7 * constant for run in r["rnn"])
+    assert verdict.verdict == "holds"
+    assert f"RNN {spread(rnn, 3)}" in verdict.observed
+    assert "RNN on 0 of 3 seeds, LSTM on 3 of 3 seeds, GRU on 3 of 3 seeds" in verdict.observed
+    assert "learn the 30-step recall on every seed in 300 steps" in verdict.repair
+
+
+def test_the_rnn_gradient_vanishes_through_time_the_gated_nets_learn_to_keep_it(
+        recurrent_runs: Run) -> None:
+    r, verdict, _ = recurrent_runs
+    rnn = r.metric("rnn", RATIO)
+    assert all(v < 1e-5 for v in rnn), rnn  # gradwatch's limit is 1e-3
+    assert all(v < 1e-3 for v in r.metric("rnn", "timestep_ratio_at_end"))
+    # At step 0 the default-init gates vanish like the RNN; a forget bias of 1 does not ...
     for arm in ("rnn", "lstm", "gru"):
-        ratios = r.metric(arm, metric)
-        assert all(v < 1e-6 for v in ratios), (arm, ratios)
-        for f in _findings(r, arm, "vanishing_gradient", "time"):
-            assert f is not None and f.evidence["sequence_length"] == architectures.LENGTH
-    # Default-init gates buy at most a small factor over the plain RNN ...
-    for arm in ("lstm", "gru"):
-        assert not all(m >= 100 * v for m, v in zip(r.metric(arm, metric), rnn, strict=True))
-    # ... a forget-gate bias of 1 buys orders of magnitude.
-    forget1 = r.metric("lstm_forget1", metric)
-    assert all(m >= 1e4 * v for m, v in zip(forget1, rnn, strict=True)), (forget1, rnn)
-    assert all(1e-5 < v < 1e-1 for v in forget1)
+        start = r.metric(arm, "timestep_ratio_at_step0")
+        assert all(v < 1e-5 for v in start), (arm, start)
+    forget1 = r.metric("lstm_forget1", "timestep_ratio_at_step0")
+    assert all(f > 100 * d for f, d in zip(forget1, r.metric("lstm", "timestep_ratio_at_step0"),
+                                           strict=True))
+    # ... and by the end every gated net passes the first timestep a real share.
+    for arm in GATED:
+        end = r.metric(arm, "timestep_ratio_at_end")
+        assert all(v > 1e-2 for v in end), (arm, end)
+        assert _findings(r, arm, "vanishing_gradient", "time") == [None] * len(SEEDS)
+    for f in _findings(r, "rnn", "vanishing_gradient", "time"):
+        assert f is None or f.evidence["sequence_length"] == recurrent.LENGTH
+    assert f"median over the run: RNN {spread(rnn, 2)}" in verdict.observed
+    assert "at step 0 the first timestep gets less than 0.001 of the last one's gradient in " \
+        "RNN, LSTM, GRU" in verdict.reason
+    assert f"RNN {spread(r.metric('rnn', 'timestep_ratio_at_step0'), 2)}" in verdict.reason
+    assert "LSTM, GRU and LSTM(forget bias 1) raise the ratio over 100x" in verdict.reason
+    assert f"the RNN ends at {spread(r.metric('rnn', 'timestep_ratio_at_end'), 2)}" \
+        in verdict.reason
+    # the control: the RNN fails even the short lags, and the reason says so with its number
+    short = r.metric("rnn", "val_loss_short")
+    assert all(v > 0.5 * recurrent.CONSTANT_SHORT for v in short), short
+    assert f"does not learn even the short lags (0-4 steps back: held-out loss " \
+        f"{spread(short, 2)}" in verdict.reason
+
+
+def test_rnn_arch_verdicts_are_computed_not_fixed(recurrent_runs: Run, depth: Run) -> None:
+    """Swap the measurements: the same judges then give other verdicts and texts."""
+    r, _, _ = recurrent_runs
+    judge = EXPERIMENTS["recurrent_architectures"].judge
+    swapped = ArmResults({"rnn": r["lstm_forget1"], "lstm": r["rnn"], "gru": r["rnn"],
+                          "lstm_forget1": r["rnn"]})
+    assert judge(swapped).verdict == "does not hold"
+    assert "no gated net learned the 30-step recall on every seed" in judge(swapped).repair
+    only_forget1 = ArmResults({"rnn": r["rnn"], "lstm": r["rnn"], "gru": r["rnn"],
+                               "lstm_forget1": r["lstm_forget1"]})
+    verdict = judge(only_forget1)
     assert verdict.verdict == "partly"
-    assert "LSTM(forget bias 1) keeps >= 100x" in verdict.reason
-
-
-def test_rnn_arch_verdicts_are_computed_not_fixed(recurrent: Run, depth: Run) -> None:
-    """Swap the measurements: the same judges then give other verdicts."""
-    r, _, _ = recurrent
-    swapped = ArmResults({"rnn": r["lstm_forget1"], "lstm": r["lstm_forget1"],
-                          "gru": r["lstm_forget1"], "lstm_forget1": r["rnn"]})
-    assert EXPERIMENTS["recurrent_architectures"].judge(swapped).verdict == "does not hold"
+    assert "LSTM(forget bias 1) learns the 30-step recall" in verdict.repair
     d, _, _ = depth
     only_bn = ArmResults({"plain": d["plain"], "batchnorm": d["batchnorm"],
                           "residual": d["plain"]})
@@ -232,15 +299,16 @@ def _no_constant(token: str) -> None:
 
 
 def test_lab_entries_are_strict_json_with_numbers_per_seed(
-        tmp_path: Path, clipping: Run, relu_tanh: Run, depth: Run, recurrent: Run) -> None:
+        tmp_path: Path, clipping: Run, relu_tanh: Run, depth: Run,
+        recurrent_runs: Run) -> None:
     """The runner's lab.json entries for these runs, in lab.json's text as run_lab writes
     it, and the reports they point to."""
     lab = {"schema": LAB_SCHEMA, "seeds": list(SEEDS), "experiments": [
         experiment_entry(EXPERIMENTS[name], r, SEEDS, tmp_path)
-        for r, _, name in (clipping, relu_tanh, depth, recurrent)]}
+        for r, _, name in (clipping, relu_tanh, depth, recurrent_runs)]}
     lab = json.loads(lab_json(lab), parse_constant=_no_constant)  # NaN, Infinity: not JSON
     entries = {e["name"]: e for e in lab["experiments"]}
-    for _, verdict, name in (clipping, relu_tanh, depth, recurrent):
+    for _, verdict, name in (clipping, relu_tanh, depth, recurrent_runs):
         data = entries[name]
         assert data["verdict"] == verdict.verdict
         assert data["observed"] == verdict.observed

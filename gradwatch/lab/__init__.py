@@ -8,7 +8,7 @@ here.
 
 from __future__ import annotations
 
-from . import architectures, seed000, seed001, seed002, seed003
+from . import architectures, recurrent, seed000, seed001, seed002, seed003
 from .core import Arm, ArmResults, Experiment, RunResult, Verdict
 
 __all__ = ["EXPERIMENTS", "Arm", "ArmResults", "Experiment", "RunResult", "Verdict"]
@@ -19,5 +19,6 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
     *seed001.EXPERIMENTS,
     *seed003.EXPERIMENTS,
     *architectures.EXPERIMENTS,
+    *recurrent.EXPERIMENTS,
 )}
 """Every experiment by name, in the order the demo runs them."""

@@ -1,17 +1,16 @@
-"""The seeds' architecture claims (seeds 000 and 004, SEEDS.md section 1), measured.
+"""The seeds' architecture claims through depth (seeds 000 and 004, SEEDS.md section 1),
+measured.
 
 "Vanishing gradients are common in deep plain networks and plain RNNs, rarer in LSTM/GRU,
 ResNets (residual connections) and with BatchNorm." The seeds give no code, so the lab
-compares the architectures at equal size on small tasks made in code, each trained for a
+compares the architectures at equal size on a small task made in code, each trained for a
 few dozen real steps under :func:`gradwatch.watch`:
 
-1. ``deep_architectures``: 20 weight layers with sigmoid, PyTorch's default init: plain,
-   with BatchNorm after every hidden Linear, and with residual connections. Measure: the
-   first layer's gradient norm / the last layer's (gradwatch's depth ratio).
-2. ``recurrent_architectures``: nn.RNN, nn.LSTM and nn.GRU (default init) and an LSTM
-   with forget-gate bias 1, reading 40 timesteps and recalling the first one. Measure: the
-   gradient reaching the first timestep's input / the last one's (gradwatch's through-time
-   ratio).
+``deep_architectures``: 20 weight layers with sigmoid, PyTorch's default init: plain, with
+BatchNorm after every hidden Linear, and with residual connections. Measure: the first
+layer's gradient norm / the last layer's (gradwatch's depth ratio).
+
+The recurrent half of the claim (RNN, LSTM, GRU) is ``recurrent.py``'s experiment.
 """
 
 from __future__ import annotations
@@ -28,21 +27,17 @@ import gradwatch
 from gradwatch.thresholds import Thresholds
 
 from .core import Arm, ArmResults, Experiment, RunResult, Verdict, fit, run_length, spread
-from .seed003 import LastStepRNN
 
 __all__ = [
     "DEPTH",
     "EXPERIMENTS",
-    "LENGTH",
     "PreActResidual",
     "deep_net",
     "depth_data",
-    "recall_data",
 ]
 
 _T = Thresholds()
 VANISHING = _T.vanishing_ratio  # 1e-3: gradwatch's limit through depth
-VANISHING_TIME = _T.through_time_vanishing_ratio  # 1e-3: and through time
 BETTER = 100.0  # an architecture "keeps" the gradient if it keeps >= 100x the plain one's
 
 # --- depth ---------------------------------------------------------------------------
@@ -141,63 +136,6 @@ def _train_depth(variant: str, claim: str, seed: int, steps: int = DEPTH_STEPS) 
     return RunResult(EXP_DEPTH, variant, claim, losses[-1], losses, report, metrics)
 
 
-# --- time ----------------------------------------------------------------------------
-LENGTH = 40  # timesteps
-HIDDEN = 32
-SEQUENCES = 64
-TIME_STEPS = 30
-TIME_LR = 1e-3
-
-
-def recall_data() -> tuple[torch.Tensor, torch.Tensor]:
-    """64 sequences of 40 N(0, 1) inputs; the target is the first input (data seed 0)."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(SEQUENCES, LENGTH, 1, generator=g)
-    return x, x[:, 0, 0].clone()
-
-
-TIME_CONSTANT_LOSS = float(recall_data()[1].var(unbiased=False))
-"""MSE of predicting the mean of the first input: the loss of a model that recalls nothing."""
-
-
-def _recurrent(kind: str) -> nn.RNNBase:
-    """One recurrent layer, 1 input, HIDDEN units, PyTorch's default init (but the forget
-    bias of ``lstm_forget1``)."""
-    if kind == "rnn":
-        return nn.RNN(1, HIDDEN, batch_first=True)
-    if kind == "gru":
-        return nn.GRU(1, HIDDEN, batch_first=True)
-    module = nn.LSTM(1, HIDDEN, batch_first=True)
-    if kind == "lstm_forget1":  # gate order: input, forget, cell, output
-        with torch.no_grad():
-            module.bias_ih_l0[HIDDEN:2 * HIDDEN] = 1.0
-            module.bias_hh_l0[HIDDEN:2 * HIDDEN] = 0.0
-    return module
-
-
-def _train_time(variant: str, claim: str, seed: int, steps: int = TIME_STEPS) -> RunResult:
-    """One recurrent arm: full-batch MSE with Adam for ``steps`` (TIME_STEPS) steps under
-    gradwatch.watch; the through-time ratios."""
-    torch.manual_seed(seed)
-    model = LastStepRNN(_recurrent(variant))
-    x, y = recall_data()
-    optimizer = torch.optim.Adam(model.parameters(), lr=TIME_LR)
-    # Through-time ratios are measured on detail steps: every 4th, so 30 steps give ~14.
-    losses, report = fit(model, optimizer, x, y, steps, detail_every=4)
-    series = report.series["through_time"].get("rnn", {})
-    ratios = np.array([np.nan if v is None else v
-                       for v in series.get("ratio_first_to_last_timestep", [])], dtype=float)
-    ratios = ratios[np.isfinite(ratios)]
-    finding = _vanishing(report, "time")
-    metrics = {
-        "grad_ratio_first_to_last_timestep": float(np.median(ratios)) if ratios.size
-        else math.nan,
-        "grad_ratio_at_step0": float(ratios[0]) if ratios.size else math.nan,
-        "vanishing_reported": float(finding is not None and finding.severity != "info"),
-    }
-    return RunResult(EXP_TIME, variant, claim, losses[-1], losses, report, metrics)
-
-
 # --- judges ---------------------------------------------------------------------------
 def _count(flags: list[bool]) -> str:
     return f"{sum(flags)} of {len(flags)} seeds"
@@ -258,66 +196,14 @@ def _judge_depth(r: ArmResults) -> Verdict:
     return Verdict(verdict, observed, reason, repair)
 
 
-def _judge_time(r: ArmResults) -> Verdict:
-    metric = "grad_ratio_first_to_last_timestep"
-    rnn = r.metric("rnn", metric)
-    vanishes = all(v < VANISHING_TIME for v in rnn)
-    keeps = {arm: _keeps(r, arm, "rnn", metric, VANISHING_TIME)
-             for arm in ("lstm", "gru", "lstm_forget1")}
-    gated_fix = all(above for arm, (above, _) in keeps.items() if arm != "lstm_forget1")
-    better = [arm for arm, (_, b) in keeps.items() if b]
-    verdict = "holds" if vanishes and gated_fix else \
-        "partly" if vanishes and better else "does not hold"
-    names = {"rnn": "RNN", "lstm": "LSTM", "gru": "GRU", "lstm_forget1": "LSTM(forget bias 1)"}
-    ratios = ", ".join(f"{names[a]} {spread(r.metric(a, metric), 2)}" for a in names)
-    observed = (
-        f"gradient reaching the first of {LENGTH} timesteps / the last one's, median over "
-        f"{run_length(r)} Adam steps: {ratios}. gradwatch reports vanishing through time for "
-        + ", ".join(f"{names[a]} on {_reported(r, a)}" for a in names)
-        + f". Final loss (predicting the mean scores {TIME_CONSTANT_LOSS:.2f}): "
-        + ", ".join(f"{names[a]} {spread(r.losses(a))}" for a in names) + ".")
-    # the geometric-mean factor per timestep that the median ratio implies
-    per_step = {a: [v ** (1 / (LENGTH - 1)) for v in r.metric(a, metric)] for a in names}
-    decays = ", ".join(f"{names[a]} x{spread(v, 2)}" for a, v in per_step.items())
-    learned = [a for a in names
-               if float(np.nanmedian(r.losses(a))) < 0.9 * TIME_CONSTANT_LOSS]
-    reason = (
-        f"at PyTorch's default init an LSTM's forget gate and a GRU's update gate start near "
-        f"sigmoid(0) = 0.5, so their state decays about as fast as the plain RNN's, whose "
-        f"recurrent weights shrink the signal at every step: per timestep the gradient "
-        f"is multiplied by {decays}. Gates help once they are open: with a forget-gate bias of 1 "
-        f"(Keras's default, not PyTorch's) the cell keeps sigmoid(1) = 0.73 of its state per "
-        f"step at the start"
-        + (f"; {' and '.join(names[a] for a in better)} "
-           f"{'keeps' if len(better) == 1 else 'keep'} >= {BETTER:.0f}x the RNN's gradient at "
-           f"the first timestep on every seed" if better else "")
-        + ". " + (f"In {run_length(r)} steps only {', '.join(names[a] for a in learned)} "
-                  f"learned to recall the first input." if learned else
-                  f"In {run_length(r)} steps none of them learned to recall the first input yet: "
-                  f"the measure here is the gradient's path, which decides whether they can."))
-    repair = (
-        f"an LSTM with forget-gate bias 1 (bias_ih[H:2H] = 1, bias_hh[H:2H] = 0) carries "
-        f"{spread([a / b for a, b in zip(r.metric('lstm_forget1', metric), rnn, strict=True)], 2)}"
-        f"x more gradient to the first timestep than the plain RNN, "
-        f"{spread(r.metric('lstm_forget1', metric), 2)} of the last timestep's; for much "
-        f"longer sequences the forget bias has to be larger still.")
-    return Verdict(verdict, observed, reason, repair)
-
-
 # --- arms and experiments -------------------------------------------------------------
 EXP_DEPTH = "deep_architectures"
-EXP_TIME = "recurrent_architectures"
 
 CLAIM_PLAIN = "vanishing gradients are common in deep plain networks"
 CLAIM_BN = ("BatchNorm keeps each layer's input distribution stable and eases vanishing "
             "gradients")
 CLAIM_RES = ("residual connections let the gradient skip layers directly in backprop, which "
              "eases vanishing gradients")
-CLAIM_RNN = "vanishing gradients are common in plain RNNs (nn.RNN)"
-CLAIM_LSTM = "vanishing gradients are rarer in LSTM"
-CLAIM_GRU = "vanishing gradients are rarer in GRU"
-
-
 def _runner(train: Callable[[str, str, int, int], RunResult], variant: str, claim: str,
             doc: str, steps: int) -> Callable[..., RunResult]:
     def run(seed: int = 0, steps: int = steps) -> RunResult:
@@ -331,16 +217,9 @@ _DEPTH_SETUP = (f"{DEPTH} Linear layers (Linear({INPUTS}, {WIDTH}), {DEPTH - 2} 
                 f"Linear({WIDTH}, {WIDTH}), Linear({WIDTH}, 1)) with sigmoid, PyTorch's default "
                 f"init; {SAMPLES} samples of {INPUTS} N(0, 1) features, y = sin(2 x.w) + 0.1 "
                 f"noise (data seed 0); full-batch MSE, Adam lr {DEPTH_LR}, {DEPTH_STEPS} steps")
-_TIME_SETUP = (f"one recurrent layer ({HIDDEN} hidden units) + Linear({HIDDEN}, 1) on its last "
-               f"output; {SEQUENCES} fixed sequences of {LENGTH} N(0, 1) inputs (data seed 0), "
-               f"target the first input; full-batch MSE, Adam lr {TIME_LR}, {TIME_STEPS} steps, "
-               f"the through-time ratio measured every 4th step")
-
-
 def _arm(train: Callable[[str, str, int, int], RunResult], name: str, claim: str, text: str,
          role: str) -> Arm:
-    steps = DEPTH_STEPS if train is _train_depth else TIME_STEPS
-    return Arm(name, claim, text, _runner(train, name, claim, text, steps), role=role)
+    return Arm(name, claim, text, _runner(train, name, claim, text, DEPTH_STEPS), role=role)
 
 
 _ARMS = {
@@ -353,15 +232,6 @@ _ARMS = {
                      f"{_DEPTH_SETUP}; the {DEPTH - 2} middle layers as pre-activation "
                      f"residual blocks x + Linear(sigmoid(x)), a sigmoid before the head.",
                      "repair"),
-    "rnn": _arm(_train_time, "rnn", CLAIM_RNN, f"{_TIME_SETUP}; nn.RNN (tanh), default init.",
-                "seed"),
-    "lstm": _arm(_train_time, "lstm", CLAIM_LSTM, f"{_TIME_SETUP}; nn.LSTM, default init.",
-                 "repair"),
-    "gru": _arm(_train_time, "gru", CLAIM_GRU, f"{_TIME_SETUP}; nn.GRU, default init.",
-                "repair"),
-    "lstm_forget1": _arm(_train_time, "lstm_forget1", "",
-                         f"{_TIME_SETUP}; nn.LSTM with forget-gate bias 1 (bias_ih_l0[32:64] = "
-                         f"1, bias_hh_l0[32:64] = 0), otherwise default init.", "repair"),
 }
 
 EXPERIMENTS: tuple[Experiment, ...] = (
@@ -375,14 +245,5 @@ EXPERIMENTS: tuple[Experiment, ...] = (
                "the last one's, median over the steps.",
                (_ARMS["plain"], _ARMS["batchnorm"], _ARMS["residual"]), _judge_depth,
                cost_s=1.3),
-    Experiment(EXP_TIME, "seeds 000/004", "Vanishing gradients through time: RNN, LSTM, GRU",
-               "vanishing gradients are common in plain RNNs and rarer in LSTM and GRU",
-               f"The seeds give no code. Equal size, equal task: {_TIME_SETUP}. The measure is "
-               "gradwatch's through-time ratio: the gradient norm reaching the first "
-               "timestep's input / the last one's, median over the measured steps. An LSTM "
-               "with forget-gate bias 1 (a common practice the seeds do not mention) is the "
-               "repair.",
-               (_ARMS["rnn"], _ARMS["lstm"], _ARMS["gru"], _ARMS["lstm_forget1"]), _judge_time,
-               cost_s=1.3),
 )
-"""The architecture claims: through depth, then through time."""
+"""The architecture claim through depth (the one through time: recurrent.py)."""
