@@ -321,3 +321,35 @@ def test_lab_entries_are_strict_json_with_numbers_per_seed(
     arms = {a["name"]: a for a in entries["rnn_clipping"]["arms"]}
     assert [run["final_loss"] for run in arms["no_clip"]["runs"]] == [None] * len(SEEDS)
     assert arms["clip15"]["summary"]["clipped_steps"]["min"] >= 30
+
+
+def test_the_recurrent_screen_shows_the_gradient_through_time_of_every_arm(
+        tmp_path: Path, recurrent_runs: Run, depth: Run) -> None:
+    """The claim is about gradients through time: the first screen plots every arm's
+    first-to-last timestep ratio (the runs' own numbers), beside the loss; a depth
+    experiment keeps its two gradient-flow heatmaps."""
+    from gradwatch.lab.page import render_lab_page
+
+    entries = [experiment_entry(EXPERIMENTS[name], r, SEEDS, tmp_path)
+               for r, _, name in (recurrent_runs, depth)]
+    page = render_lab_page({"schema": LAB_SCHEMA, "seeds": list(SEEDS),
+                            "experiments": json.loads(lab_json(
+                                {"experiments": entries}))["experiments"]})
+    sections = page.split("<section class='exp'")[1:]
+    recurrent = next(s for s in sections if "recurrent_architectures" in s)
+    first = recurrent.split("<details>")[0]
+    assert first.count("<svg") == 3  # loss, through time, the seed arm's gradient flow
+    chart = first[first.index("Gradient reaching the first timestep"):]
+    chart = chart[: chart.index("</svg>")]
+    for arm in ("rnn", "lstm", "gru", "lstm_forget1"):
+        assert f">{arm}<" in chart, arm
+    assert "log scale" in chart
+    run = entries[0]["arms"][0]["runs"][0]
+    ratios = [v for v in run["through_time"]["ratio"] if v is not None]
+    r, _, _ = recurrent_runs
+    series = r["rnn"][0].report.series["through_time"]["rnn"]["ratio_first_to_last_timestep"]
+    assert ratios == [v for v in series if v is not None]
+    depth_first = next(s for s in sections if "deep_architectures" in s).split("<details>")[0]
+    assert depth_first.count("<svg") == 3  # loss, the seed arm's and the repair's flow
+    assert depth_first.count("(repair): gradient flow, seed") >= 1
+    assert "Gradient reaching the first timestep" not in depth_first

@@ -85,13 +85,32 @@ def _median_curve(curves: Sequence[tuple[list[Any], list[Any]]]) -> tuple[list[A
 
 def _loss_figure(exp: dict[str, Any]) -> str:
     """All arms' loss curves: the median over seeds bold, every seed faint behind it."""
+    return _arms_figure(exp, "loss_curve", "loss", "Loss of every arm", "loss")
+
+
+def _through_time_figure(exp: dict[str, Any]) -> str:
+    """Every arm's gradient reaching the first timestep / the last one's, over the run."""
+    return _arms_figure(exp, "through_time", "ratio",
+                        "Gradient reaching the first timestep / the last one's",
+                        "ratio", log=True, kind="through-time",
+                        extra=["Measured on gradwatch's detail steps (0-7, then every 16th); "
+                               "lower means less of the gradient survives the trip back in "
+                               "time."])
+
+
+def _arms_figure(exp: dict[str, Any], key: str, value: str, title: str, label: str,
+                 log: bool | None = None, kind: str = "loss",
+                 extra: Sequence[str] = ()) -> str:
+    """One curve per arm from each run's ``key`` ({"step": [...], value: [...]}): the median
+    over seeds bold, every seed faint behind it; log scale when ``log`` (None: when the
+    values span more than 100x)."""
     lines: dict[str, tuple[list[Any], list[Any]]] = {}
     faint: dict[str, list[tuple[list[Any], list[Any]]]] = {}
-    notes = []
+    notes = list(extra)
     for arm in exp.get("arms") or []:
-        curves = [(list((r.get("loss_curve") or {}).get("step") or []),
-                   list((r.get("loss_curve") or {}).get("loss") or []))
-                  for r in arm.get("runs") or [] if r.get("loss_curve")]
+        curves = [(list((r.get(key) or {}).get("step") or []),
+                   list((r.get(key) or {}).get(value) or []))
+                  for r in arm.get("runs") or [] if r.get(key)]
         if not curves:
             continue
         name = str(arm.get("name"))
@@ -105,13 +124,13 @@ def _loss_figure(exp: dict[str, Any]) -> str:
     values = [v for xs, ys in lines.values() for v in ys] + \
         [v for cs in faint.values() for _, ys in cs for v in ys]
     finite = [v for v in map(_finite, values) if v is not None]
-    log_y = bool(finite) and min(finite) > 0 and max(finite) / min(finite) > 100
+    log_y = bool(finite) and min(finite) > 0 and (log if log is not None else
+                                                  max(finite) / min(finite) > 100)
     seeds = max((len(c) for c in faint.values()), default=1)
     if seeds > 1:
         notes.insert(0, f"Bold: the median over {seeds} seeds; faint: each seed.")
-    return plots.line_chart(lines, "Loss of every arm", "step",
-                            "loss (log scale)" if log_y else "loss", log_y=log_y, kind="loss",
-                            faint=faint, notes=notes)
+    return plots.line_chart(lines, title, "step", f"{label} (log scale)" if log_y else label,
+                            log_y=log_y, kind=kind, faint=faint, notes=notes)
 
 
 def _pair(arms: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -196,9 +215,13 @@ def _section(i: int, exp: dict[str, Any], n_seeds: int) -> list[str]:
     """One screen per experiment: the claim, the verdict, one measured sentence and one row
     of figures; the full texts, the other arms' gradient flow and the tables folded below."""
     arms = list(exp.get("arms") or [])
-    shown = _pair(arms)
+    through_time = exp.get("evidence") == "through_time" and any(
+        r.get("through_time") for a in arms for r in a.get("runs") or [])
+    shown = _pair(arms)[:1] if through_time else _pair(arms)
     first = [h for a in shown if (h := _heatmap(a, f" ({a.get('role')})"
                                                  if a.get("role") else ""))]
+    if through_time:
+        first.insert(0, _through_time_figure(exp))
     rest = [h for a in arms if a not in shown and (h := _heatmap(a))]
     fields = [("Setup", exp.get("setup")), ("Observed", exp.get("observed")),
               ("Reason", exp.get("reason")), ("Repair", exp.get("repair"))]

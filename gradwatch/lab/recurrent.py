@@ -332,6 +332,6 @@ EXPERIMENTS: tuple[Experiment, ...] = (
                "lags teach what to keep. An LSTM with forget-gate bias 1 (a common practice "
                "the seeds do not mention) is run beside the default-init nets. The curves "
                "are the training loss of every step (all lags).",
-               ARMS, _judge, cost_s=6.3),
+               ARMS, _judge, cost_s=6.3, evidence="through_time"),
 )
 """The recurrent-architecture claim, after the depth one (architectures.py)."""

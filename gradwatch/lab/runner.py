@@ -98,6 +98,16 @@ def _heatmap(data: dict[str, Any]) -> dict[str, Any] | None:
                           for name in grads]}
 
 
+def _through_time(data: dict[str, Any]) -> dict[str, Any] | None:
+    """The first recurrent module's gradient ratio, first timestep / last, by step."""
+    modules = data["series"].get("through_time") or {}
+    if not modules:
+        return None
+    name, series = next(iter(modules.items()))
+    return {"module": name, "step": list(series.get("step") or []),
+            "ratio": list(series.get("ratio_first_to_last_timestep") or [])}
+
+
 def _run_entry(result: RunResult, seed: int, folder: Path, rel: str,
                with_heatmap: bool) -> dict[str, Any]:
     stem = f"{result.variant}-seed{seed}"
@@ -112,7 +122,7 @@ def _run_entry(result: RunResult, seed: int, folder: Path, rel: str,
             "findings": [{"kind": f.kind, "severity": f.severity, "summary": f.summary}
                          for f in result.report.findings],
             "report_json": f"{rel}/{stem}.json", "report_html": f"{rel}/{stem}.html",
-            "loss_curve": _loss_curve(result),
+            "loss_curve": _loss_curve(result), "through_time": _through_time(data),
             "heatmap": _heatmap(data) if with_heatmap else None}
 
 
@@ -150,8 +160,8 @@ def experiment_entry(exp: Experiment, results: ArmResults, seeds: Sequence[int],
                for arm in exp.arms}
     verdict = exp.judge(results)
     return {"name": exp.name, "source": exp.source, "title": exp.title, "claim": exp.claim,
-            "setup": exp.setup, "verdict": verdict.verdict, "observed": verdict.observed,
-            "reason": verdict.reason, "repair": verdict.repair,
+            "setup": exp.setup, "evidence": exp.evidence, "verdict": verdict.verdict,
+            "observed": verdict.observed, "reason": verdict.reason, "repair": verdict.repair,
             "arms": [{"name": arm.name, "role": arm.role, "claim": arm.claim,
                       "description": arm.description, "summary": _arm_summary(entries[arm.name]),
                       "runs": entries[arm.name]} for arm in exp.arms]}
