@@ -64,6 +64,7 @@ class Row:
     attach_close_s: float
     history_bytes: int
     device_bytes: int
+    detail_every: int = 0  # gradwatch's detail interval while timed (0: a peer)
 
     @staticmethod
     def per_step(seconds: np.ndarray) -> float:
@@ -74,6 +75,10 @@ class Row:
         """Watched / bare per-step time on ``clock`` ("wall" or "cpu")."""
         watched, bare = getattr(self, f"watched_{clock}"), getattr(self, f"bare_{clock}")
         return self.per_step(watched) / self.per_step(bare)
+
+    def label(self) -> str:
+        """The option set or peer, and the detail interval the budget kept while timed."""
+        return f"{self.variant} d/{self.detail_every}" if self.detail_every else self.variant
 
     def plain(self) -> list[float]:
         """Watched/bare ratio of the total wall time of each repeat (one cadence or more)."""
@@ -195,6 +200,7 @@ def run_case(case: Case, variant: str, options: dict[str, Any], steps: int, repe
         bare_step(k)
         plain_step(k)
     history_bytes = device_bytes = -1
+    detail_every = 0
     with contextlib.ExitStack() as stack:
         started = time.perf_counter()
         if peer is not None:
@@ -230,13 +236,14 @@ def run_case(case: Case, variant: str, options: dict[str, Any], steps: int, repe
             buffers = gw.monitor.buffers.buf
             device_bytes = sum(b.element_size() * b.numel() for b in buffers.values())
             history_bytes = gw.monitor.history.nbytes()
+            detail_every = gw.monitor.cadence.interval
         closing = time.perf_counter()
     attach += time.perf_counter() - closing
     if peer is None and gw.monitor.errors:
         raise RuntimeError(f"gradwatch reported internal errors: {gw.monitor.errors}")
     return Row(case.name, sum(p.numel() for p in bare.parameters()), variant, period,
                wall["bare"], wall["watched"], cpu["bare"], cpu["watched"], attach,
-               history_bytes, device_bytes)
+               history_bytes, device_bytes, detail_every)
 
 
 def format_table(rows: list[Row]) -> str:
@@ -251,7 +258,7 @@ def format_table(rows: list[Row]) -> str:
         memory = (f"{'-':>9} {'-':>7}" if r.history_bytes < 0 else
                   f"{r.history_bytes / 2**20:>6.2f} MB {r.device_bytes / 2**10:>4.0f} KB")
         lines.append(
-            f"{r.case:<11} {r.params:>11,} {r.variant:<19} "
+            f"{r.case:<11} {r.params:>11,} {r.label():<19} "
             f"{1e3 * r.per_step(r.bare_wall):>8.2f} {1e3 * r.per_step(r.watched_wall):>10.2f} "
             f"{r.ratio('wall'):>5.3f}x {r.ratio('cpu'):>8.3f}x {plain_text:>20} "
             f"{1e3 * r.attach_close_s:>9.1f} ms {memory}")
@@ -267,7 +274,9 @@ plain         watched / bare total time, median and range over cadences: a wide 
               a busy machine (more --repeats help)
 attach+close  one-off cost of entering and leaving the watch (not in the per-step times)
 history       gw.monitor.history.nbytes(): host memory, bounded whatever the run length
-dev buf       device buffers holding sync_every steps of statistics"""
+dev buf       device buffers holding sync_every steps of statistics
+d/N           gradwatch's detail steps were every N-th while timed (the overhead budget
+              stretches 16 on long runs: --settle)"""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
