@@ -175,3 +175,42 @@ def test_runner_writes_the_eval_mode_entry_as_strict_json(tmp_path: Path) -> Non
     assert arms["eval_only"]["summary"]["saved_bytes"]["median"] > 0
     assert (tmp_path / "eval_mode" / "no_grad_only-seed0.html").is_file()
     assert data["verdict"] in ("holds", "partly", "does not hold")
+
+
+def test_the_dying_screen_shows_every_relu_arms_dead_units(
+        tmp_path: Path, high_lr: tuple[ArmResults, Verdict]) -> None:
+    """The claim is about dead units: the first screen plots each ReLU arm's largest dead
+    fraction over the run (from its report), beside the loss; LeakyReLU/PReLU/ELU have none."""
+    from gradwatch.lab.page import render_lab_page
+    from gradwatch.lab.runner import LAB_SCHEMA, experiment_entry, lab_json
+
+    r, _ = high_lr
+    entry = experiment_entry(EXPERIMENTS["dying_relu_high_lr"], r, SEEDS, tmp_path)
+    entry = json.loads(lab_json({"experiments": [entry]}))["experiments"][0]
+    page = render_lab_page({"schema": LAB_SCHEMA, "seeds": list(SEEDS),
+                            "experiments": [entry]})
+    first = page.split("<section class='exp'")[1].split("<details>")[0]
+    assert first.count("<svg") == 3  # loss, dead units, the seed arm's gradient flow
+    chart = first[first.index("Dead ReLU units: the largest share in any layer"):]
+    chart = chart[: chart.index("</svg>")]
+    arms = {a["name"]: a for a in entry["arms"]}
+    for name, arm in arms.items():
+        has = all(run["dead_units"] for run in arm["runs"])
+        assert has == name.startswith("relu"), name
+        assert (f">{name}<" in chart) == has, name
+    # each arm has one colour on both charts, also where the other arms have no curve
+    def legend_color(svg: str, name: str) -> str:
+        found = re.search(rf'stroke="(#[0-9a-fA-F]+)" stroke-width="2.5"[^>]*/>\s*<text'
+                          rf'[^>]*>(?:<title>[^<]*</title>)?{re.escape(name)}<', svg)
+        assert found, name
+        return found.group(1)
+
+    loss = first[: first.index("Dead ReLU units: the largest share")]
+    for name in ("relu_lr0.3", "relu_lr0.01", "relu_bias+0.1_lr0.3"):
+        assert legend_color(loss, name) == legend_color(chart, name), name
+    # the seed arm's curve is its report's worst site at each measured step
+    run, report = arms["relu_lr0.3"]["runs"][0], r["relu_lr0.3"][0].report
+    sites = report.series["dead_fraction"].values()
+    worst = [max(v[k] for v in sites if v[k] is not None)
+             for k in range(len(report.series["site_step"]))]
+    assert run["dead_units"]["fraction"] == worst and max(worst) > 0.5

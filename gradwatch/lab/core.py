@@ -117,8 +117,9 @@ class Experiment:
     judge: Callable[[ArmResults], Verdict]
     cost_s: float = 5.0  # rough seconds per seed on 2 cores, for the progress display's ETA
     #: The figure beside the loss on the index's first screen: "layers" (the gradient flow
-    #: across layers of the seed's arm and its repair) or "through_time" (every arm's
-    #: gradient reaching the first timestep / the last one's, over the run).
+    #: across layers of the seed's arm and its repair), "through_time" (every arm's
+    #: gradient reaching the first timestep / the last one's, over the run) or
+    #: "dead_units" (every arm's largest dead ReLU fraction in any layer, over the run).
     evidence: str = "layers"
 
     def arm(self, name: str) -> Arm:

@@ -98,9 +98,23 @@ def _through_time_figure(exp: dict[str, Any]) -> str:
                                "time."])
 
 
+def _dead_units_figure(exp: dict[str, Any]) -> str:
+    """Every arm's largest share of dead ReLU units in any layer, over the run."""
+    return _arms_figure(exp, "dead_units", "fraction",
+                        "Dead ReLU units: the largest share in any layer", "dead fraction",
+                        log=False, kind="dead-units", y_range=(0.0, 1.0),
+                        extra=["A unit is dead on a step when it outputs 0 for every sample "
+                               "of the batch; measured on gradwatch's detail steps (0-7, then "
+                               "every 16th). Arms without ReLU units have no curve."])
+
+
+_EVIDENCE = {"through_time": _through_time_figure, "dead_units": _dead_units_figure}
+
+
 def _arms_figure(exp: dict[str, Any], key: str, value: str, title: str, label: str,
                  log: bool | None = None, kind: str = "loss",
-                 extra: Sequence[str] = ()) -> str:
+                 extra: Sequence[str] = (), y_range: tuple[float, float] | None = None
+                 ) -> str:
     """One curve per arm from each run's ``key`` ({"step": [...], value: [...]}): the median
     over seeds bold, every seed faint behind it; log scale when ``log`` (None: when the
     values span more than 100x)."""
@@ -129,8 +143,12 @@ def _arms_figure(exp: dict[str, Any], key: str, value: str, title: str, label: s
     seeds = max((len(c) for c in faint.values()), default=1)
     if seeds > 1:
         notes.insert(0, f"Bold: the median over {seeds} seeds; faint: each seed.")
+    # Each arm keeps its colour on every chart of the experiment, with or without a curve.
+    names = [str(arm.get("name")) for arm in exp.get("arms") or []]
+    colors = {n: plots.PALETTE[i % len(plots.PALETTE)] for i, n in enumerate(names)}
     return plots.line_chart(lines, title, "step", f"{label} (log scale)" if log_y else label,
-                            log_y=log_y, kind=kind, faint=faint, notes=notes)
+                            log_y=log_y, kind=kind, faint=faint, notes=notes,
+                            y_range=y_range, colors=colors)
 
 
 def _pair(arms: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -215,13 +233,14 @@ def _section(i: int, exp: dict[str, Any], n_seeds: int) -> list[str]:
     """One screen per experiment: the claim, the verdict, one measured sentence and one row
     of figures; the full texts, the other arms' gradient flow and the tables folded below."""
     arms = list(exp.get("arms") or [])
-    through_time = exp.get("evidence") == "through_time" and any(
-        r.get("through_time") for a in arms for r in a.get("runs") or [])
-    shown = _pair(arms)[:1] if through_time else _pair(arms)
+    evidence = str(exp.get("evidence"))
+    special = evidence in _EVIDENCE and any(r.get(evidence) for a in arms
+                                            for r in a.get("runs") or [])
+    shown = _pair(arms)[:1] if special else _pair(arms)
     first = [h for a in shown if (h := _heatmap(a, f" ({a.get('role')})"
                                                  if a.get("role") else ""))]
-    if through_time:
-        first.insert(0, _through_time_figure(exp))
+    if special:
+        first.insert(0, _EVIDENCE[evidence](exp))
     rest = [h for a in arms if a not in shown and (h := _heatmap(a))]
     fields = [("Setup", exp.get("setup")), ("Observed", exp.get("observed")),
               ("Reason", exp.get("reason")), ("Repair", exp.get("repair"))]

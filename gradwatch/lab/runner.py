@@ -108,6 +108,20 @@ def _through_time(data: dict[str, Any]) -> dict[str, Any] | None:
             "ratio": list(series.get("ratio_first_to_last_timestep") or [])}
 
 
+def _dead_units(data: dict[str, Any]) -> dict[str, Any] | None:
+    """The largest dead fraction of any ReLU site, by measured step (None without one)."""
+    series = data["series"]
+    sites = list((series.get("dead_fraction") or {}).values())
+    if not sites:
+        return None
+    steps = list(series.get("site_step") or [])
+    worst = []
+    for k in range(len(steps)):
+        values = [v[k] for v in sites if k < len(v) and v[k] is not None]
+        worst.append(max(values) if values else None)
+    return {"step": steps, "fraction": worst}
+
+
 def _run_entry(result: RunResult, seed: int, folder: Path, rel: str,
                with_heatmap: bool) -> dict[str, Any]:
     stem = f"{result.variant}-seed{seed}"
@@ -123,6 +137,7 @@ def _run_entry(result: RunResult, seed: int, folder: Path, rel: str,
                          for f in result.report.findings],
             "report_json": f"{rel}/{stem}.json", "report_html": f"{rel}/{stem}.html",
             "loss_curve": _loss_curve(result), "through_time": _through_time(data),
+            "dead_units": _dead_units(data),
             "heatmap": _heatmap(data) if with_heatmap else None}
 
 

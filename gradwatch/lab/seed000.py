@@ -428,7 +428,7 @@ EXPERIMENTS: tuple[Experiment, ...] = (
                f"at every step) and by gradwatch. Repairs at lr {LR_HIGH:g}: LeakyReLU, PReLU, "
                f"ELU, both hidden biases at +{POSITIVE_BIAS:g}.",
                (_A["relu_lr0.3"], *(_A[a] for a in HIGH_LR_REPAIRS)), _judge_high_lr,
-               cost_s=2.0),
+               cost_s=2.0, evidence="dead_units"),
     Experiment(EXP2, "seed 000", "Dying ReLU: a large negative bias",
                "ReLU units die more easily with a larger negative bias, and never recover. "
                "Remedies: a positive bias, a lower learning rate, LeakyReLU, PReLU, ELU",
@@ -436,6 +436,6 @@ EXPERIMENTS: tuple[Experiment, ...] = (
                f"ELU, a 10x lower lr ({LR_LOW:g}); and the positive bias init (+"
                f"{POSITIVE_BIAS:g} on both hidden layers) instead of it.",
                (_A["relu_bias-3"], *(_A[a] for a in NEG_BIAS_REPAIRS)), _judge_negative_bias,
-               cost_s=2.0),
+               cost_s=2.0, evidence="dead_units"),
 )
 """Seed 000's dying-ReLU experiments: a high learning rate, a large negative bias."""

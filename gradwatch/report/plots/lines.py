@@ -59,20 +59,22 @@ def line_chart(series: Mapping[str, tuple[Sequence[Any], Sequence[Any]]], title:
                y_range: tuple[float, float] | None = None,
                faint: Mapping[str, Sequence[tuple[Sequence[Any], Sequence[Any]]]] | None = None,
                x_ticks: Sequence[tuple[float, str]] | None = None, markers: bool = False,
-               notes: Sequence[str] = ()) -> str:
+               notes: Sequence[str] = (), colors: Mapping[str, str] | None = None) -> str:
     """Named lines ``{name: (xs, ys)}`` with axes, ticks and a legend, as an SVG figure.
 
     ``None``/NaN/inf in ys are gaps, marked in red along the top edge and named in the
     caption; with ``log_y`` values <= 0 are marked at the bottom edge. ``faint`` adds thin
     pale lines in a series' colour (e.g. single seeds behind their median). ``y_range``
     fixes the y axis (e.g. (0, 1) for fractions); ``x_ticks`` replaces the numeric x ticks
-    with labelled positions; ``notes`` are extra caption lines (plain text).
+    with labelled positions; ``notes`` are extra caption lines (plain text); ``colors``
+    fixes a series' colour (the same arm in the same colour on several charts).
     """
     data = {str(name): _series_xy(xs, ys) for name, (xs, ys) in series.items()}
     extra = {str(name): [_series_xy(xs, ys) for xs, ys in lines]
              for name, lines in (faint or {}).items()}
     names = list(data) + [n for n in extra if n not in data]
-    colors = {n: PALETTE[i % len(PALETTE)] for i, n in enumerate(names)}
+    colors = {n: (colors or {}).get(n) or PALETTE[i % len(PALETTE)]
+              for i, n in enumerate(names)}
     dashes = {n: (' stroke-dasharray="5 3"' if i >= len(PALETTE) else "")
               for i, n in enumerate(names)}
     every = [(x, y) for xs, ys in [*data.values(), *(p for v in extra.values() for p in v)]
