@@ -266,7 +266,7 @@ def test_units_dead_from_init_in_a_stalled_net_are_one_warning(lab: LabRuns) -> 
     assert EXPERIMENTS["sigmoid_vs_relu"].arm("relu").run is seed002.relu_default_init
     assert EXPERIMENTS["xavier_vs_kaiming"].arm("kaiming").run is seed002.kaiming_uniform_relu
     relu = lab.run("sigmoid_vs_relu", "relu", 0)
-    assert relu.final_loss == pytest.approx(seed002.CONSTANT_PREDICTION_LOSS, abs=0.02)
+    assert relu.final_loss == pytest.approx(seed002.constant_prediction_loss(), abs=0.02)
     report = relu.report
     finding = only(report, "dying_relu")
     assert finding.severity == "warning"

@@ -111,3 +111,51 @@ def test_the_command_line_takes_a_budget_or_off(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "gradwatch", "run", "--overhead", "2",
                            str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--overhead" in done.stderr and "(0, 1]" in done.stderr
+
+
+def test_device_time_on_cuda_is_read_from_events_only_once_they_completed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """No GPU here: torch.cuda.Event is replaced by a stand-in whose completion the test
+    controls, to check the bookkeeping a CUDA run relies on -- one sampled step of each
+    kind per window, no read (so no sync) before ``query()`` is true, and a device time
+    larger than the host time raises the cost the budget sees."""
+    from gradwatch.measure.cadence import Cadence
+
+    done: list[bool] = [False]
+    clock = [0.0]
+
+    class Event:
+        def __init__(self, enable_timing: bool = False) -> None:
+            assert enable_timing
+            self.at = -1.0
+
+        def record(self) -> None:
+            self.at = clock[0]
+
+        def query(self) -> bool:
+            return done[0]
+
+        def elapsed_time(self, end: Event) -> float:
+            assert done[0], "read before the event completed: that would sync"
+            return (end.at - self.at) * 1000.0
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    c = Cadence(detail_every=16, budget=0.01, sync_every=64)
+    c.device = torch.device("cuda")  # a device object, no CUDA needed to make one
+    for step in range(64):
+        for _ in range(2):  # two hook calls a step, each 5 ms of device work
+            c.depth += 1
+            c.enter()
+            clock[0] += 0.005
+            c.depth -= 1
+            c.leave()
+        c.end_step(step, c.is_detail(step))
+    sampled = {key for key, _, _ in c._events}
+    assert sampled == {(False, 9), (True, 16)}  # the first plain and detail step after 0-7
+    c.propose(64)
+    assert c.device_cost == {True: None, False: None}  # not complete: not read
+    done[0] = True
+    c.propose(128)
+    assert c.device_cost[True] == pytest.approx(0.010) and \
+        c.device_cost[False] == pytest.approx(0.010)
+    assert c._events == []

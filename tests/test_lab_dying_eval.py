@@ -99,8 +99,8 @@ def test_negative_bias_kills_the_layer_and_a_lower_lr_cannot_revive_it(negative_
     assert verdict.verdict == "holds"
     assert r.metric("relu_bias-3", "dead_fraction") == [1.0] * len(SEEDS)
     for loss in r.losses("relu_bias-3") + r.losses("relu_bias-3_lr0.001"):
-        assert abs(loss - seed000.CONSTANT_PREDICTION_LOSS) < 0.01 * \
-            seed000.CONSTANT_PREDICTION_LOSS
+        assert abs(loss - seed000.constant_prediction_loss()) < 0.01 * \
+            seed000.constant_prediction_loss()
     assert r.metric("relu_bias-3_lr0.001", "dead_fraction") == [1.0] * len(SEEDS)
     assert r.metric("relu_bias-3", "revived_units") == [0] * len(SEEDS)
     assert all(v < 0.1 for v in r.losses("relu_bias+0.1"))

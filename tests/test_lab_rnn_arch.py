@@ -76,7 +76,7 @@ def test_rnn_falls_off_a_cliff_without_clipping(clipping: Run) -> None:
     r, verdict, _ = clipping
     assert all(math.isnan(v) for v in r.losses("no_clip"))
     # It learned first: the explosion comes after a good stretch.
-    assert all(b < 0.8 * seed003.CONSTANT_PREDICTION_LOSS
+    assert all(b < 0.8 * seed003.constant_prediction_loss()
                for b in r.metric("no_clip", "best_loss"))
     growth = [run.metrics["max_grad_norm"] / run.metrics["early_grad_norm"]
               for run in r["no_clip"]]
@@ -113,7 +113,7 @@ def test_clipping_at_15_keeps_the_rnn_finite_but_does_not_make_it_learn(clipping
     assert all(math.isfinite(v) for v in final), final
     best = r.metric("clip15", "best_loss")
     # Diverged: the loss ends far above both its best and a constant prediction.
-    assert all(v > 10 * b and v > 10 * seed003.CONSTANT_PREDICTION_LOSS
+    assert all(v > 10 * b and v > 10 * seed003.constant_prediction_loss()
                for v, b in zip(final, best, strict=True)), (final, best)
     assert all(n >= 30 for n in r.metric("clip15", "clipped_steps"))
     assert all(f is not None for f in _findings(r, "clip15", "loss_divergence"))
@@ -124,12 +124,12 @@ def test_a_lower_lr_repairs_the_rnn_and_gradwatchs_clip_threshold_mostly_does(
         clipping: Run) -> None:
     r, verdict, _ = clipping
     low = r.losses("lr0.05")
-    assert all(v < 0.15 * seed003.CONSTANT_PREDICTION_LOSS for v in low), low
+    assert all(v < 0.15 * seed003.constant_prediction_loss() for v in low), low
     assert all(k <= {"vanishing_gradient"} for k in r.kinds("lr0.05")), r.kinds("lr0.05")
     # gradwatch's threshold (the median norm of the first 5 steps) is ~10x below 15.
     thresholds = r.metric("clip_early_median", "clip_threshold")
     assert all(0.3 < t < 3 for t in thresholds), thresholds
-    learned = [v < 0.5 * seed003.CONSTANT_PREDICTION_LOSS for v in r.losses("clip_early_median")]
+    learned = [v < 0.5 * seed003.constant_prediction_loss() for v in r.losses("clip_early_median")]
     assert sum(learned) >= 2, r.losses("clip_early_median")
     assert f"learns on {sum(learned)} of 3 seeds" in verdict.repair
     assert "lr 0.05 without clipping learns on 3 of 3 seeds" in verdict.repair
@@ -160,7 +160,7 @@ def test_relu_rnn_does_worse_than_tanh_on_every_seed(relu_tanh: Run) -> None:
 
 def test_lstm_trains_steadily_at_the_same_lr(relu_tanh: Run) -> None:
     r, verdict, _ = relu_tanh
-    assert all(v < 0.5 * seed003.CONSTANT_PREDICTION_LOSS for v in r.losses("lstm"))
+    assert all(v < 0.5 * seed003.constant_prediction_loss() for v in r.losses("lstm"))
     assert all(run.final_loss <= 1.05 * run.metrics["best_loss"] for run in r["lstm"])
     assert all(g < 2 for g in r.metric("lstm", "max_grad_norm"))
     assert "an LSTM (sigmoid gates)" in verdict.repair
@@ -181,10 +181,10 @@ def test_plain_deep_sigmoid_net_vanishes_batchnorm_and_residual_do_not(depth: Ru
         assert math.isclose(f.evidence["grad_norm_ratio_first_to_last"], own, rel_tol=1e-6)
     assert verdict.verdict == "holds"
     # The plain net predicts a constant; BatchNorm learns the task.
-    assert all(math.isclose(v, architectures.DEPTH_CONSTANT_LOSS, rel_tol=0.02)
+    assert all(math.isclose(v, architectures.depth_constant_loss(), rel_tol=0.02)
                for v in r.losses("plain"))
-    assert all(v < 0.2 * architectures.DEPTH_CONSTANT_LOSS for v in r.losses("batchnorm"))
-    assert all(v < architectures.DEPTH_CONSTANT_LOSS for v in r.losses("residual"))
+    assert all(v < 0.2 * architectures.depth_constant_loss() for v in r.losses("batchnorm"))
+    assert all(v < architectures.depth_constant_loss() for v in r.losses("residual"))
     assert "BatchNorm and residual connections keep" in verdict.repair
 
 
@@ -223,7 +223,7 @@ def test_the_recall_task_is_judged_on_held_out_long_lags() -> None:
 def test_gated_nets_learn_the_long_recall_on_held_out_data_the_rnn_does_not(
         recurrent_runs: Run) -> None:
     r, verdict, _ = recurrent_runs
-    constant = recurrent.CONSTANT_LOSS
+    constant = recurrent.constant_loss(recurrent.LONG)
     for arm in GATED:
         held_out = r.metric(arm, "val_loss_long")
         assert all(v < 0.1 * constant for v in held_out), (arm, held_out)
@@ -269,7 +269,7 @@ def test_the_rnn_gradient_vanishes_through_time_the_gated_nets_learn_to_keep_it(
         in verdict.reason
     # the control: the RNN fails even the short lags, and the reason says so with its number
     short = r.metric("rnn", "val_loss_short")
-    assert all(v > 0.5 * recurrent.CONSTANT_SHORT for v in short), short
+    assert all(v > 0.5 * recurrent.constant_loss(recurrent.SHORT) for v in short), short
     assert f"does not learn even the short lags (0-4 steps back: held-out loss " \
         f"{spread(short, 2)}" in verdict.reason
 

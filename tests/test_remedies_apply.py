@@ -166,7 +166,7 @@ def test_dead_units_from_a_negative_bias_are_fixed_by_the_reports_remedies() -> 
     finding = next(f for f in run.report.findings if f.kind == "dying_relu")
     ids = [r.id for r in finding.remedies]
     assert "positive_bias_init" in ids and "leaky_relu" in ids
-    assert run.final_loss > 0.95 * seed000.CONSTANT_PREDICTION_LOSS
+    assert run.final_loss > 0.95 * seed000.constant_prediction_loss()
     finals = {}
     for r in finding.remedies:
         if r.id not in ("positive_bias_init", "leaky_relu"):
@@ -241,7 +241,7 @@ def test_adaptive_optimizer_turns_sgd_into_adam_in_place() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     apply(model, opt, "adaptive_optimizer")
     assert isinstance(opt, torch.optim.Adam) and opt.param_groups[0]["lr"] == 1e-3
-    assert _fit(model, opt, x, y, 150)[-1] < 0.5 * seed002.CONSTANT_PREDICTION_LOSS
+    assert _fit(model, opt, x, y, 150)[-1] < 0.5 * seed002.constant_prediction_loss()
     with pytest.raises(NotApplicable, match="already adaptive"):
         apply(model, opt, "adaptive_optimizer")
 
@@ -399,7 +399,7 @@ def test_batch_norm_is_inserted_into_a_plain_sequential_and_trained() -> None:
 # ----------------------------------------------------------------- the seed's deep nets
 def test_kaiming_remedy_from_the_report_fixes_the_default_init_relu_net() -> None:
     result = seed002.relu_default_init(0)
-    assert result.final_loss == pytest.approx(seed002.CONSTANT_PREDICTION_LOSS, rel=0.01)
+    assert result.final_loss == pytest.approx(seed002.constant_prediction_loss(), rel=0.01)
     fix = _remedy(result.report, "vanishing_gradient", "kaiming_init")
     torch.manual_seed(0)
     model = seed002.DeepNet(nn.ReLU)

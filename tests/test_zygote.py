@@ -65,3 +65,33 @@ def test_a_script_with_dataloader_workers_is_fixed(tmp_path: Path) -> None:
     assert report["run"]["status"] == "completed" and report["run"]["steps"] == 80
     assert not [f for f in report["findings"] if f["severity"] in ("warning", "error")]
     assert "daemonic" not in proc.stderr
+
+
+def test_a_process_forked_after_the_cli_is_imported_can_use_torch_threads() -> None:
+    # `gradwatch run` imports its CLI (and through it the lab) and then forks the server.
+    # OpenMP threads started before a fork are missing in the child, whose first parallel
+    # op then waits for them forever: importing gradwatch must start none (a lab constant
+    # once computed on 143k random numbers at import, and every --fix restart hung).
+    code = textwrap.dedent("""
+        import os, sys, time
+        import torch
+        torch.set_num_threads(2)
+        import gradwatch.cli
+        pid = os.fork()
+        if pid == 0:
+            a = torch.randn(256, 256)
+            (a @ a).sum()
+            os._exit(0)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                sys.exit(0 if status == 0 else 1)
+            time.sleep(0.05)
+        os.kill(pid, 9)
+        sys.exit(3)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode != 3, "the forked child hung in its first multi-threaded op"
+    assert done.returncode == 0, done.stderr[-2000:]

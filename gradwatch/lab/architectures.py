@@ -15,6 +15,7 @@ The recurrent half of the claim (RNN, LSTM, GRU) is ``recurrent.py``'s experimen
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -58,8 +59,11 @@ def depth_data() -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-DEPTH_CONSTANT_LOSS = float(depth_data()[1].var(unbiased=False))
-"""MSE of predicting the mean of y: the loss of a net that has learned nothing."""
+@functools.cache
+def depth_constant_loss() -> float:
+    """MSE of predicting the mean of y: the loss of a net that has learned nothing.
+    Computed on first use, never at import (see ``recurrent.constant_loss``)."""
+    return float(depth_data()[1].var(unbiased=False))
 
 
 class PreActResidual(nn.Module):
@@ -169,7 +173,7 @@ def _judge_depth(r: ArmResults) -> Verdict:
         f"{_reported(r, 'batchnorm')}, residual on {_reported(r, 'residual')}. Final loss: "
         f"plain {spread(r.losses('plain'))}, BatchNorm {spread(r.losses('batchnorm'))}, "
         f"residual {spread(r.losses('residual'))} (predicting the mean scores "
-        f"{DEPTH_CONSTANT_LOSS:.3f}).")
+        f"{depth_constant_loss():.3f}).")
     factor = r.metric("plain", "factor_per_layer")
     per_layer = (f" gradwatch measures the gradient shrinking about {spread(factor, 2)}x per "
                  f"layer towards the input." if any(math.isfinite(v) for v in factor) else "")

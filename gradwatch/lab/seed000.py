@@ -21,6 +21,7 @@ so that gradwatch's ``dying_relu`` finding can be checked against a direct count
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -65,9 +66,12 @@ def task_data() -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-CONSTANT_PREDICTION_LOSS = float(task_data()[1].var(unbiased=False))
-"""MSE of predicting the mean of y for every input (2.09): the loss of a net whose hidden
-units are all dead, since its output is then its last bias."""
+@functools.cache
+def constant_prediction_loss() -> float:
+    """MSE of predicting the mean of y for every input (2.09): the loss of a net whose hidden
+    units are all dead, since its output is then its last bias. Computed on first use, never
+    at import (see ``recurrent.constant_loss``)."""
+    return float(task_data()[1].var(unbiased=False))
 
 
 class ReluMLP(nn.Sequential):
@@ -346,8 +350,8 @@ def _judge_negative_bias(r: ArmResults) -> Verdict:
     broken, healthy = r.losses("relu_bias-3"), r.losses("relu_bias+0.1")
     dead = r.metric("relu_bias-3", "dead_fraction")
     kills = [d >= DEAD_SHARE for d in dead]
-    stalls = [math.isfinite(v) and abs(v - CONSTANT_PREDICTION_LOSS)
-              < 0.05 * CONSTANT_PREDICTION_LOSS for v in broken]
+    stalls = [math.isfinite(v) and abs(v - constant_prediction_loss())
+              < 0.05 * constant_prediction_loss() for v in broken]
     worse = [not math.isfinite(b) or b > 2 * h for b, h in zip(broken, healthy, strict=True)]
     never, revival = _revival(r, "relu_bias-3")
     verdict = _verdict(most_seeds(kills), most_seeds(worse), most_seeds(never))
@@ -358,7 +362,7 @@ def _judge_negative_bias(r: ArmResults) -> Verdict:
         verdict,
         f"with bias {NEGATIVE_BIAS:g} on the second hidden layer {percent(dead)} of a layer's "
         f"units are dead at the end{deviating(kills)}; the loss ends at {spread(broken)}"
-        + (f", the loss of predicting the mean of y ({CONSTANT_PREDICTION_LOSS:.2f})"
+        + (f", the loss of predicting the mean of y ({constant_prediction_loss():.2f})"
            if most_seeds(stalls) else "")
         + f", against {spread(healthy)} with bias +{POSITIVE_BIAS:g}{deviating(worse)}; "
         f"{revival}.",

@@ -17,6 +17,7 @@ gradwatch measures; SEEDS.md section 7 says which of them do not hold.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -38,9 +39,9 @@ from .core import (
 )
 
 __all__ = [
-    "CONSTANT_PREDICTION_LOSS",
     "EXPERIMENTS",
     "DeepNet",
+    "constant_prediction_loss",
     "kaiming_uniform_relu",
     "large_init_clip",
     "large_init_no_clip",
@@ -196,13 +197,16 @@ def _kaiming_repair_arm(experiment: str) -> Callable[[int], RunResult]:
     return run
 
 
-CONSTANT_PREDICTION_LOSS = float(seed_data()[1].var(unbiased=False))
-"""MSE of predicting the mean of y for every input (9.76): the loss of a stalled net."""
+@functools.cache
+def constant_prediction_loss() -> float:
+    """MSE of predicting the mean of y for every input (9.76): the loss of a stalled net.
+    Computed on first use, never at import (see ``recurrent.constant_loss``)."""
+    return float(seed_data()[1].var(unbiased=False))
 
 
 def _stalled(losses: list[float]) -> list[bool]:
     """Runs that ended at (within 5% of) the loss of a constant prediction."""
-    return [abs(v - CONSTANT_PREDICTION_LOSS) < 0.05 * CONSTANT_PREDICTION_LOSS
+    return [abs(v - constant_prediction_loss()) < 0.05 * constant_prediction_loss()
             for v in losses]
 
 
@@ -261,7 +265,7 @@ def _judge_sigmoid_vs_relu(r: ArmResults) -> Verdict:
     return Verdict(
         verdict,
         f"sigmoid ends at loss {spread(sig)}, ReLU at {spread(relu)}; "
-        f"{CONSTANT_PREDICTION_LOSS:.2f} is the loss of predicting the mean of y, so "
+        f"{constant_prediction_loss():.2f} is the loss of predicting the mean of y, so "
         f"{'both nets stall' if sig_stalls and relu_stalls else 'see the numbers'}.",
         f"both gradients vanish towards the input (sigmoid: {_first_ratio(r, 'sigmoid')}; "
         f"ReLU: {_first_ratio(r, 'relu')}). PyTorch's default Linear init draws weights at "
@@ -329,7 +333,7 @@ def _judge_xavier_kaiming(r: ArmResults) -> Verdict:
     xav, kai = r.losses("xavier"), r.losses("kaiming")
     start = {arm: [run.losses[0] for run in r[arm]] for arm in ("xavier", "kaiming")}
     ratios = {arm: [depth_ratio(run.report) for run in r[arm]] for arm in ("xavier", "kaiming")}
-    learn = [v < 0.1 * CONSTANT_PREDICTION_LOSS for v in xav + kai]
+    learn = [v < 0.1 * constant_prediction_loss() for v in xav + kai]
     problems = {k for arm in ("xavier", "kaiming") for kinds in r.kinds(arm) for k in kinds}
     verdict = "holds" if all(learn) and not problems else "partly" if any(learn) \
         else "does not hold"

@@ -18,6 +18,7 @@ pure function ``run(seed) -> RunResult`` under :func:`gradwatch.watch`.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -40,9 +41,9 @@ from .core import (
 )
 
 __all__ = [
-    "CONSTANT_PREDICTION_LOSS",
     "EXPERIMENTS",
     "LastStepRNN",
+    "constant_prediction_loss",
     "lstm",
     "relu_rnn",
     "sequence_data",
@@ -76,9 +77,12 @@ def sequence_data(length: int = LENGTH, samples: int = SAMPLES) -> tuple[torch.T
     return x, y
 
 
-CONSTANT_PREDICTION_LOSS = float(sequence_data()[1].var(unbiased=False))
-"""MSE of predicting the mean of y for every sequence (about 1): the loss of a model that
-has learned nothing."""
+@functools.cache
+def constant_prediction_loss() -> float:
+    """MSE of predicting the mean of y for every sequence (about 1): the loss of a model that
+    has learned nothing. Computed on first use, never
+    at import (see ``recurrent.constant_loss``)."""
+    return float(sequence_data()[1].var(unbiased=False))
 
 
 class LastStepRNN(nn.Module):
@@ -242,7 +246,7 @@ def _diverged(run: RunResult) -> bool:
 def _learned(run: RunResult) -> bool:
     """Ended finite, below half the constant-prediction loss, and not diverged."""
     return math.isfinite(run.final_loss) and \
-        run.final_loss < 0.5 * CONSTANT_PREDICTION_LOSS and not _diverged(run)
+        run.final_loss < 0.5 * constant_prediction_loss() and not _diverged(run)
 
 
 def _time_finding(run: RunResult, kind: str) -> str | None:
@@ -290,7 +294,7 @@ def _judge_clipping(r: ArmResults) -> Verdict:
         f"clip_grad_norm_(max_norm=15) the run stays finite on {_count(clip_finite)}, but its "
         f"loss ends at {spread(r.losses('clip15'))} (best "
         f"{spread(r.metric('clip15', 'best_loss'))}; predicting the mean scores "
-        f"{CONSTANT_PREDICTION_LOSS:.2f}): it learned on {_count(clip_learns)}. Clipping was "
+        f"{constant_prediction_loss():.2f}): it learned on {_count(clip_learns)}. Clipping was "
         f"active on {spread(r.metric('clip15', 'clipped_steps'))} of {run_length(r, 'clip15')} "
         f"steps.")
     kinds = r.kinds("no_clip")
