@@ -179,3 +179,49 @@ def test_synthetic_override_moves_the_factor() -> None:
     loss = falls_then(0.5)  # 5x the best, equal to the first loss
     assert detect(loss) == []
     assert len(detect(loss, T.replace(divergence_factor=4.0))) == 1
+
+
+def test_synthetic_a_divergence_the_run_recovers_from_is_not_one() -> None:
+    """10 steps at 20x the best, then back down: recovered when the last losses are within
+    onset_factor of the best before it; still diverged above that."""
+    up = falls_then(2.0, n_high=10)
+    assert detect(np.concatenate([up, np.full(20, 0.1 * T.onset_factor * 0.9)])) == []
+    assert detect(np.concatenate([up, np.linspace(1.0, 0.05, 30)])) == []
+    stays = detect(np.concatenate([up, np.full(20, 0.1 * T.onset_factor * 1.5)]))
+    assert len(stays) == 1 and stays[0].first_step == 10
+    # a recovered episode, then one that stays: the second is reported
+    twice = np.concatenate([up, np.full(10, 0.1), np.full(10, 5.0)])
+    f = detect(twice)
+    assert len(f) == 1 and f[0].evidence["diverged_step"] == 30
+
+
+def test_a_real_run_that_recovers_from_a_burst_of_high_rate_does_not_diverge() -> None:
+    """The tanh MLP at lr 0.05, lr 1.0 for 4 steps from step 40 (the loss shoots up to
+    ~850x its best and stays above 10x for several steps), then 0.05 again: the loss comes
+    back below where it was, so it did not diverge."""
+    x, y, model, opt = tanh_regression()
+    losses = []
+    with gradwatch.watch(model, opt) as gw:
+        for step in range(200):
+            for group in opt.param_groups:
+                group["lr"] = 1.0 if RAISE_AT <= step < RAISE_AT + 4 else 0.05
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    best_before = min(losses[:RAISE_AT])
+    high = [v > T.divergence_factor * best_before for v in losses[RAISE_AT:RAISE_AT + 12]]
+    assert sum(high) > T.divergence_persistence  # it went far up, for a while
+    assert losses[-1] < best_before  # and it recovered
+    assert "loss_divergence" not in gw.report().kinds()
+
+
+def test_synthetic_back_at_the_first_loss_after_learning_nothing_is_no_recovery() -> None:
+    """A net blown up at once and collapsed to a constant guess comes back to about its
+    first loss: it did not recover. One that then learns far below it did."""
+    collapse = np.concatenate([[1.0], np.full(5, 100.0), np.full(30, 1.05)])
+    f = detect(collapse)
+    assert len(f) == 1 and f[0].evidence["diverged_step"] == 1
+    learns = np.concatenate([[1.0], np.full(5, 100.0), np.linspace(1.0, 0.01, 30)])
+    assert detect(learns) == []

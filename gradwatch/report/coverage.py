@@ -71,8 +71,8 @@ def cadence_sentence(run: dict[str, Any]) -> str | None:
     plain, user = cost.get("plain_step"), cost.get("user_step")
     if isinstance(plain, (int, float)) and isinstance(user, (int, float)) and user > 0 \
             and plain / user > budget:
-        why = ("on a step this short the gradient norms measured every step cost more than "
-               "that alone (every=2 halves them)")
+        why = ("on a step this short its per-step work alone (gradient norms, hook calls) "
+               "costs more than that (every=2 measures the gradient norms every 2nd step)")
     else:
         why = (f"a run this short keeps at least one detail step in {c['density']} for the "
                f"detectors")

@@ -1,4 +1,9 @@
-"""loss_divergence: the loss grows an order of magnitude above its best and stays there."""
+"""loss_divergence: the loss grows an order of magnitude above its best and stays there.
+
+An episode after which the loss is back for ``divergence_persistence`` steps in a row
+within ``onset_factor`` of the best it had learned before (or below ``1 / onset_factor`` of
+it, when that best was no better than the first loss) recovered: not a divergence (a
+``loss_spike``, if brief)."""
 
 from __future__ import annotations
 
@@ -14,6 +19,17 @@ CAUSES: tuple[str, ...] = ()
 """The ids of the causes this detector names besides the shared ones of ``causes.py``."""
 
 
+def _back(loss: np.ndarray, level: float, persistence: int) -> int | None:
+    """Index in ``loss`` of the last of the first ``persistence`` losses in a row at or
+    below ``level``; None if the loss never gets back there."""
+    run = 0
+    for k, v in enumerate(loss):
+        run = run + 1 if v <= level else 0
+        if run >= persistence:
+            return k
+    return None
+
+
 def detect(ctx: Context) -> list[Finding]:
     t = ctx.t
     steps, loss = ctx.finite_loss()
@@ -23,14 +39,26 @@ def detect(ctx: Context) -> list[Finding]:
     # Above its best by the factor, and above where it started: noisy mini-batch losses
     # near zero swing by large factors without undoing any of the run's progress.
     diverged = (loss >= t.divergence_factor * np.maximum(best, 1e-30)) & (loss >= loss[0])
-    run, start = 0, None
-    for k, d in enumerate(diverged):
-        run = run + 1 if d else 0
-        if run >= t.divergence_persistence:
-            start = k - run + 1
-            break
     bad = ctx.first_nonfinite_loss
     ends_nonfinite = bad is not None and bad > int(steps[0])
+    # The loss must stay diverged: an episode after which the loss is back within
+    # onset_factor of the best before it, for divergence_persistence steps in a row,
+    # recovered (a loss_spike, if brief); a later episode may still stay.
+    run, start, k = 0, None, 0
+    while k < len(diverged):
+        run = run + 1 if diverged[k] else 0
+        if run >= t.divergence_persistence:
+            first = k - run + 1
+            # Back near a level the run had learned, or below it: recovered. Back near the
+            # first loss after learning nothing (a net collapsed to a constant guess) is not.
+            learned = best[first] * t.onset_factor <= loss[0]
+            level = best[first] * (t.onset_factor if learned else 1 / t.onset_factor)
+            back = _back(loss[k + 1:], level, t.divergence_persistence)
+            if back is None:
+                start = first
+                break
+            k, run = k + 1 + back, 0  # the steps after the recovery
+        k += 1
     if start is None:
         # Too few finite steps to persist, but the loss ran off to inf/NaN after growing.
         if not (ends_nonfinite and diverged[-1]):
