@@ -159,3 +159,19 @@ def test_an_activation_swap_with_its_init_repairs_the_deep_sigmoid_net(tmp_path:
     assert v["loss_before"] > 1.0 and v["loss_after"] < 0.75
     assert any("LeakyReLU" in c for c in v["changes"]) and any("Kaiming" in c or "kaiming" in c
                                                               for c in v["changes"])
+
+
+def test_the_fix_line_names_the_step_of_the_pass_that_found_what_it_repaired() -> None:
+    """--fix verified twice (steps 64 and 80); the remedy repairs what the second pass found:
+    the summary says 80, not the first pass's 64."""
+    from gradwatch.report.text import _fix_lines
+
+    fix = {"restarted": True, "found_at_step": 64, "kinds": ["loss_divergence"],
+           "passes": [{"step": 64, "kinds": ["vanishing_gradient"], "repaired": []},
+                      {"step": 80, "kinds": ["loss_divergence"], "repaired": ["loss_divergence"]}],
+           "remedy": {"id": "clip_grad_norm", "verified": {"loss_before": 10.0,
+                                                           "loss_after": 0.1, "steps": 80}}}
+    text = " ".join(_fix_lines(fix, 100))
+    assert "fixed: loss_divergence found after 80 steps; clip_grad_norm repaired it" in text
+    # a report without passes (an older one) still says the first pass's step
+    assert "found after 64 steps" in " ".join(_fix_lines({**fix, "passes": []}, 100))

@@ -89,7 +89,10 @@ def _fix_lines(fix: dict[str, Any], width: int) -> list[str]:
         v = remedy.get("verified") or {}
         gone = ", finding gone" if v.get("finding_gone") else ""
         kinds = ", ".join(fix.get("kinds") or [fix.get("kind")])
-        lines = _wrap(f"fixed: {kinds} found after {found} steps; {remedy.get('id')} "
+        # the pass that found what the remedy repairs: the last one, not the first
+        passes = [p for p in fix.get("passes") or [] if isinstance(p, dict)]
+        at = passes[-1].get("step", found) if passes else found
+        lines = _wrap(f"fixed: {kinds} found after {at} steps; {remedy.get('id')} "
                       f"repaired it in a re-run (loss {_loss(v.get('loss_before'))} -> "
                       f"{_loss(v.get('loss_after'))} in {v.get('steps')} steps{gone}); the "
                       f"script was restarted from its start with it, and this report is of "
