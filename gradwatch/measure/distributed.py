@@ -309,6 +309,9 @@ class Distributed(Extension):
             except Exception as exc:
                 self.ranks[self.rank]["end_exchange"] = f"{type(exc).__name__}: {exc}"[:300]
         self._write_facts(final=True)
+        # Nothing of torch.distributed outlives the watch: a group or store kept until the
+        # interpreter exits is torn down after the script's destroy_process_group.
+        self.group = self.store = None
 
     def _read_ends(self, store: Any, prefix: str) -> None:
         missing = []
