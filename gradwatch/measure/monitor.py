@@ -168,13 +168,10 @@ class Monitor:
 
     def is_detail_step(self) -> bool:
         """Whether the step being accumulated measures weights and activations."""
-        return self._is_detail(self.step)
-
-    def _is_detail(self, step: int) -> bool:
-        return step < 8 or step % self.cadence.interval == 0
+        return self.cadence.is_detail(self.step)
 
     def _is_sampled(self, step: int) -> bool:
-        return step % self.options.every == 0 or self._is_detail(step)
+        return step % self.options.every == 0 or self.cadence.is_detail(step)
 
     # ------------------------------------------------------------------ events from probes
     @guarded
@@ -224,11 +221,11 @@ class Monitor:
             self.measures.gradients(self._row(), "grad")
         self._grads_taken = True
         if self.mode == "backward":
-            if self._is_detail(self.step):
+            if self.cadence.is_detail(self.step):
                 self.measures.snapshot(self._row())
         elif self.mode != "optimizer":
             self._probe_norms = self.measures.weight_norms(self.device)
-            if self._is_detail(self.step):
+            if self.cadence.is_detail(self.step):
                 self.measures.snapshot(self._row())
 
     def _probe_manual_update(self) -> None:
@@ -258,7 +255,7 @@ class Monitor:
         rates = [g.get("lr") for g in optimizer.param_groups]
         rates = [float(r) for r in rates if isinstance(r, (int, float))]
         self._step_lr = max(rates) if rates else math.nan
-        if self._is_detail(self.step):
+        if self.cadence.is_detail(self.step):
             if self._grads_taken:
                 # Gradients as the optimizer will apply them: after the user's clipping.
                 self.measures.gradients(self._row(), "grad_applied")
@@ -287,7 +284,7 @@ class Monitor:
             self.measures.gradients(self._row(), "grad")
             self._grads_taken = True
         self._commit()
-        if self._is_detail(self.step):
+        if self.cadence.is_detail(self.step):
             self.measures.snapshot(self._row())
 
     @guarded
@@ -298,7 +295,7 @@ class Monitor:
         self.thread = threading.get_ident()
         for ext in self.extensions:
             ext.on_root_forward_pre(module, args, kwargs or {})
-        if torch.is_grad_enabled() and self._is_detail(self.step):
+        if torch.is_grad_enabled() and self.cadence.is_detail(self.step):
             self.measures.inputs(self._row(), args)
 
     @guarded
@@ -309,7 +306,7 @@ class Monitor:
             return
         for ext in self.extensions:
             ext.on_root_forward(module, args, kwargs or {}, output)
-        if torch.is_grad_enabled() and self._is_detail(self.step):
+        if torch.is_grad_enabled() and self.cadence.is_detail(self.step):
             self.measures.outputs(self._row(), output)
 
     def wants_layer_pre(self, module: nn.Module) -> bool:
@@ -346,7 +343,7 @@ class Monitor:
         if info.order is None:
             info.order = self._forward_counter
             self._forward_counter += 1
-        if not torch.is_grad_enabled() or not self._is_detail(self.step) or \
+        if not torch.is_grad_enabled() or not self.cadence.is_detail(self.step) or \
                 self._act_step.get(layer) == self.step:
             return
         # The layer's first call of the step: an RNN cell called once per timestep, or a
@@ -364,13 +361,13 @@ class Monitor:
         self.buffers.optimizer[row] = self._stepping
         self.buffers.lr[row] = self._step_lr
         self._stepping, self._step_lr = -1, math.nan
-        if self._is_detail(self.step):
+        if self.cadence.is_detail(self.step):
             self.measures.updates(row)
         self.measures.drop_snapshot()
         self._losses, self._step_losses = [], []
         self._grads_taken = False
         self.own_tensors.clear()
-        self.cadence.end_step(self.step, self._is_detail(self.step))
+        self.cadence.end_step(self.step, self.cadence.is_detail(self.step))
         self.step += 1
         if self.step % self.options.sync_every == 0:  # the same steps on every rank
             self.cadence.device = self.device
@@ -396,7 +393,7 @@ class Monitor:
         steps, arrays = copied
         self._each_extension(lambda ext: ext.on_rows(steps, arrays))  # (distributed.py)
         record_rows(self.history, self.buffers, steps, arrays, self.watched.slot_layer,
-                    self.watched.slot_name, self._is_detail)
+                    self.watched.slot_name, self.cadence.is_detail)
         for ext in self.extensions:
             ext.on_flush(steps, arrays)
         self.buffers.reset()

@@ -112,8 +112,9 @@ def render_text(data: dict[str, Any], width: int = 100) -> str:
     run, findings, layers = data["run"], data["findings"], data["layers"]
     counts = Counter(f["severity"] for f in findings)
     problems = counts["error"] + counts["warning"]
-    head = (f"gradwatch {data['tool']['version']}: {run['steps']} steps, run {run['status']} "
-            f"in {run['duration_s']:.1f} s")
+    took = run.get("duration_s")  # the contract allows null (a report written by hand)
+    head = (f"gradwatch {data['tool']['version']}: {run['steps']} steps, run {run['status']}"
+            + (f" in {took:.1f} s" if isinstance(took, (int, float)) else ""))
     lines = [head]
     types = Counter(layer["type"] for layer in layers)
     opt = data.get("facts", {}).get("optimizers", [])

@@ -218,3 +218,15 @@ def test_malformed_files_are_value_errors(tmp_path: Path, content: bytes) -> Non
     path.write_bytes(content)
     with pytest.raises(ValueError, match=r"^not a gradwatch report: "):
         gradwatch.Report.load(path)
+
+
+def test_a_report_without_a_duration_or_cadence_renders(saved_report: dict[str, Any]) -> None:
+    """The contract allows ``run.duration_s`` null and an older report has no
+    ``run.cadence``: both pages render without them (found by the property test above)."""
+    document = copy.deepcopy(saved_report)
+    document["run"]["duration_s"] = None
+    document["run"].pop("cadence", None)
+    report = gradwatch.Report(document)
+    assert "steps, run completed" in report.summary() and " in None" not in report.summary()
+    assert "cost:" not in report.summary()
+    assert "<html" in report.to_html()
