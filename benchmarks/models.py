@@ -75,6 +75,9 @@ CASES = {
     "cnn": Case("cnn", small_cnn, (3, 32, 32), 128),
     "lstm": Case("lstm", SequenceClassifier, (50, 32), 64),
     "transformer": Case("transformer", TokenEncoder, (32, 32), 64),
+    # A small GPT-style language model (below): its logits are batch x tokens x vocabulary.
+    "gpt-small": Case("gpt-small", lambda: GPT(4, 256, 4, vocab=4096, context=64), (64,), 4,
+                      classes=4096, tokens=True),
 }
 
 

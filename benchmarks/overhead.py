@@ -85,6 +85,8 @@ class Row:
         return (self.watched_wall.sum(axis=1) / self.bare_wall.sum(axis=1)).tolist()
 
 
+NEVER = 1 << 30  # a detail interval no benchmark reaches: detail steps only at 0-7
+
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "every=4": {"every": 4},
@@ -94,6 +96,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # The same watch without its forward-side extensions (activation sites, recurrent
     # gradients through time, eval-mode checks): the difference to "default" is their cost.
     "no_forward_side": {"forward_side": False},
+    # Everything measured on every step: the detail steps' own cost, undiluted.
+    "detail_every=1": {"detail_every": 1, "overhead": None},
+    # Gradient norms and the loss every step, nothing else (detail steps and the
+    # forward side off): the per-step floor of the hooks.
+    "norms_only": {"detail_every": NEVER, "overhead": None, "forward_side": False},
 }
 
 
@@ -135,7 +142,7 @@ def watched_backward(loss: torch.Tensor) -> None:
 def cadence(options: dict[str, Any]) -> int:
     """Steps after which a watched loop's cost pattern repeats."""
     o = Options(**options)
-    return math.lcm(o.sync_every, o.detail_every, o.every)
+    return math.lcm(o.sync_every, 1 if o.detail_every == NEVER else o.detail_every, o.every)
 
 
 def interleave(steps: dict[str, Callable[[int], None]], phase: dict[str, Callable[[int], int]],
@@ -224,7 +231,8 @@ def run_case(case: Case, variant: str, options: dict[str, Any], steps: int, repe
         for k in range(WARMUP_STEPS + settle):
             bare_step(k)
             watched_step(k)
-        if peer is None:  # the cadence reached after settling (the budget may stretch it)
+        if peer is None and gw.monitor.cadence.interval != NEVER:
+            # the cadence reached after settling (the budget may stretch it)
             period = math.lcm(period, gw.monitor.cadence.interval)
         cycles = -(-steps // period)  # whole cadences per repeat: every position sampled alike
         shape = (repeats * cycles, period)  # row: one cadence; column: position in cadence
@@ -297,7 +305,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"models to run: {', '.join(CASES)} (default: all; --quick: the two "
                         f"MLPs); with --gpu: {', '.join(GPU_CASES)}")
     p.add_argument("--variants", nargs="*", choices=sorted(VARIANTS), default=None,
-                   help="extra option sets, run on mlp-1m (default: all; --quick: none)")
+                   help="extra option sets (default: all; --quick: none; --gpu: "
+                        "detail_every=1 and norms_only)")
+    p.add_argument("--variant-models", nargs="+", default=None,
+                   help="models the option sets run on (default: mlp-1m; --gpu: gpt-124m)")
     p.add_argument("--peers", nargs="*", choices=sorted(PEERS), default=None,
                    help="other tools, each on its own copy, as ratios to the same bare loop "
                         "(default: all; --quick: none; --gpu: all but wandb-all-1)")
@@ -319,7 +330,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "run here), then exit")
     args = p.parse_args(argv)
     cases = GPU_CASES if args.gpu else CASES
-    for name in (args.models or []) + (args.peer_models or []):
+    for name in (args.models or []) + (args.peer_models or []) + (args.variant_models or []):
         if name not in cases:
             p.error(f"unknown model {name!r} (choose from {', '.join(cases)})")
     if args.quick:
@@ -328,7 +339,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.variants = [] if args.variants is None else args.variants
         args.peers = [] if args.peers is None else args.peers
     if args.gpu:
-        args.variants = [] if args.variants is None else args.variants
+        args.variants = (["detail_every=1", "norms_only"] if args.variants is None
+                         else args.variants)
         args.peers = ([p for p in PEERS if p != "wandb-all-1"] if args.peers is None
                       else args.peers)
     args.settle = (2048 if args.gpu else 0) if args.settle is None else args.settle
@@ -336,6 +348,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.variants = list(VARIANTS)[1:] if args.variants is None else args.variants
     args.peers = list(PEERS) if args.peers is None else args.peers
     args.peer_models = args.peer_models or ["gpt-124m" if args.gpu else "mlp-1m"]
+    args.variant_models = args.variant_models or ["gpt-124m" if args.gpu else "mlp-1m"]
     if min(args.steps, args.repeats, args.block) < 1 or args.settle < 0:
         p.error("--steps, --repeats and --block must be >= 1, --settle >= 0")
     return args
@@ -374,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     skipped: list[str] = []
     jobs = [(cases[m], "default", VARIANTS["default"]) for m in args.models]
-    jobs += [(CASES["mlp-1m"], v, VARIANTS[v]) for v in args.variants if v != "default"]
+    jobs += [(cases[m], v, VARIANTS[v]) for m in args.variant_models
+             for v in args.variants if v != "default"]
     for m in args.peer_models:
         for name in args.peers:
             why = unavailable(PEERS[name], cases[m].build(), device)

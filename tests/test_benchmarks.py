@@ -29,11 +29,12 @@ def test_overhead_lists_models_and_peers() -> None:
     assert all(line.endswith(": available") or ": not " in line for line in peers)
 
 
-def test_overhead_runs_a_peer_beside_gradwatch() -> None:
-    out = bench("overhead.py", "--models", "--variants", "--peers", "anomaly",
-                "--peer-models", "cnn", "--steps", "1", "--repeats", "1")
+def test_overhead_runs_a_peer_and_option_sets_beside_gradwatch() -> None:
+    out = bench("overhead.py", "--models", "--variants", "norms_only", "--peers", "anomaly",
+                "--peer-models", "cnn", "--variant-models", "cnn", "--steps", "1",
+                "--repeats", "1")
     rows = [line.split() for line in out.splitlines() if line.startswith("cnn ")]
-    assert [r[2] for r in rows] == ["anomaly"]
+    assert sorted(r[2] for r in rows) == ["anomaly", "norms_only"]
 
 
 def test_memory_table() -> None:

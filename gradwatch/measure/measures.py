@@ -26,7 +26,7 @@ class StepMeasures:
 
     def __init__(self, buffers: StepBuffers, watched: Watched) -> None:
         self.buffers, self.watched = buffers, watched
-        self._snapshot: list[torch.Tensor] | None = None
+        self._snapshot: stats.Sampled | None = None
         self._snapshot_idx: list[int] = []
         self.scale: torch.Tensor | None = None
         """The loss scaler's factor in the last backward (None without one)."""
@@ -99,22 +99,24 @@ class StepMeasures:
         chosen = [k for k, (_, p) in enumerate(live) if p.grad is not None] or \
             list(range(len(live)))
         self._snapshot_idx = [live[k][0] for k in chosen]
-        # One fused copy of the weights that are about to be updated (sampled steps only).
-        self._snapshot = stats.copy([params[k] for k in chosen])
+        # A fused copy of the weights about to be updated, of a fixed sample of each large
+        # one (detail steps only): the update's norm, estimated to well under 1%, without
+        # a copy of the model.
+        self._snapshot = stats.Sampled([params[k] for k in chosen])
 
     def updates(self, row: int) -> None:
         """The norm of each update, against the snapshot taken before the step."""
         snapshot, self._snapshot = self._snapshot, None
-        if not snapshot:
+        if snapshot is None:
             return
         buf = self.buffers.buf["update"]
         params = self.watched.params()
         current = [params[i] for i in self._snapshot_idx]
         if any(p is None for p in current):  # a model died within the step
             return
-        # In place on the snapshot (old - new): no second copy of the weights.
-        values = stats.norms(stats.subtract_(snapshot, [p.detach() for p in current]),
-                             buf.device)
+        values = snapshot.moved([p.detach() for p in current], buf.device)
+        if values is None:  # a parameter was replaced by one of another shape
+            return
         if len(self._snapshot_idx) == len(params):
             buf[row].copy_(values)
         else:
@@ -142,11 +144,12 @@ class StepMeasures:
         return stats.norms(params, device) if params else None
 
     def inputs(self, row: int, args: tuple[Any, ...]) -> None:
-        """RMS, mean and std of the model's first floating-point input."""
+        """RMS, mean and std of the model's first floating-point input (of a fixed
+        sample of its elements when it has more than ``stats.SAMPLE``)."""
         x = next((a for a in args if isinstance(a, torch.Tensor)), None)
         if x is None or not x.is_floating_point() or x.numel() == 0:
             return
-        xd = x.detach().to(torch.float64)
+        xd = stats.sample(x.detach()).to(torch.float64)  # a fixed sample of a large batch
         io = self.buffers.buf["io"]
         io[row, 1] = xd.pow(2).mean().sqrt().to(io.device)
         io[row, 2] = xd.mean().to(io.device)

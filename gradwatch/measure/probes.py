@@ -191,7 +191,7 @@ def attach_model(monitor: Monitor, model: nn.Module, handles: Handles) -> None:
         return None if compiling() else monitor.on_layer_forward_pre(module, args)
 
     def layer_post(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if not compiling():
+        if not compiling() and monitor.layer_step():
             monitor.on_layer_forward(module, output)
 
     handles.add(model.register_forward_pre_hook(root_pre, with_kwargs=True))
@@ -271,7 +271,7 @@ class GlobalProbes:
         monitor = self.monitor
         if not monitor.enabled:
             return
-        if monitor.watched.layer_of_module(module) is not None:
+        if monitor.layer_step() and monitor.watched.layer_of_module(module) is not None:
             monitor.on_layer_forward(module, output)
         if self._depth == 0 and module is unwrap_compiled(module) and \
                 monitor.watched.is_root(module):

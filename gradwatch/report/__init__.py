@@ -162,7 +162,8 @@ def _run_facts(monitor: Any, detector_errors: list[str]) -> dict[str, Any]:
             "duration_s": round(monitor.duration, 3), "mode": monitor.mode,
             "internal_errors": list(monitor.errors) + detector_errors,
             "detector_errors": detector_errors, "measured_steps": monitor.stopped_at,
-            "cadence": monitor.cadence.facts(monitor.options.every)}
+            "cadence": {**monitor.cadence.facts(monitor.options.every),
+                        "site_turns": monitor.history.facts.get("site_turns", 1)}}
 
 
 def _minimal(monitor: Any, findings: list[Finding], errors: list[str]) -> Report:

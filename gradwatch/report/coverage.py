@@ -63,6 +63,10 @@ def cadence_sentence(run: dict[str, Any]) -> str | None:
         ms = (f" ({cost['plain_step']:.2g} ms a step, {cost['detail_step']:.2g} ms a detail "
               f"step; the script's own step {cost['user_step']:.3g} ms)")
     text = f"cost: gradwatch's own work took {share:.1%} of the step{ms}"
+    turns = c.get("site_turns", 1)
+    if turns > 1:
+        detail += f", each activation site on every {_nth(turns)} of them (too many to " \
+                  f"measure all on one)"
     budget = c.get("overhead_budget")
     if budget is None:
         return f"{text}; {detail} (overhead=None: a fixed cadence)."

@@ -189,6 +189,8 @@ def _check_cadence(c: _Checker, cadence: dict[str, Any]) -> None:
     """``run.cadence``: what was measured how often, and gradwatch's measured share."""
     for key in ("every", "density"):
         c.whole(cadence.get(key), f"run.cadence.{key}")
+    if "site_turns" in cadence:
+        c.whole(cadence["site_turns"], "run.cadence.site_turns")
     changes = c.items(cadence.get("detail_every"), "run.cadence.detail_every")
     if not changes:
         c.fail("run.cadence.detail_every", "must not be empty")

@@ -34,10 +34,19 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ...history import SITE_STATS, SiteInfo
+from ..cadence import WARMUP
 from ..distributed import is_sharded
 from ..extension import Extension
 
-__all__ = ["SITE_STATS", "ActivationMode", "ActivationSites", "activation_kind"]
+__all__ = ["SITES_PER_STEP", "SITE_STATS", "ActivationMode", "ActivationSites",
+           "activation_kind"]
+
+SITES_PER_STEP = 32
+"""Sites measured on one detail step. A model with more (a ResNet-50 has 49 ReLU sites,
+an unrolled RNN cell three per timestep) has them measured in turns, each site on every
+``ceil(sites / 32)``-th detail step, so that a detail step's cost stops growing with the
+model; steps 0-7 measure every site, and ``overhead=None`` (a fixed cadence) measures
+every site on every detail step."""
 
 _RELU = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu",
          torch.Tensor.relu: "relu", torch.Tensor.relu_: "relu", F.relu6: "relu6"}
@@ -109,8 +118,9 @@ class _SiteMode(ActivationMode):
 class _Site:
     """Device-side state of one site: its buffer key and the per-unit dead streak."""
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, ordinal: int) -> None:
         self.index = index
+        self.ordinal = ordinal  # the how-manieth site of this extension: its turn
         self.streak: torch.Tensor | None = None  # consecutive dead measurements per unit
         self.since: torch.Tensor | None = None  # step at which each unit's streak began
         self.step = -1  # the step of the last measurement
@@ -130,6 +140,7 @@ class ActivationSites(Extension):
         self._counts: dict[tuple[int, str], int] = {}
         self._sites: dict[tuple[int, int, str, int], _Site] = {}  # (root, caller, kind, k)
         self._root = 0  # the watched model whose forward is running
+        self._turn, self._turn_step = 0, -1  # detail steps measured; the last one
 
     # ------------------------------------------------------------------ scope
     def on_root_forward_pre(self, module: nn.Module, args: tuple[Any, ...],
@@ -144,6 +155,8 @@ class ActivationSites(Extension):
                 not module.training:
             return
         self._counts = {}
+        if m.step != self._turn_step:
+            self._turn, self._turn_step = self._turn + 1, m.step
         self._root = m.watched.root_of_module(module) or 0
         m.last_layer = -1
         self._mode = _SiteMode(self)
@@ -169,6 +182,8 @@ class ActivationSites(Extension):
             return func(*args, **kwargs)
         try:
             site, _, red = self._site(kind, x, func, args, kwargs)
+            if not self._in_turn(site):
+                return func(*args, **kwargs)
             pre = self._pre_stats(kind, x.detach(), red)
         except Exception as exc:  # measuring must never break the forward
             m.fail(exc)
@@ -179,6 +194,15 @@ class ActivationSites(Extension):
         except Exception as exc:
             m.fail(exc)
         return out
+
+    def _in_turn(self, site: _Site) -> bool:
+        """Whether ``site`` is measured on this detail step (see ``SITES_PER_STEP``)."""
+        m, n = self.monitor, len(self._sites)
+        if n <= SITES_PER_STEP or m.step < WARMUP or m.options.overhead is None:
+            return True
+        turns = -(-n // SITES_PER_STEP)
+        m.history.facts["site_turns"] = turns
+        return site.ordinal % turns == self._turn % turns
 
     def _site(self, kind: str, x: torch.Tensor, func: Any, args: tuple[Any, ...],
               kwargs: dict[str, Any]) -> tuple[_Site, int, tuple[int, ...]]:
@@ -227,7 +251,7 @@ class ActivationSites(Extension):
                         units=int(x.shape[unit_dim]), unit_dim=unit_dim, layer=feeding,
                         bounds=bounds, bias_init=self._bias_mean(feeding))
         m.history.sites.append(info)
-        site = _Site(len(m.history.sites) - 1)
+        site = _Site(len(m.history.sites) - 1, len(self._sites))
         self._sites[key] = site
         m.add_buffer(site.key, (len(SITE_STATS),))
         return site
