@@ -78,7 +78,9 @@ class Row:
 
     def label(self) -> str:
         """The option set or peer, and the detail interval the budget kept while timed."""
-        return f"{self.variant} d/{self.detail_every}" if self.detail_every else self.variant
+        if not self.detail_every or self.detail_every == NEVER:
+            return self.variant
+        return f"{self.variant} d/{self.detail_every}"
 
     def plain(self) -> list[float]:
         """Watched/bare ratio of the total wall time of each repeat (one cadence or more)."""

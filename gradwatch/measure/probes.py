@@ -191,7 +191,10 @@ def attach_model(monitor: Monitor, model: nn.Module, handles: Handles) -> None:
         return None if compiling() else monitor.on_layer_forward_pre(module, args)
 
     def layer_post(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if not compiling() and monitor.layer_step():
+        # Layer outputs are read on detail steps only (0-7 included, when the layers'
+        # order is learnt): on the others return before the guard (~0.2 ms a step on a
+        # model of 40 small layers).
+        if not compiling() and monitor.is_detail_step():
             monitor.on_layer_forward(module, output)
 
     handles.add(model.register_forward_pre_hook(root_pre, with_kwargs=True))
@@ -271,7 +274,7 @@ class GlobalProbes:
         monitor = self.monitor
         if not monitor.enabled:
             return
-        if monitor.layer_step() and monitor.watched.layer_of_module(module) is not None:
+        if monitor.is_detail_step() and monitor.watched.layer_of_module(module) is not None:
             monitor.on_layer_forward(module, output)
         if self._depth == 0 and module is unwrap_compiled(module) and \
                 monitor.watched.is_root(module):
