@@ -54,14 +54,15 @@ class Series:
 
     _INITIAL_ROWS = 64
 
-    def __init__(self, widths: dict[str, int], capacity: int = DEFAULT_CAPACITY) -> None:
+    def __init__(self, widths: dict[str, int], capacity: int = DEFAULT_CAPACITY,
+                 whole: bool = False) -> None:
         if capacity < 4 or capacity % 2:
             raise ValueError(f"capacity must be an even number >= 4, got {capacity}")
         self.capacity = capacity
         self.stride = 1
         self._arrivals = 0  # rows offered so far
         self._n = 0
-        rows = min(self._INITIAL_ROWS, capacity)
+        rows = capacity if whole else min(self._INITIAL_ROWS, capacity)
         self._steps = np.zeros(rows, dtype=np.int64)
         self._width = dict(widths)  # columns in use per block
         self._blocks = {k: np.full((rows, w), np.nan) for k, w in widths.items()}
@@ -218,10 +219,12 @@ class Events:
 def detail_capacity(capacity: int) -> int:
     """Rows of the series measured on detail steps: a quarter of the per-step ``capacity``.
 
-    Detail steps come every ``detail_every`` (16) steps; with the full capacity their series
-    would fill (and stop growing) only after 16 x 2048 = 32k steps, so memory would still
-    grow between 10k and 100k steps. A quarter fills by ~8k steps, and still keeps 512 rows,
-    far more than the detectors' persistence fractions need.
+    Detail steps come every ``detail_every`` (16) steps or, once the overhead budget
+    stretches the cadence, only ~32 per doubling of the run: a series growing with its rows
+    would still double its storage between 10k and 100k steps. So these series are
+    allocated whole when created (``Series(whole=True)``): a quarter of the capacity, 512
+    rows, far more than the detectors' persistence fractions need, and memory is flat from
+    the first steps on (their columns still grow as layers and sites are discovered).
     """
     return max(4, capacity // 4 + capacity // 4 % 2)
 
@@ -241,7 +244,7 @@ class History:
                              "lr": 1}, capacity)
         self.detail = Series({"weight_norm": 0, "update_norm": 0, "grad_norm_applied": 0,
                               "act_rms": 0, "model_io": len(self.MODEL_IO)},
-                             detail_capacity(capacity))
+                             detail_capacity(capacity), whole=True)
         self.events = Events()
         self.excerpts = Excerpts()  # exact rows around loss and gradient outliers
         self.initial: dict[str, np.ndarray] = {}  # first sampled weight/act row, kept exactly
@@ -254,7 +257,7 @@ class History:
         """An extension's own series (created on first use), widened to ``widths``."""
         series = self.extra.get(name)
         if series is None:
-            series = self.extra[name] = Series(widths, self.detail.capacity)
+            series = self.extra[name] = Series(widths, self.detail.capacity, whole=True)
         for block, width in widths.items():
             series.widen(block, width)
         return series

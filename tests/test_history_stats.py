@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -161,7 +162,9 @@ def test_series_result_does_not_depend_on_chunking() -> None:
 
 
 # --------------------------------------------------------------------------- History
-def _history_after(total: int, capacity: int = 64, n_layers: int = 5) -> History:
+def _history_after(total: int, capacity: int = 64, n_layers: int = 5,
+                   detail: Callable[[np.ndarray], np.ndarray] = lambda s: s % 16 == 0
+                   ) -> History:
     history = History(capacity)
     for i in range(n_layers):
         history.add_layer(LayerInfo(name=f"layers.{i}", type="Linear", params=10, root=0))
@@ -172,9 +175,9 @@ def _history_after(total: int, capacity: int = 64, n_layers: int = 5) -> History
         n = len(steps)
         history.record_steps(steps, rng.random(n) + 1.0, np.ones(n), rng.random((n, n_layers)),
                              np.zeros((n, n_layers)), np.zeros(n))
-        detail = steps[steps % 16 == 0]
-        m = len(detail)
-        history.record_detail(detail, {
+        kept = steps[detail(steps)]
+        m = len(kept)
+        history.record_detail(kept, {
             "weight_norm": rng.random((m, n_layers)), "update_norm": rng.random((m, n_layers)),
             "grad_norm_applied": rng.random((m, n_layers)), "act_rms": rng.random((m, n_layers)),
             "model_io": rng.random((m, len(History.MODEL_IO)))})
@@ -189,6 +192,20 @@ def test_history_memory_does_not_grow_with_run_length() -> None:
     assert len(long.steps) <= 64 + 1 and len(long.detail) <= 64 + 1
     assert long.detail.steps[0] == 0 and long.detail.steps[-1] == 49_984
     assert long.events.finite_loss_steps == 50_000  # exact counts survive downsampling
+
+
+def test_memory_is_flat_when_the_budget_spreads_the_detail_steps_out() -> None:
+    """Under the overhead budget a long run has ~32 detail steps per doubling of its length
+    (``measure/cadence.py``): the detail series hold few rows for a long time. They are
+    allocated whole, so that memory does not double between 10k and 100k steps."""
+    def stretched(steps: np.ndarray) -> np.ndarray:  # 16, doubled as far as step / 32
+        interval = 2 ** np.floor(np.log2(np.maximum(steps, 512) / 32)).astype(np.int64)
+        return steps % interval == 0
+
+    sizes = [_history_after(n, capacity=2048, detail=stretched).nbytes()
+             for n in (10_000, 100_000)]
+    assert sizes[0] == sizes[1]
+    assert len(_history_after(100_000, capacity=2048, detail=stretched).detail) < 512
 
 
 def _watched_run(steps: int) -> tuple[gradwatch.Report, int]:
