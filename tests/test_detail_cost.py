@@ -61,10 +61,13 @@ def test_sampled_update_norms_match_the_exact_ones(make: str) -> None:
                 assert g == 0.0
 
 
-def test_a_replaced_parameter_shape_gives_no_update() -> None:
+def test_a_replaced_parameter_gives_no_update_and_no_error() -> None:
     w = torch.randn(100, 100)
     snap = stats.Sampled([w], k=64)
     assert snap.moved([torch.randn(50, 100)], torch.device("cpu")) is None
+    transposed = torch.randn(100, 100).t()  # same shape, another layout: read whole
+    assert stats.Sampled([w], k=64).moved([transposed], torch.device("cpu")) is None
+    assert stats.Sampled([w], k=64).moved([w + 1], torch.device("cpu")) is not None
 
 
 def test_sampled_output_spread_tracks_the_full_one_and_sees_a_collapse() -> None:

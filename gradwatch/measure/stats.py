@@ -180,10 +180,14 @@ class Sampled:
 
     def moved(self, now: list[torch.Tensor], out_device: torch.device) -> torch.Tensor | None:
         """The norm of (then - now) for each tensor, on ``out_device`` (float64); None
-        when a tensor's shape changed since (a parameter replaced)."""
+        when a tensor's shape or memory layout changed since (a parameter replaced), so
+        that the same elements can no longer be compared."""
         if [t.shape for t in now] != self.shapes:
             return None
         views = [sample(local(t), self.k) for t in now]
+        if any(v.shape != c.shape or v.stride() != w.stride()
+               for v, c, w in zip(views, self.copies, self.views, strict=True)):
+            return None
         torch._foreach_sub_(self.copies, views)  # in place: no second copy
         values = norms(self.copies, out_device)
         if self.exact:
