@@ -3,7 +3,9 @@ model input/output statistics, activation sites measured in turns (issue 16)."""
 
 from __future__ import annotations
 
+import gc
 import math
+import weakref
 
 import numpy as np
 import pytest
@@ -149,3 +151,23 @@ def test_few_sites_or_a_fixed_cadence_measure_every_site_on_every_detail_step() 
     fixed = _train(SITES_PER_STEP + 8, 100, overhead=None)
     assert set(_measured(fixed, 0)) == detail == set(_measured(fixed, 1))
     assert fixed.report().run["cadence"]["site_turns"] == 1
+
+
+def test_the_step_loss_kept_until_the_step_ends_does_not_hold_its_graph() -> None:
+    """gradwatch keeps each backward's loss until ``optimizer.step()`` returns; after
+    ``backward(retain_graph=True)`` the graph holds every saved activation, which must be
+    freed when the script drops its own references, not at the end of the step."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 1))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with gradwatch.watch(net, opt):
+        for _ in range(3):
+            hidden = net[0](torch.randn(16, 4))
+            loss = net[1](hidden * hidden).mean()  # the product saves `hidden`
+            loss.backward(retain_graph=True)
+            saved = weakref.ref(hidden)
+            del hidden, loss
+            gc.collect()
+            assert saved() is None
+            opt.step()
+            opt.zero_grad()

@@ -59,8 +59,10 @@ class StepMeasures:
         self.scale = factor if known else None
 
     def unscaled(self, loss: torch.Tensor) -> torch.Tensor:
-        """The loss as the model computed it (see :meth:`read_scale`)."""
-        return loss if self.scale is None else loss.detach() / self.scale
+        """The loss as the model computed it (see :meth:`read_scale`), detached: holding
+        the loss until the step ends must not hold its autograd graph (all of it, saved
+        activations included, after ``backward(retain_graph=True)``)."""
+        return loss.detach() if self.scale is None else loss.detach() / self.scale
 
     def gradients(self, row: int, key: str) -> None:
         """The norm of every tracked gradient into ``row`` of ``key`` ("grad" as backward

@@ -275,7 +275,7 @@ class Monitor:
     def on_explicit_step(self, loss: torch.Tensor | None) -> None:
         """``gw.step(loss)``: the loss of this step; a step boundary when no optimizer runs."""
         if loss is not None:
-            self._losses = [loss]
+            self._losses = [loss.detach() if isinstance(loss, torch.Tensor) else loss]
         if self.mode == "optimizer":
             self.measures.loss(self._row(), self._losses)
             return
