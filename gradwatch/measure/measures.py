@@ -102,8 +102,8 @@ class StepMeasures:
             list(range(len(live)))
         self._snapshot_idx = [live[k][0] for k in chosen]
         # A fused copy of the weights about to be updated, of a fixed sample of each large
-        # one (detail steps only): the update's norm, estimated to well under 1%, without
-        # a copy of the model.
+        # one (detail steps only): the update's norm within ~0.5-2% (``stats.SAMPLE``),
+        # without a copy of the model.
         self._snapshot = stats.Sampled([params[k] for k in chosen])
 
     def updates(self, row: int) -> None:
@@ -117,7 +117,7 @@ class StepMeasures:
         if any(p is None for p in current):  # a model died within the step
             return
         values = snapshot.moved([p.detach() for p in current], buf.device)
-        if values is None:  # a parameter was replaced by one of another shape
+        if values is None:  # a parameter was replaced by one of another shape or layout
             return
         if len(self._snapshot_idx) == len(params):
             buf[row].copy_(values)
