@@ -131,10 +131,7 @@ def output_spread(t: torch.Tensor, k: int = SAMPLE) -> torch.Tensor:
     flat = t[:1024].reshape(min(t.shape[0], 1024), -1)
     rows, cols = flat.shape
     if rows * cols > k:
-        step, last = -(-cols // max(k // rows, 1)), t.shape[-1]
-        while math.gcd(step, last) != 1:
-            step += 1
-        flat = flat[:, ::step]
+        flat = flat[:, ::_stride(cols, max(k // rows, 1), t.shape[-1])]
     flat = flat.to(_NORM_DTYPE)
     # The std over samples, written out: std(dim=0) is ~10x slower on CPU (a reduction
     # across rows), and the value is the same.
@@ -154,10 +151,16 @@ def sample(t: torch.Tensor, k: int = SAMPLE) -> torch.Tensor:
     n = t.numel()
     if n <= k or not t.is_contiguous():
         return t.reshape(-1) if t.is_contiguous() else t
-    step, last = -(-n // k), t.shape[-1] if t.dim() else 1
+    return t.view(-1)[::_stride(n, k, t.shape[-1] if t.dim() else 1)]
+
+
+def _stride(n: int, k: int, last: int) -> int:
+    """The smallest stride that keeps at most ``k`` of ``n`` elements and is coprime with
+    ``last`` (a row's length), so that the kept elements visit every column."""
+    step = -(-n // k)
     while math.gcd(step, last) != 1:
         step += 1
-    return t.view(-1)[::step]
+    return step
 
 
 class Sampled:
